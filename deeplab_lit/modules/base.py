@@ -78,6 +78,7 @@ class SegmentationModule(LightningModule):
             for module in self.backbone_modules():
                 if isinstance(module, _BatchNorm):
                     module.requires_grad_(False)
+            self.train(self.training)  # frozen BatchNorm starts in eval mode
         self.metrics = nn.ModuleDict({stage: SegmentationMetrics(num_classes, ignore_index) for stage in STAGES})
 
     @abstractmethod
