@@ -1,0 +1,83 @@
+"""Every experiments/*.yaml runs end to end through the real CLI, on tiny data in the real layouts."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fakes
+from deeplab_lit.cli import main
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+CONFIGS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml"))
+SMALL_MODEL = {"pretrained_backbone": "false"}
+
+
+def small_overrides(config: Path, tmp_path: Path) -> list[str]:
+    """Point a config at fake data of its kind and shrink it to a smoke test."""
+    spec = yaml.safe_load(config.read_text())
+    data_class = spec["data"]["class_path"].rsplit(".", 1)[-1]
+    model_args = spec["model"]["init_args"]
+    args = ["--trainer.fast_dev_run=1", "--trainer.precision=32-true", "--trainer.accelerator=cpu",
+            "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path / 'logs'}",
+            "--model.init_args.pretrained_backbone=false",
+            "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.crop_size=33"]  # fmt: skip
+    if model_args.get("backbone", "").startswith("resnet"):
+        args.append("--model.init_args.backbone=resnet18")
+        if model_args.get("multi_grid"):
+            args.append("--model.init_args.multi_grid=[1, 2]")
+    if data_class == "VOCDataModule":
+        fakes.make_voc_sbd(tmp_path / "voc")
+        args.append(f"--data.init_args.root={tmp_path / 'voc'}")
+    elif data_class == "CityscapesDataModule":
+        fakes.make_cityscapes(tmp_path / "cityscapes")
+        args.append(f"--data.init_args.root={tmp_path / 'cityscapes'}")
+    elif data_class == "SyntheticDataModule":
+        args += [f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=4",
+                 "--data.init_args.num_val=2", "--data.init_args.image_size=48"]  # fmt: skip
+    return args
+
+
+def test_every_experiment_is_covered():
+    assert {"v1.yaml", "v2.yaml", "v3.yaml", "v3plus.yaml", "cityscapes_v3plus.yaml", "quickstart.yaml"} <= set(
+        CONFIGS
+    )
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_experiment_fits_and_validates_with_fast_dev_run(name, tmp_path):
+    config = EXPERIMENTS / name
+    cli = main(["fit", "--config", str(config), *small_overrides(config, tmp_path)])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 1
+    assert "train/loss" in metrics and "val/mIoU" in metrics
+    assert 0.0 <= float(metrics["val/mIoU"]) <= 1.0
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes  # linked from the data
+
+
+def test_validate_subcommand_returns_metrics(tmp_path):
+    config = EXPERIMENTS / "quickstart.yaml"
+    cli = main(["validate", "--config", str(config), *small_overrides(config, tmp_path)])
+    assert "val/mIoU" in cli.trainer.callback_metrics
+    assert "val/pixel_acc" in cli.trainer.callback_metrics
+
+
+def test_print_config_lists_model_and_data_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "v3.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["multi_grid"] == [1, 2, 4]
+    assert printed["data"]["init_args"]["crop_size"] == 513
+    assert printed["checkpoint"]["monitor"] == "val/mIoU"
+
+
+def test_checkpoints_best_and_last_are_written(tmp_path):
+    config = EXPERIMENTS / "quickstart.yaml"
+    args = [a for a in small_overrides(config, tmp_path) if not a.startswith("--trainer.fast_dev_run")]
+    args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+             "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"]  # fmt: skip
+    main(["fit", "--config", str(config), *args])
+    written = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "last.ckpt" in written
+    assert any(name.startswith("epoch000-mIoU") for name in written), written
