@@ -1,0 +1,306 @@
+"""Feature extractors for DeepLab: dilated ResNets, the LargeFOV VGG-16, MobileNetV2 and aligned Xception-65.
+
+Every backbone maps a normalised image ``(N, 3, H, W)`` to a dict of feature maps:
+
+- ``"low"``: stride-4 features (``ceil(H / 4)``), the skip input of the DeepLab v3+ decoder;
+- ``"out"``: the last features, at the backbone's ``output_stride`` (``ceil(H / output_stride)``);
+- ``"aux"`` (ResNets only): the ``layer3`` output, input of torchvision's auxiliary FCN head.
+
+The output stride is set by replacing strides with atrous (dilated) convolution (DeepLab v1 Sec. 3.1,
+v3 Sec. 3.1). Module names follow torchvision (and timm for Xception), so their ImageNet state dicts load
+with ``strict=True`` once their classifier keys are dropped (see :mod:`deeplab_lit.models.imagenet`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.vgg import cfgs, make_layers
+
+from deeplab_lit.models.imagenet import load_imagenet_weights
+
+RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES: tuple[str, ...] = (*RESNETS, "vgg16", "mobilenet_v2", "xception65")
+STYLES: tuple[str, ...] = ("torchvision", "caffe")
+OUTPUT_STRIDES: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(RESNETS, (8, 16, 32)),
+    "vgg16": (8,),
+    "mobilenet_v2": (8, 16, 32),
+    "xception65": (8, 16, 32),
+}
+
+
+class Backbone(nn.Module):
+    """Base class of all backbones: ``forward(x) -> {"low": ..., "out": ...[, "aux": ...]}``.
+
+    Attributes:
+        name: Backbone name, one of :data:`BACKBONES`.
+        low_channels: Channels of ``"low"`` (stride-4 features).
+        out_channels: Channels of ``"out"``.
+        aux_channels: Channels of ``"aux"``, or None if the backbone has no auxiliary output.
+        output_stride: Ratio of input size to ``"out"`` size (8, 16 or 32).
+    """
+
+    def __init__(
+        self, name: str, low_channels: int, out_channels: int, aux_channels: int | None, output_stride: int
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.low_channels = low_channels
+        self.out_channels = out_channels
+        self.aux_channels = aux_channels
+        self.output_stride = output_stride
+
+
+def _set_conv(conv: nn.Conv2d, *, stride: int | None = None, dilation: int | None = None) -> None:
+    """Change a convolution's stride and/or dilation in place, keeping 'same' padding for 3x3 kernels."""
+    if stride is not None:
+        conv.stride = (stride, stride)
+    if dilation is not None:
+        conv.dilation = (dilation, dilation)
+        conv.padding = (dilation * (conv.kernel_size[0] - 1) // 2,) * 2
+
+
+class ResNetBackbone(Backbone):
+    """A torchvision ResNet body (``conv1, bn1, relu, maxpool, layer1..layer4``) with atrous convolution.
+
+    ``style="torchvision"`` reproduces ``torchvision.models.resnet*(replace_stride_with_dilation=...)``:
+    the stride stays on the 3x3 convolution and the first block of a dilated layer keeps the previous
+    layer's dilation. ``style="caffe"`` is the original MSRA/Caffe ResNet that DeepLab v2 was trained with
+    (as in kazuto1011/deeplab-pytorch): stride on the first 1x1 convolution of a block, max-pool with
+    ``ceil_mode=True``, and every block of a dilated layer at the layer's full rate. BasicBlock ResNets
+    (18/34) have no 1x1 convolution, so there the two styles differ only in pooling and dilation rule;
+    in torchvision style their first dilated block uses the previous dilation on its (formerly strided)
+    first 3x3 and the new one on its second, the rule torchvision applies to Bottleneck's strided conv.
+
+    Multi-grid (DeepLab v3 Sec. 3.2): block ``i`` of ``layer4`` gets 3x3 dilation
+    ``base_rate * multi_grid[i]``, where ``base_rate`` is layer4's rate (1, 2, 4 at output stride 32, 16, 8).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        output_stride: int = 16,
+        multi_grid: Sequence[int] | None = None,
+        style: str = "torchvision",
+    ) -> None:
+        resnet = getattr(torchvision.models, name)(weights=None)
+        expansion = 4 if isinstance(resnet.layer1[0], Bottleneck) else 1
+        super().__init__(name, 64 * expansion, 512 * expansion, 256 * expansion, output_stride)
+        self.style = style
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            resnet.layer1,
+            resnet.layer2,
+            resnet.layer3,
+            resnet.layer4,
+        )
+        if multi_grid is not None and len(multi_grid) != len(self.layer4):
+            raise ValueError(
+                f"multi_grid must give one rate per layer4 block ({len(self.layer4)} for {name}), "
+                f"got {tuple(multi_grid)}; e.g. multi_grid={(1, 2, 4)[: len(self.layer4)]}, or None"
+            )
+        if style == "caffe":
+            self.maxpool.ceil_mode = True
+        dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
+        dilation = 1
+        for layer, dilated in zip((self.layer2, self.layer3, self.layer4), dilate):
+            previous = dilation
+            dilation = dilation * 2 if dilated else dilation
+            grid = multi_grid if layer is self.layer4 and multi_grid is not None else None
+            self._configure_layer(layer, 1 if dilated else 2, previous, dilation, grid)
+
+    def _configure_layer(
+        self, layer: nn.Sequential, stride: int, previous: int, dilation: int, grid: Sequence[int] | None
+    ) -> None:
+        """Set strides and dilations of one layer (see the class docstring for the rules)."""
+        for index, block in enumerate(layer):
+            first = index == 0
+            block_stride = stride if first else 1
+            # 3x3 rate where torchvision puts the block's stride (it keeps the previous rate), and elsewhere
+            strided_rate = previous if first and self.style == "torchvision" else dilation
+            rate = dilation
+            if grid is not None:
+                strided_rate = rate = dilation * int(grid[index])
+            if isinstance(block, Bottleneck):
+                caffe = self.style == "caffe"
+                _set_conv(block.conv1, stride=block_stride if caffe else 1)
+                _set_conv(block.conv2, stride=1 if caffe else block_stride, dilation=strided_rate)
+            elif isinstance(block, BasicBlock):
+                _set_conv(block.conv1, stride=block_stride, dilation=strided_rate)
+                _set_conv(block.conv2, dilation=rate)
+            if block.downsample is not None:
+                _set_conv(block.downsample[0], stride=block_stride)
+            block.stride = block_stride
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``{"low": layer1, "aux": layer3, "out": layer4}`` features of ``x`` (N, 3, H, W)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        aux = self.layer3(self.layer2(low))
+        return {"low": low, "aux": aux, "out": self.layer4(aux)}
+
+
+class VGG16LargeFOV(Backbone):
+    """The DeepLab-LargeFOV VGG-16 body (DeepLab v1 Sec. 3.1 and 4.1), output stride 8.
+
+    ``features`` keeps torchvision's ``vgg16().features`` indices, so ImageNet ``features.*`` weights
+    load unchanged. As in the LargeFOV prototxt: pool1-3 are 3x3 stride-2 max-pools with padding 1,
+    pool4 and pool5 are 3x3 stride-1 (no subsampling), the conv5 layers are dilated by 2, and a 3x3
+    stride-1 average pool (``pool5a``, index 31) follows pool5. PyTorch rounds pooling sizes down, so the
+    stride-2 pools give ``ceil(H / 2)`` (identical to Caffe for odd sizes such as 321 or 513).
+    fc6/fc7 are not here: they are the v1 head (:class:`~deeplab_lit.models.heads.LargeFOVHead`).
+    """
+
+    _POOL2 = 9  # index of pool2 in torchvision's vgg16().features: "low" is taken after it
+
+    def __init__(self) -> None:
+        super().__init__("vgg16", low_channels=128, out_channels=512, aux_channels=None, output_stride=8)
+        features = make_layers(cfgs["D"])  # torchvision's vgg16().features, without building its fc layers
+        for conv in features:
+            if isinstance(conv, nn.Conv2d):  # torchvision VGG's own initialisation
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+        for index in (4, 9, 16):
+            features[index] = nn.MaxPool2d(3, stride=2, padding=1)
+        for index in (23, 30):
+            features[index] = nn.MaxPool2d(3, stride=1, padding=1)
+        for index in (24, 26, 28):
+            _set_conv(features[index], dilation=2)
+        features.append(nn.AvgPool2d(3, stride=1, padding=1))
+        self.features = features
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``{"low": pool2, "out": pool5a}`` features of ``x`` (N, 3, H, W)."""
+        low = self.features[: self._POOL2 + 1](x)
+        return {"low": low, "out": self.features[self._POOL2 + 1 :](low)}
+
+
+class MobileNetV2Backbone(Backbone):
+    """torchvision MobileNetV2 ``features[0:18]``, with atrous depthwise convolutions for output stride 8/16.
+
+    The final 1x1 conv to 1280 channels (``features.18``) is dropped, as in the DeepLab v3/v3+ reference
+    (TensorFlow) code whose MobileNetV2 feature extractor ends at the 320-channel ``layer_18``.
+    Dilation follows that code too: a block whose stride is removed keeps the current rate, and every
+    later block uses the rate multiplied by the removed stride. ``"low"`` is the output of ``features.3``
+    (24 ch, stride 4; the TensorFlow code takes the 144-channel depthwise output inside that block instead).
+    """
+
+    _LOW = 3
+
+    def __init__(self, *, output_stride: int = 16) -> None:
+        super().__init__("mobilenet_v2", 24, 320, None, output_stride)
+        self.features = torchvision.models.mobilenet_v2(weights=None).features[:18]
+        current_stride, rate = 1, 1
+        for block in self.features:
+            conv = next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+            stride = conv.stride[0]
+            layer_rate = rate
+            if stride > 1 and current_stride * stride > output_stride:
+                rate *= stride
+                stride = 1
+            else:
+                current_stride *= stride
+            _set_conv(conv, stride=stride, dilation=layer_rate)
+            if hasattr(block, "stride"):
+                block.stride = stride
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``{"low": features.3, "out": features.17}`` features of ``x`` (N, 3, H, W)."""
+        low = self.features[: self._LOW + 1](x)
+        return {"low": low, "out": self.features[self._LOW + 1 :](low)}
+
+
+class XceptionBackbone(Backbone):
+    """timm's modified aligned Xception-65 (DeepLab v3+ Sec. 3.2), with timm's output-stride support.
+
+    ``body`` is ``timm.create_model("xception65", output_stride=..., num_classes=0, global_pool="")``; its
+    state-dict keys are timm's own, so timm ImageNet weights load unchanged. Features come from timm's
+    ``forward_intermediates``: index 1 (256 ch, stride 4, inside the second entry-flow block, the v3+
+    decoder's skip) and index 4 (2048 ch, exit flow). timm's ``features_only`` wrapper is not used because
+    it renames modules (``blocks.0`` -> ``blocks_0``) so timm checkpoints would no longer load as they are.
+    """
+
+    _INDICES = (1, 4)
+
+    def __init__(self, *, output_stride: int = 16) -> None:
+        super().__init__("xception65", 256, 2048, None, output_stride)
+        self.body = timm.create_model(
+            "xception65", output_stride=output_stride, num_classes=0, global_pool=""
+        )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``{"low": stride-4 entry-flow features, "out": exit-flow features}`` of ``x``."""
+        low, out = self.body.forward_intermediates(x, indices=self._INDICES, intermediates_only=True)
+        return {"low": low, "out": out}
+
+
+def check_backbone_options(
+    name: str, output_stride: int, multi_grid: Sequence[int] | None = None, style: str = "torchvision"
+) -> None:
+    """Raise one clear ValueError for a bad backbone option (see :func:`build_backbone`)."""
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; expected one of {BACKBONES}")
+    if output_stride not in OUTPUT_STRIDES[name]:
+        raise ValueError(
+            f"output_stride={output_stride!r} is not supported by {name}; "
+            f"expected one of {OUTPUT_STRIDES[name]}"
+        )
+    if style not in STYLES:
+        raise ValueError(f"Unknown ResNet style {style!r}; expected one of {STYLES}")
+    if name not in RESNETS and style != "torchvision":
+        raise ValueError(f"style={style!r} is a ResNet option; {name} only has style='torchvision'")
+    if multi_grid is not None:
+        if name not in RESNETS:
+            raise ValueError(
+                f"multi_grid={tuple(multi_grid)} sets the rates of ResNet layer4 blocks and {name} has none; "
+                "pass multi_grid=None"
+            )
+        if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in multi_grid):
+            raise ValueError(f"multi_grid must hold positive integers, got {tuple(multi_grid)}")
+
+
+def build_backbone(
+    name: str,
+    *,
+    output_stride: int = 16,
+    multi_grid: Sequence[int] | None = None,
+    style: str = "torchvision",
+    pretrained: bool | str = False,
+) -> Backbone:
+    """Build a backbone by name.
+
+    Args:
+        name: One of :data:`BACKBONES`.
+        output_stride: Input size / ``"out"`` size: 8, 16 or 32 (32 = no dilation); VGG-16 allows only 8.
+        multi_grid: ResNets only: per-block rate multipliers of layer4 (DeepLab v3 Sec. 3.2), e.g. (1, 2, 4).
+        style: ResNets only: ``"torchvision"`` or ``"caffe"`` (see :class:`ResNetBackbone`).
+        pretrained: False for random initialisation, True for the default ImageNet weights, or a string:
+            a torchvision weights name (``"IMAGENET1K_V2"``), a timm tag for xception65 (``"tf_in1k"``),
+            or the path of a local state-dict file. See
+            :func:`~deeplab_lit.models.imagenet.load_imagenet_weights`.
+
+    Returns:
+        The backbone; ``forward(x)`` returns ``{"low", "out"}`` (plus ``"aux"`` for ResNets).
+
+    Raises:
+        ValueError: unknown name, unsupported output stride, style or multi-grid.
+    """
+    check_backbone_options(name, output_stride, multi_grid, style)
+    backbone: Backbone
+    if name in RESNETS:
+        backbone = ResNetBackbone(name, output_stride=output_stride, multi_grid=multi_grid, style=style)
+    elif name == "vgg16":
+        backbone = VGG16LargeFOV()
+    elif name == "mobilenet_v2":
+        backbone = MobileNetV2Backbone(output_stride=output_stride)
+    else:
+        backbone = XceptionBackbone(output_stride=output_stride)
+    if pretrained is not False:
+        load_imagenet_weights(backbone, name, pretrained)
+    return backbone

@@ -1,0 +1,330 @@
+"""One segmentation model for every DeepLab version, multi-scale input fusion, and per-version builders.
+
+A version is a builder choosing backbone, head and decoder; all share :class:`Segmenter`'s forward:
+backbone -> head on ``"out"`` -> [decoder with ``"low"``] -> bilinear upsampling to the input size.
+Any input size works: every upsampling targets the actual size of the tensor it is matched to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deeplab_lit.models.backbones import BACKBONES, Backbone, build_backbone, check_backbone_options
+from deeplab_lit.models.heads import (
+    ASPP,
+    ASPPSum,
+    ConvClassifier,
+    DeepLabV3Head,
+    DeepLabV3PlusDecoder,
+    FCNHead,
+    LargeFOVHead,
+)
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class Segmenter(nn.Module):
+    """Backbone + head (+ v3+ decoder) (+ auxiliary head): the one forward of every DeepLab version.
+
+    Args:
+        backbone: Returns ``{"low", "out"[, "aux"]}`` feature maps (see :mod:`.backbones`).
+        head: Maps ``"out"`` features to logits, or, with a decoder, to the decoder's input (v3+ ASPP).
+        decoder: Optional ``decoder(head_output, low) -> logits`` (the v3+ decoder).
+        aux_classifier: Optional head on the backbone's ``"aux"`` features, used by :meth:`forward_train`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        decoder: nn.Module | None = None,
+        aux_classifier: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if aux_classifier is not None and getattr(backbone, "aux_channels", None) is None:
+            name = getattr(backbone, "name", type(backbone).__name__)
+            raise ValueError(f"aux_classifier needs a backbone with an 'aux' output; {name} has none")
+        self.backbone = backbone
+        self.head = head
+        self.decoder = decoder
+        self.aux_classifier = aux_classifier
+
+    def _logits(self, x: Tensor, with_aux: bool) -> tuple[Tensor, Tensor | None]:
+        features = self.backbone(x)
+        logits = self.head(features["out"])
+        if self.decoder is not None:
+            logits = self.decoder(logits, features["low"])
+        aux = self.aux_classifier(features["aux"]) if with_aux and self.aux_classifier is not None else None
+        return logits, aux
+
+    def forward_logits(self, x: Tensor) -> Tensor:
+        """Logits at feature resolution, before the final upsampling: ``(N, 3, H, W) -> (N, C, h, w)``."""
+        return self._logits(x, with_aux=False)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits at the input's size: ``(N, 3, H, W) -> (N, C, H, W)``, bilinear, ``align_corners=False``."""
+        return _resize(self.forward_logits(x), x.shape[-2:])
+
+    def forward_train(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"out": logits, "aux": auxiliary logits (if an aux classifier)}``, each ``(N, C, H, W)``."""
+        logits, aux = self._logits(x, with_aux=True)
+        outputs = {"out": _resize(logits, x.shape[-2:])}
+        if aux is not None:
+            outputs["aux"] = _resize(aux, x.shape[-2:])
+        return outputs
+
+
+def check_msc_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """Return ``scales`` as floats, or raise ValueError unless they are distinct, positive and include 1.0."""
+    scales = tuple(float(s) for s in scales)
+    if 1.0 not in scales or any(s <= 0 for s in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"MSC scales must be distinct positive numbers including 1.0, got {scales}")
+    return scales
+
+
+class MultiScaleSegmenter(nn.Module):
+    """Multi-scale inputs with max fusion, DeepLab v2 "MSC" (v2 Sec. 4.1; kazuto1011's ``MSC``).
+
+    The input is resized by each scale (bilinear, ``align_corners=False``, ``scale_factor`` as in
+    kazuto1011/deeplab-pytorch), each scale's feature-resolution logits are resized to the scale-1.0
+    logits' size, and the fused logits are their element-wise maximum.
+
+    Args:
+        segmenter: The single-scale model.
+        scales: Input scales; must contain 1.0, e.g. (1.0, 0.75, 0.5).
+    """
+
+    def __init__(self, segmenter: Segmenter, scales: Sequence[float] = (1.0, 0.75, 0.5)) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.scales = check_msc_scales(scales)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The wrapped segmenter's backbone (for per-parameter-group learning rates)."""
+        return self.segmenter.backbone
+
+    def _scaled(self, x: Tensor, scale: float) -> Tensor:
+        if scale == 1.0:
+            return x
+        height, width = x.shape[-2:]
+        if int(height * scale) < 1 or int(width * scale) < 1:
+            raise ValueError(f"Input of size {height}x{width} is too small for MSC scale {scale}")
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
+    def _all_logits(self, x: Tensor, with_aux: bool) -> tuple[dict[float, Tensor], Tensor, Tensor | None]:
+        per_scale, aux = {}, None
+        for scale in self.scales:
+            logits, scale_aux = self.segmenter._logits(self._scaled(x, scale), with_aux and scale == 1.0)
+            per_scale[scale] = logits
+            aux = scale_aux if scale == 1.0 else aux
+        size = per_scale[1.0].shape[-2:]
+        fused = torch.stack([_resize(logits, size) for logits in per_scale.values()]).amax(dim=0)
+        return per_scale, fused, aux
+
+    def forward_logits(self, x: Tensor) -> Tensor:
+        """Max-fused logits at the scale-1.0 feature resolution ``(N, C, h, w)``."""
+        return self._all_logits(x, with_aux=False)[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Max-fused logits at the input's size ``(N, C, H, W)``."""
+        return _resize(self.forward_logits(x), x.shape[-2:])
+
+    def forward_train(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"out": fused, "scale_1.0": ..., "scale_0.75": ..., ...[, "aux"]}``, all ``(N, C, H, W)``.
+
+        The loss goes on each entry (v2 Sec. 4.1). ``"aux"`` (scale 1.0) appears only with an aux head.
+        """
+        per_scale, fused, aux = self._all_logits(x, with_aux=True)
+        size = x.shape[-2:]
+        outputs = {"out": _resize(fused, size)}
+        outputs.update({f"scale_{scale}": _resize(logits, size) for scale, logits in per_scale.items()})
+        if aux is not None:
+            outputs["aux"] = _resize(aux, size)
+        return outputs
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+
+
+def _check_rates(rates: Sequence[int], what: str) -> tuple[int, ...]:
+    rates = tuple(rates)
+    if not rates or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
+        raise ValueError(f"{what} must be a non-empty sequence of positive integers, got {rates}")
+    return rates
+
+
+def _v3_rates(atrous_rates: Sequence[int] | None, output_stride: int) -> tuple[int, ...]:
+    """Default ASPP rates (6, 12, 18) at output stride 16, scaled by 16 / output_stride (v3 Sec. 3.3)."""
+    if atrous_rates is None:
+        return {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[output_stride]
+    return _check_rates(atrous_rates, "atrous_rates")
+
+
+def _aux_head(body: Backbone, num_classes: int, aux_head: bool) -> FCNHead | None:
+    if not aux_head:
+        return None
+    if body.aux_channels is None:
+        raise ValueError(f"aux_head=True needs a ResNet backbone (an FCN head on layer3); got {body.name}")
+    return FCNHead(body.aux_channels, num_classes)
+
+
+def _not_vgg(backbone: str, version: str) -> None:
+    if backbone == "vgg16":
+        raise ValueError(
+            f"vgg16 is the DeepLab v1/v2 backbone; {version} takes one of "
+            f"{tuple(name for name in BACKBONES if name != 'vgg16')}"
+        )
+
+
+def deeplab_v1(
+    *,
+    num_classes: int,
+    backbone: str = "vgg16",
+    output_stride: int = 8,
+    pretrained_backbone: bool | str = False,
+    largefov_rate: int = 12,
+    style: str = "torchvision",
+) -> Segmenter:
+    """DeepLab v1: VGG-16 LargeFOV (v1 Sec. 4.1), or "DeepLab-v1 ResNet" (dilated ResNet + 1x1 classifier).
+
+    Args:
+        num_classes: Number of classes (21 for PASCAL VOC).
+        backbone: ``"vgg16"`` (LargeFOV head: fc6 rate ``largefov_rate``, fc7, fc8) or another backbone
+            (followed by one 1x1 classifier).
+        output_stride: 8 (the paper; VGG-16 allows only 8).
+        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+        largefov_rate: fc6 dilation of the VGG-16 head (12 = LargeFOV); unused for other backbones.
+        style: ResNet style, ``"caffe"`` for kazuto1011's DeepLab-v1 ResNet-101 checkpoints.
+    """
+    _check_num_classes(num_classes)
+    _check_rates([largefov_rate], "largefov_rate")
+    check_backbone_options(backbone, output_stride, style=style)
+    body = build_backbone(backbone, output_stride=output_stride, style=style, pretrained=pretrained_backbone)
+    if backbone == "vgg16":
+        return Segmenter(body, LargeFOVHead(body.out_channels, num_classes, rate=largefov_rate))
+    return Segmenter(body, ConvClassifier(body.out_channels, num_classes))
+
+
+def deeplab_v2(
+    *,
+    num_classes: int,
+    backbone: str = "resnet101",
+    output_stride: int = 8,
+    atrous_rates: Sequence[int] = (6, 12, 18, 24),
+    msc_scales: Sequence[float] | None = None,
+    style: str = "torchvision",
+    pretrained_backbone: bool | str = False,
+) -> Segmenter | MultiScaleSegmenter:
+    """DeepLab v2: dilated backbone + ASPP with summed class scores (v2 Sec. 3.3), optional MSC inputs.
+
+    With ``backbone="vgg16"`` each ASPP branch is a fc6/fc7/fc8 stack with 1024 channels (DeepLab-ASPP
+    VGG-16, v2 Fig. 4b); otherwise each branch is a single 3x3 atrous conv (the ResNet-101 model).
+
+    Args:
+        num_classes: Number of classes.
+        backbone: Backbone name; ResNet-101 in the paper.
+        output_stride: 8 in the paper.
+        atrous_rates: ASPP rates, (6, 12, 18, 24) = ASPP-L.
+        msc_scales: If given, e.g. (1.0, 0.75, 0.5), wrap in :class:`MultiScaleSegmenter`.
+        style: ResNet style; ``"caffe"`` matches kazuto1011/deeplab-pytorch's checkpoints.
+        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+    """
+    _check_num_classes(num_classes)
+    rates = _check_rates(atrous_rates, "atrous_rates")
+    check_backbone_options(backbone, output_stride, style=style)
+    if msc_scales is not None:
+        check_msc_scales(msc_scales)
+    body = build_backbone(backbone, output_stride=output_stride, style=style, pretrained=pretrained_backbone)
+    branch_channels = 1024 if backbone == "vgg16" else None
+    model = Segmenter(body, ASPPSum(body.out_channels, num_classes, rates, branch_channels=branch_channels))
+    return model if msc_scales is None else MultiScaleSegmenter(model, msc_scales)
+
+
+def deeplab_v3(
+    *,
+    num_classes: int,
+    backbone: str = "resnet101",
+    output_stride: int = 16,
+    atrous_rates: Sequence[int] | None = None,
+    multi_grid: Sequence[int] | None = (1, 2, 4),
+    aux_head: bool = False,
+    style: str = "torchvision",
+    pretrained_backbone: bool | str = False,
+) -> Segmenter:
+    """DeepLab v3: dilated backbone with multi-grid, ASPP with image pooling (v3 Sec. 3.2-3.3).
+
+    Args:
+        num_classes: Number of classes.
+        backbone: Any backbone but vgg16.
+        output_stride: 16 (train) or 8 (the paper's best evaluation setting).
+        atrous_rates: ASPP rates; None = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
+        multi_grid: ResNet layer4 multi-grid (1, 2, 4) of the paper; None for no multi-grid (torchvision's
+            layout, needed to match torchvision's deeplabv3 weights). Other backbones have no layer4:
+            pass None for them (anything else raises ValueError).
+        aux_head: Add torchvision's auxiliary FCN head on layer3 (ResNets only).
+        style: ResNet style.
+        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+    """
+    _check_num_classes(num_classes)
+    _not_vgg(backbone, "deeplab_v3")
+    check_backbone_options(backbone, output_stride, multi_grid, style)
+    rates = _v3_rates(atrous_rates, output_stride)
+    body = build_backbone(
+        backbone,
+        output_stride=output_stride,
+        multi_grid=multi_grid,
+        style=style,
+        pretrained=pretrained_backbone,
+    )
+    head = DeepLabV3Head(body.out_channels, num_classes, rates)
+    return Segmenter(body, head, aux_classifier=_aux_head(body, num_classes, aux_head))
+
+
+def deeplab_v3plus(
+    *,
+    num_classes: int,
+    backbone: str = "resnet101",
+    output_stride: int = 16,
+    atrous_rates: Sequence[int] | None = None,
+    multi_grid: Sequence[int] | None = None,
+    separable: bool = False,
+    aux_head: bool = False,
+    style: str = "torchvision",
+    pretrained_backbone: bool | str = False,
+) -> Segmenter:
+    """DeepLab v3+: the v3 encoder (ASPP, 256 ch, dropout 0.1) + the v3+ decoder (v3+ Sec. 3.1-3.2).
+
+    Args:
+        num_classes: Number of classes.
+        backbone: Any backbone but vgg16 (xception65 in the paper).
+        output_stride: 16 or 8.
+        atrous_rates: ASPP rates; None = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
+        multi_grid: ResNets only, e.g. (1, 2, 4); None = no multi-grid.
+        separable: Atrous depthwise-separable convolutions in the ASPP branches and the decoder.
+        aux_head: Add an auxiliary FCN head on layer3 (ResNets only).
+        style: ResNet style.
+        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+    """
+    _check_num_classes(num_classes)
+    _not_vgg(backbone, "deeplab_v3plus")
+    check_backbone_options(backbone, output_stride, multi_grid, style)
+    rates = _v3_rates(atrous_rates, output_stride)
+    body = build_backbone(
+        backbone,
+        output_stride=output_stride,
+        multi_grid=multi_grid,
+        style=style,
+        pretrained=pretrained_backbone,
+    )
+    head = ASPP(body.out_channels, 256, rates, separable=separable, dropout=0.1)
+    decoder = DeepLabV3PlusDecoder(256, body.low_channels, num_classes, separable=separable)
+    return Segmenter(body, head, decoder, aux_classifier=_aux_head(body, num_classes, aux_head))

@@ -1,0 +1,214 @@
+"""ImageNet initialisation of backbones, through torchvision's weights API (and timm's for Xception-65).
+
+``source`` chooses the weights:
+
+- ``True``: the default ImageNet weights (:data:`DEFAULT_WEIGHTS`). For torchvision backbones this is
+  ``IMAGENET1K_V1``, the classic weights torchvision's own DeepLabV3/FCN models were trained from; pass
+  ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101, MobileNetV2). For
+  vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect 0-255 inputs with the mean
+  subtracted, and hold no usable fc layers). For xception65 the default is timm's ``ra3_in1k``; ``"tf_in1k"``
+  is the TensorFlow port. timm's Xception weights expect inputs scaled with mean = std = 0.5.
+- a string: a weights name of that backbone (as above) or the path of a local state-dict file
+  (``.pth``/``.pt`` via ``torch.load``, or ``.safetensors``) in torchvision's/timm's key format (classifier
+  keys may be present; they are dropped) or in the backbone's own format (``backbone.state_dict()``).
+
+Downloads are cached where torch caches weights (``torch.hub.get_dir()``; timm's under the Hugging Face
+cache). Offline with nothing cached, a RuntimeError says so and how to pass a local file instead.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+TIMM_BACKBONES: tuple[str, ...] = ("xception65",)
+DEFAULT_WEIGHTS: dict[str, str] = {
+    "resnet18": "IMAGENET1K_V1",
+    "resnet34": "IMAGENET1K_V1",
+    "resnet50": "IMAGENET1K_V1",
+    "resnet101": "IMAGENET1K_V1",
+    "vgg16": "IMAGENET1K_V1",
+    "mobilenet_v2": "IMAGENET1K_V1",
+    "xception65": "ra3_in1k",
+}
+# ImageNet checkpoint keys that are not part of the backbone body, and the body's key prefix.
+_DROPPED: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("resnet18", "resnet34", "resnet50", "resnet101"), ("fc.",)),
+    "vgg16": ("classifier.",),
+    "mobilenet_v2": ("classifier.", "features.18."),
+    "xception65": ("head.",),
+}
+_PREFIX: dict[str, str] = {"xception65": "body."}
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the download failed' (network, HTTP, missing cache entry)."""
+    errors: list[type[BaseException]] = [OSError, http.client.HTTPException]
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:  # pragma: no cover - httpx comes with huggingface_hub
+        pass
+    return tuple(errors)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state dict from a ``torch.save`` or ``.safetensors`` file.
+
+    A checkpoint dict holding the weights under ``"state_dict"`` or ``"model"`` is unwrapped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read or holds no ``{name: tensor}`` mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/pickle/safetensors raise many types for a bad file
+        raise ValueError(f"Weights file {str(path)!r} could not be read as a state dict: {err}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"Weights file {str(path)!r} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def _looks_like_path(source: str) -> bool:
+    return os.sep in source or "/" in source or source.lower().endswith(_FILE_SUFFIXES)
+
+
+def _offline_message(name: str, what: str, err: BaseException, file_name: str, extra_cache: str = "") -> str:
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return (
+        f"Could not download the ImageNet weights for backbone {name!r} ({what}): {err}. "
+        f"torch caches downloaded weights in {cache}{extra_cache} and they are not there; "
+        f"this machine may be offline. Download {file_name} on a machine with internet access and either "
+        f"copy it into that cache folder, or pass the local file instead of True, e.g. "
+        f"pretrained='/path/to/{file_name}' "
+        f"(pretrained_backbone='/path/to/{file_name}' for the model builders)."
+    )
+
+
+def _torchvision_state_dict(name: str, weights_name: str) -> dict[str, Tensor]:
+    enum = torchvision.models.get_model_weights(name)
+    if weights_name not in enum.__members__:
+        raise ValueError(
+            f"Unknown ImageNet weights {weights_name!r} for backbone {name!r}; expected one of "
+            f"{tuple(enum.__members__)}, True, False, or the path of a local state-dict file"
+        )
+    weights = enum[weights_name]
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except _download_errors() as err:
+        file_name = os.path.basename(weights.url)
+        raise RuntimeError(_offline_message(name, f"{weights} from {weights.url}", err, file_name)) from err
+
+
+def _timm_state_dict(name: str, tag: str) -> dict[str, Tensor]:
+    import timm
+    from huggingface_hub import constants
+
+    known = timm.list_pretrained(f"{name}.*")
+    if f"{name}.{tag}" not in known:
+        tags = tuple(k.split(".", 1)[1] for k in known)
+        raise ValueError(
+            f"Unknown ImageNet weights {tag!r} for backbone {name!r}; expected one of {tags}, True, False, "
+            "or the path of a local state-dict file"
+        )
+    try:
+        return timm.create_model(f"{name}.{tag}", pretrained=True).state_dict()
+    except _download_errors() as err:
+        extra = f" (timm's Hugging Face weights in {constants.HF_HUB_CACHE})"
+        message = _offline_message(name, f"timm {name}.{tag}", err, "model.safetensors", extra)
+        raise RuntimeError(message) from err
+
+
+def imagenet_state_dict(name: str, source: bool | str | os.PathLike[str]) -> tuple[dict[str, Tensor], str]:
+    """Fetch an ImageNet classification state dict (classifier included) for backbone ``name``.
+
+    Args:
+        name: Backbone name (``"resnet50"``, ``"vgg16"``, ... ``"xception65"``).
+        source: True (default weights), a weights name, or a local file path (see the module docstring).
+
+    Returns:
+        The state dict in the library's key format (torchvision or timm) and a description of its origin.
+
+    Raises:
+        ValueError: unknown backbone or weights name; unreadable file.
+        FileNotFoundError: ``source`` looks like a path but no such file exists.
+        RuntimeError: the download failed (offline and not cached).
+    """
+    if name not in DEFAULT_WEIGHTS:
+        raise ValueError(
+            f"No ImageNet weights for backbone {name!r}; expected one of {tuple(DEFAULT_WEIGHTS)}"
+        )
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and Path(source).is_file()):
+        return read_state_dict(source), f"weights file {os.fspath(source)!r}"
+    if isinstance(source, str) and _looks_like_path(source):
+        raise FileNotFoundError(f"ImageNet weights file {source!r} for backbone {name!r} does not exist")
+    if source is True:
+        source = DEFAULT_WEIGHTS[name]
+    if not isinstance(source, str):
+        raise TypeError(f"pretrained must be a bool, a weights name or a file path, got {source!r}")
+    if name in TIMM_BACKBONES:
+        return _timm_state_dict(name, source), f"timm weights {name}.{source}"
+    return _torchvision_state_dict(name, source), f"torchvision weights {name} {source}"
+
+
+def load_imagenet_weights(backbone: nn.Module, name: str, source: bool | str | os.PathLike[str]) -> None:
+    """Load ImageNet weights into a backbone built by :func:`~deeplab_lit.models.backbones.build_backbone`.
+
+    The classifier keys of the ImageNet checkpoint (``fc.*``, ``classifier.*``, ...) are dropped and the
+    rest must match the backbone's state dict exactly (``strict=True``).
+
+    Args:
+        backbone: The backbone to initialise in place.
+        name: Its name (``backbone.name``).
+        source: False (do nothing), True, a weights name, or a local file path.
+
+    Raises:
+        ValueError: the weights do not fit the backbone (first missing/unexpected keys are named), or
+            an unknown weights name / unreadable file.
+        FileNotFoundError: a local path that does not exist.
+        RuntimeError: the download failed (offline and nothing cached); the message says how to proceed.
+    """
+    if source is False or source is None:
+        return
+    state, origin = imagenet_state_dict(name, source)
+    expected = backbone.state_dict()
+    if set(state) != set(expected):  # torchvision/timm format: drop the classifier, add the body prefix
+        prefix = _PREFIX.get(name, "")
+        state = {prefix + k: v for k, v in state.items() if not k.startswith(_DROPPED[name])}
+    for key in expected:  # checkpoints saved before BatchNorm counted batches lack these
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = expected[key]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{origin} does not match the {name} backbone: {len(missing)} missing keys "
+            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
+        )
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if v.shape != state[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{origin} does not match the {name} backbone: wrong shapes (first: {wrong[:5]})")
+    backbone.load_state_dict(state, strict=True)
