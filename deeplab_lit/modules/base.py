@@ -10,20 +10,67 @@ ignores label 255, SGD with momentum 0.9 and weight decay, the learning rate mul
 
 from __future__ import annotations
 
+import inspect
+import json
 from abc import abstractmethod
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.metrics import SegmentationMetrics
+from deeplab_lit.models.deeplab import Segmenter
+from deeplab_lit.models.fusion import fuse_conv_bn
+from deeplab_lit.models.weights import (
+    Checkpoint,
+    init_largefov_from_imagenet,
+    load_weights,
+    read_checkpoint,
+    resolve_options,
+)
+from deeplab_lit.normalization import Normalization
 
 Batch = dict[str, Any]
 STAGES = ("val", "test")
+
+
+def fast_sgd_options(params: list[Tensor], fused_allowed: bool = True) -> dict[str, bool]:
+    """Return the SGD keyword arguments that select torch's fastest step implementation for ``params``.
+
+    ``{"fused": True}`` (one kernel for all parameters) when torch has a fused SGD for every parameter's
+    device (CPU and CUDA do), else ``{"foreach": True}`` (multi-tensor kernels) where available, else ``{}``
+    (a loop over the parameters). A fused step unscales fp16 gradients itself, which Lightning cannot
+    combine with gradient clipping: pass ``fused_allowed=False`` then.
+    """
+    from torch.utils._foreach_utils import (
+        _get_foreach_kernels_supported_devices,
+        _get_fused_kernels_supported_devices,
+    )
+
+    devices = {p.device.type for p in params}
+    if fused_allowed and devices <= set(_get_fused_kernels_supported_devices()):
+        return {"fused": True}
+    if devices <= set(_get_foreach_kernels_supported_devices()):
+        return {"foreach": True}
+    return {}
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """``torch.compile`` in place the parts (backbone, head, decoder, aux head) of each :class:`Segmenter`.
+
+    ``nn.Module.compile`` compiles a module's ``__call__`` in place, so state-dict keys stay unchanged.
+    The parts, rather than the whole network, are compiled because training calls ``forward_train``,
+    which a compiled ``__call__`` would not cover.
+    """
+    for module in model.modules():
+        if isinstance(module, Segmenter):
+            for part in module.children():
+                part.compile()
 
 
 class SegmentationModule(LightningModule):
@@ -33,7 +80,15 @@ class SegmentationModule(LightningModule):
         num_classes: Number of classes, void excluded (21 for VOC, 19 for Cityscapes).
         backbone: Backbone name (see ``deeplab_lit.models.BACKBONES``).
         pretrained_backbone: ``True`` for torchvision/timm ImageNet weights, a weights-enum name, or a
-            local state-dict path; ``False`` for random initialisation.
+            local state-dict path; ``False`` for random initialisation. With ``vgg16`` the LargeFOV
+            fc6/fc7 are initialised from VGG's ImageNet fc layers, subsampled (DeepLab v1 Sec. 3.1).
+        weights: Path or URL of a whole-model checkpoint to start from: this project's, torchvision's
+            ``deeplabv3_resnet50/101`` or kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet-101 (see
+            :mod:`deeplab_lit.models.weights`). Architecture options left at their defaults are taken from
+            it (e.g. ``style``, ``msc_scales``); options set to other values than it needs raise ValueError.
+            The input normalisation it needs is checked against the data's at ``setup``.
+        reinit_classifier: With ``weights``, load everything except the layers that output class scores
+            (another class count or label set).
         lr: Base learning rate (backbone); new layers get ``lr * head_lr_mult``.
         momentum: SGD momentum.
         weight_decay: SGD weight decay (L2).
@@ -45,6 +100,20 @@ class SegmentationModule(LightningModule):
         aux_weight: Loss weight of an auxiliary head's output (outputs named ``aux*``).
         inference: Evaluation-time inference (multi-scale, flip, sliding window).
         class_names: Names for per-class metrics; defaults to ``class_0..``. Linked from the data by the CLI.
+        channels_last: Keep the network's weights and every batch's images in channels-last (NHWC) memory
+            format. Faster convolutions with mixed precision on GPUs (tensor cores) and with oneDNN on
+            CPUs; results equal the default format's to float rounding. See ``benchmarks/speed.py``.
+        compile: ``torch.compile`` the network's parts in place (backbone, head, decoder, aux head;
+            ``nn.Module.compile``, so checkpoint keys are unchanged). The first steps are slow while it
+            compiles, and evaluation on images of varying sizes recompiles (then goes dynamic); needs a
+            C compiler on CPUs. Off by default.
+        fuse_bn_for_inference: In ``predict`` only, run a copy of the network with every BatchNorm folded
+            into the preceding convolution (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`): same
+            outputs to 1e-5, fewer memory passes. Training, validation and test use the network as is,
+            and checkpoints keep the unfolded weights.
+
+    The optimiser is SGD with torch's fused kernel where every parameter's device has one (CPU, CUDA),
+    else its multi-tensor (``foreach``) kernel; see :func:`fast_sgd_options`.
     """
 
     def __init__(
@@ -52,6 +121,8 @@ class SegmentationModule(LightningModule):
         num_classes: int = 21,
         backbone: str = "resnet101",
         pretrained_backbone: bool | str = False,
+        weights: str | None = None,
+        reinit_classifier: bool = False,
         lr: float = 0.007,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -62,6 +133,9 @@ class SegmentationModule(LightningModule):
         aux_weight: float = 0.4,
         inference: InferenceConfig = InferenceConfig(),
         class_names: list[str] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        fuse_bn_for_inference: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -73,17 +147,82 @@ class SegmentationModule(LightningModule):
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.inference_config = inference
+        checkpoint = read_checkpoint(weights) if weights is not None else None
+        if checkpoint is not None:
+            self._adopt_weights_options(checkpoint)
         self.model = self.build_model()
+        #: Input normalisation the weights need: the checkpoint's, else the data's (adopted at ``setup``).
+        self.normalization: Normalization | None = None
+        if backbone == "vgg16" and pretrained_backbone not in (False, None):
+            init_largefov_from_imagenet(self.model, pretrained_backbone)
+        if checkpoint is not None:
+            info = load_weights(
+                self.model, checkpoint, num_classes=num_classes, reinit_classifier=reinit_classifier
+            )
+            self.normalization = info.normalization
         if freeze_bn:
             for module in self.backbone_modules():
                 if isinstance(module, _BatchNorm):
                     module.requires_grad_(False)
             self.train(self.training)  # frozen BatchNorm starts in eval mode
         self.metrics = nn.ModuleDict({stage: SegmentationMetrics(num_classes, ignore_index) for stage in STAGES})
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            compile_in_place(self.model)
+        # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
+        self._folded: dict[str, nn.Module] = {}
 
     @abstractmethod
     def build_model(self) -> nn.Module:
         """Build the network from ``self.hparams``; it must offer ``forward`` and ``forward_train``."""
+
+    # -------------------------------------------------------------------------- weights, normalisation
+    def _adopt_weights_options(self, checkpoint: Checkpoint) -> None:
+        """Take the architecture options ``checkpoint`` implies wherever ``__init__`` kept its default."""
+        defaults: dict[str, Any] = {}
+        for cls in reversed(type(self).__mro__):
+            if "__init__" in vars(cls):
+                parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
+                defaults.update({p.name: p.default for p in parameters if p.default is not p.empty})
+        changes = resolve_options(checkpoint, dict(self.hparams), defaults)
+        if changes:
+            rank_zero_info(f"Options taken from the weights ({checkpoint.description}): {changes}")
+            self.hparams.update(changes)
+
+    def _check_normalization(self) -> None:
+        """Raise if the data's normalisation differs from the weights'; adopt the data's if none is known."""
+        given = getattr(getattr(self._trainer, "datamodule", None), "normalization", None)
+        if not isinstance(given, Normalization):
+            return
+        if self.normalization is None:
+            self.normalization = given
+        elif given != self.normalization:
+            wanted = json.dumps(self.normalization.to_dict())
+            raise ValueError(
+                f"The model's weights ({self.hparams.get('weights') or 'checkpoint'}) expect inputs "
+                f"normalised as {self.normalization} but the data module normalises as {given}. Set "
+                f"data.init_args.normalization to {wanted} in the config "
+                f"(command line: --data.init_args.normalization '{wanted}')."
+            )
+
+    def setup(self, stage: str) -> None:
+        """Check that the data module normalises inputs the way the weights need."""
+        self._check_normalization()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the input normalisation; the weights are in the state dict, so drop the ``weights`` path."""
+        checkpoint["normalization"] = self.normalization.to_dict() if self.normalization else None
+        hyper_parameters = checkpoint.get("hyper_parameters")
+        if isinstance(hyper_parameters, dict) and hyper_parameters.get("weights"):
+            checkpoint["weights_source"] = hyper_parameters["weights"]
+            hyper_parameters["weights"] = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the input normalisation the checkpoint was trained with, and check the data's."""
+        if checkpoint.get("normalization"):
+            self.normalization = Normalization(**checkpoint["normalization"])
+            self._check_normalization()
 
     def backbone_modules(self) -> list[nn.Module]:
         """Modules of the (ImageNet-initialised) backbone, which train at the base learning rate."""
@@ -92,6 +231,12 @@ class SegmentationModule(LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """Logits (N, C, H, W) at the input's size for normalised images (N, 3, H, W)."""
         return self.model(images)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Put the batch's images in channels-last format when ``channels_last`` is set."""
+        if self.hparams.get("channels_last") and isinstance(batch, dict) and "image" in batch:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def train(self, mode: bool = True) -> SegmentationModule:
         """Switch train/eval mode, keeping frozen BatchNorm layers in eval mode."""
@@ -139,9 +284,20 @@ class SegmentationModule(LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         """Logits and labels for a batch of images, with the batch's names/paths passed through."""
-        logits = segment(self.model, batch["image"], self.inference_config)
+        logits = segment(self._folded.get("model", self.model), batch["image"], self.inference_config)
         extras = {k: v for k, v in batch.items() if k != "image"}
         return {"logits": logits, "preds": logits.argmax(dim=1), **extras}
+
+    def on_predict_start(self) -> None:
+        """Fold BatchNorm into a copy of the network for predict (``fuse_bn_for_inference``)."""
+        if self.hparams.get("fuse_bn_for_inference"):
+            self._folded["model"] = fuse_conv_bn(self.model)
+            if self.hparams.get("compile"):
+                compile_in_place(self._folded["model"])
+
+    def on_predict_end(self) -> None:
+        """Drop the folded copy."""
+        self._folded.clear()
 
     def _log_epoch_scores(self, stage: str) -> None:
         scores = self.metrics[stage].compute()
@@ -172,8 +328,14 @@ class SegmentationModule(LightningModule):
                 (backbone if id(param) in backbone_ids else head).append(param)
         hp = self.hparams
         groups = [{"params": backbone, "lr": hp.lr}, {"params": head, "lr": hp.lr * hp.head_lr_mult}]
+        clipping = bool(self.trainer.gradient_clip_val)  # with fp16 loss scaling, clipping needs unfused
+        fused_allowed = not (clipping and str(self.trainer.precision) == "16-mixed")
         optimizer = torch.optim.SGD(
-            [g for g in groups if g["params"]], lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            [g for g in groups if g["params"]],
+            lr=hp.lr,
+            momentum=hp.momentum,
+            weight_decay=hp.weight_decay,
+            **fast_sgd_options(backbone + head, fused_allowed),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=hp.poly_power)

@@ -1,0 +1,17 @@
+"""Lightning callbacks: cross-cutting work around the training loop (dense CRF, prediction writing)."""
+
+from deeplab_lit.callbacks.crf import DenseCRFCallback
+from deeplab_lit.callbacks.gallery import PredictionGallery
+from deeplab_lit.callbacks.guards import NonFiniteLossError, NonFiniteLossGuard
+from deeplab_lit.callbacks.prediction_writer import PredictionWriter
+from deeplab_lit.callbacks.resume import AtomicCheckpointIO, RandomStateCheckpoint
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "DenseCRFCallback",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "PredictionGallery",
+    "PredictionWriter",
+    "RandomStateCheckpoint",
+]

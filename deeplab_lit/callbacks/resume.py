@@ -1,0 +1,168 @@
+"""Exact and safe resumption: random-number state in checkpoints, and atomic checkpoint files.
+
+``RandomStateCheckpoint`` puts the state of every random number generator the training loop draws from
+into each checkpoint and restores it on ``fit(ckpt_path=...)``: Python's ``random``, NumPy's global
+state, torch's CPU and CUDA generators (data order of the shuffling sampler, dropout, worker seeds) and
+the albumentations pipeline of the training set when it runs in the main process (``num_workers=0``).
+Lightning restores weights, optimiser, schedule and loop counters but not these, so without it a
+resumed run draws the next epoch's order and augmentations from the start-of-run seed.
+
+``AtomicCheckpointIO`` writes a checkpoint to a temporary file beside the target, flushes it to disk and
+renames it over the target (``os.replace``, atomic on POSIX and Windows), so a crash while saving leaves
+the previous ``last.ckpt`` intact. Lightning's own ``TorchCheckpointIO`` is atomic only when the system
+temporary folder is on the checkpoint's file system (fsspec writes to ``tempfile.mkstemp()`` and moves the
+file, which becomes a copy across devices), and it holds the serialised checkpoint in memory twice.
+
+What is exact (tests/test_resume.py): a run killed at any moment and resumed with ``--ckpt_path last``
+from a checkpoint written at the end of an epoch finishes with the same step count and the same metrics
+as an uninterrupted run, provided augmentation runs in the main process or in non-persistent workers.
+What is not: DataLoader workers with ``persistent_workers=True`` keep their augmentation state in other
+processes, which no checkpoint can reach; and a checkpoint written in the middle of an epoch (with
+``val_check_interval`` or ``every_n_train_steps``) resumes with the right step count, schedule and
+optimiser state, but Lightning starts that epoch's data loader afresh (it warns about a non-resumable
+loader), so the remaining steps of that epoch see a different draw of images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class RandomStateCheckpoint(Callback):
+    """Save the random generators' states in every checkpoint and restore them when training resumes.
+
+    Add it to ``trainer.callbacks``; it has no options. The state is the one of the process that writes
+    the checkpoint (global rank 0) and is restored on every process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: Trainer | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remember the trainer, to reach the training set's augmentation."""
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the generators' states now (called while a checkpoint is written)."""
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "augmentation": [_get_pipeline_state(p) for p in self._pipelines()],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called when ``fit`` resumes from a checkpoint)."""
+        random.setstate(state_dict["python"])
+        np.random.set_state(state_dict["numpy"])
+        torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda", [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        saved = state_dict.get("augmentation", [])
+        pipelines = self._pipelines()
+        if len(saved) != len(pipelines):
+            rank_zero_warn(
+                f"RandomStateCheckpoint: the checkpoint holds {len(saved)} augmentation states but the "
+                f"training set has {len(pipelines)} pipelines; their random state is not restored"
+            )
+            return
+        for pipeline, state in zip(pipelines, saved):
+            _set_pipeline_state(pipeline, state)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Say when a resumed run cannot be bit-identical (persistent DataLoader workers)."""
+        loader = trainer.train_dataloader
+        if trainer.ckpt_path and getattr(loader, "persistent_workers", False) and loader.num_workers > 0:
+            rank_zero_warn(
+                "Resuming with persistent DataLoader workers: their augmentation random state lives in the "
+                "worker processes and is not in the checkpoint, so the resumed run is statistically "
+                "equivalent but not bit-identical to an uninterrupted one (use num_workers=0 for that)."
+            )
+
+    def _pipelines(self) -> list[Any]:
+        """Return the albumentations ``Compose`` objects of the training set(s) that run in this process."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        datasets = list(getattr(dataset, "datasets", [dataset]))  # ConcatDataset or one dataset
+        pipelines = [getattr(getattr(d, "transform", None), "pipeline", None) for d in datasets]
+        return [p for p in pipelines if hasattr(p, "set_random_state") and hasattr(p, "random_generator")]
+
+
+def _get_pipeline_state(pipeline: Any) -> dict[str, Any]:
+    return {"numpy": pipeline.random_generator.bit_generator.state, "python": pipeline.py_random.getstate()}
+
+
+def _set_pipeline_state(pipeline: Any, state: dict[str, Any]) -> None:
+    generator = np.random.default_rng()
+    generator.bit_generator.state = state["numpy"]
+    python = random.Random()
+    python.setstate(state["python"])
+    pipeline.set_random_state(generator, python)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that never leaves a partly written checkpoint under the target name.
+
+    Local paths: ``torch.save`` streams into a temporary file in the target's folder (named
+    ``.<name>.<random>.tmp``, which no ``last``/``best`` lookup matches), which is flushed to disk and
+    renamed over the target. A failure or a kill at any moment leaves either the old or the new file,
+    never a mix; a kill may leave the hidden temporary file behind. Remote paths (``s3://``...) use
+    Lightning's implementation.
+
+    Use it as ``trainer.plugins: [{class_path: deeplab_lit.callbacks.AtomicCheckpointIO}]``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (see the class docstring)."""
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; match a normally created file
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        _fsync_folder(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where folders cannot be opened (Windows)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

@@ -1,0 +1,446 @@
+"""LightningDataModules: one base with the loaders and the shared settings, one small class per data set.
+
+Every datamodule knows its ``num_classes`` and ``class_names`` at construction (so LightningCLI can
+link ``data.num_classes`` to the model), exposes ``ignore_index`` (255), its ``normalization`` and a
+``palette`` for writing masks, and yields batches ``{"image": float (N, 3, H, W), "mask": int64
+(N, H, W), "name": list[str]}``; predict batches carry ``"path"`` instead of ``"mask"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
+from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
+from deeplab_lit.data.images import ImageFileDataset
+from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+from deeplab_lit.data.transforms import (
+    IGNORE_INDEX,
+    SegmentationTransform,
+    eval_transform,
+    seed_worker,
+    train_transform,
+)
+from deeplab_lit.data.voc import (
+    TRAIN_SPLITS,
+    VOC_CLASSES,
+    VOCSegmentationDataset,
+    check_voc_root,
+    download_voc_sbd,
+    read_split,
+    voc_palette,
+    voc_split,
+)
+from deeplab_lit.normalization import IMAGENET, Normalization
+
+
+def default_num_workers() -> int:
+    """``min(4, usable CPU cores)``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores)
+
+
+class SegmentationDataModule(LightningDataModule):
+    """Base datamodule: transforms, loaders and metadata; subclasses only say how to build each split.
+
+    Args:
+        batch_size: Training batch size (per device).
+        crop_size: Side of the square training crop.
+        scale_range: Random scale range of training augmentation (aspect ratio kept).
+        num_workers: DataLoader worker processes; None means ``min(4, CPU cores)``.
+        val_batch_size: Validation/test/predict batch size. Evaluation uses whole images, whose sizes
+            differ in VOC, so 1 unless every image has the same size.
+        pin_memory: Pin host memory for faster copies to the GPU (only used when CUDA is available).
+        predict_path: Image file, folder or glob that ``predict`` runs over.
+        normalization: Input normalisation (ImageNet statistics by default; ``CAFFE_BGR`` for Caffe weights).
+    """
+
+    #: Label of pixels that are ignored in the loss and the metrics.
+    ignore_index: int = IGNORE_INDEX
+    #: Class names, index = class id; set by subclasses in ``__init__``.
+    class_names: list[str]
+    #: ``(256, 3)`` uint8 colours, index = class id, for palette PNGs.
+    palette: np.ndarray
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        num_workers: int | None = None,
+        val_batch_size: int = 1,
+        pin_memory: bool = True,
+        predict_path: str | None = None,
+        normalization: Normalization = IMAGENET,
+    ):
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(
+                f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}"
+            )
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None, got {num_workers}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.crop_size = crop_size
+        self.scale_range = tuple(scale_range)
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.val_batch_size = val_batch_size
+        self.pin_memory = pin_memory
+        self.predict_path = predict_path
+        self.normalization = normalization
+        self.train_transform(seed=0)  # check crop_size and scale_range now, not at setup
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.predict_dataset: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (ignore label excluded)."""
+        return len(self.class_names)
+
+    def train_transform(self, seed: int | None = None) -> SegmentationTransform:
+        """Build the training augmentation of this datamodule's settings."""
+        return train_transform(self.crop_size, self.scale_range, self.normalization, seed=seed)
+
+    def eval_transform(self) -> SegmentationTransform:
+        """Whole image, normalised."""
+        return eval_transform(self.normalization)
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+        """Build the dataset for ``role`` in ``{"train", "val", "test"}``; subclasses implement it."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (all labelled splits when ``stage`` is None)."""
+        if stage in ("fit", None):
+            # albumentations ignores torch's seed: derive the pipeline's from it, so seed_everything holds.
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            self.train_dataset = self.build_split("train", self.train_transform(seed))
+            if len(self.train_dataset) < self.batch_size:
+                raise ValueError(
+                    f"The training split has {len(self.train_dataset)} images, fewer than batch_size="
+                    f"{self.batch_size}; with drop_last no batch would be left. Lower batch_size."
+                )
+        if stage in ("fit", "validate", None):
+            self.val_dataset = self.build_split("val", self.eval_transform())
+        if stage in ("test", None):
+            self.test_dataset = self.build_split("test", self.eval_transform())
+        if stage == "predict":
+            if self.predict_path is None:
+                raise ValueError(
+                    "predict needs images: set the datamodule's predict_path to an image file, folder or glob"
+                )
+            self.predict_dataset = ImageFileDataset(self.predict_path, self.eval_transform())
+
+    def _loader(
+        self, dataset: Dataset | None, stage: str, batch_size: int, train: bool = False
+    ) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.setup({stage!r}) must run before its {stage} dataloader"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training crops; the last incomplete batch is dropped."""
+        return self._loader(self.train_dataset, "fit", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Whole validation images, in order."""
+        return self._loader(self.val_dataset, "validate", self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Whole test images (the validation split unless the data set has a labelled test split)."""
+        return self._loader(self.test_dataset, "test", self.val_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Whole images of ``predict_path``."""
+        return self._loader(self.predict_dataset, "predict", self.val_batch_size)
+
+
+class VOCDataModule(SegmentationDataModule):
+    """PASCAL VOC 2012 (21 classes), optionally with SBD's ``train_aug`` (10,582 images).
+
+    Args:
+        root: Folder holding ``VOCdevkit/VOC2012`` and, for ``train_aug``, ``benchmark_RELEASE/dataset``
+            (see :mod:`deeplab_lit.data.voc` for the layout and the ``train_aug`` convention).
+        train_split: ``"train_aug"`` (SBD + VOC train - VOC val, as in every DeepLab paper), ``"train"``
+            (1,464 images) or ``"trainval"``.
+        val_split: A file name under ``ImageSets/Segmentation`` (``"val"``: 1,449 images); also used by test.
+        download: Fetch VOC and SBD with torchvision's downloaders (in ``prepare_data``) if missing.
+
+    The other arguments are :class:`SegmentationDataModule`'s.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train_aug",
+        val_split: str = "val",
+        download: bool = False,
+        batch_size: int = 8,
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        num_workers: int | None = None,
+        val_batch_size: int = 1,
+        pin_memory: bool = True,
+        predict_path: str | None = None,
+        normalization: Normalization = IMAGENET,
+    ):
+        if train_split not in TRAIN_SPLITS:
+            raise ValueError(f"train_split must be one of {', '.join(TRAIN_SPLITS)}; got {train_split!r}")
+        super().__init__(
+            batch_size,
+            crop_size,
+            scale_range,
+            num_workers,
+            val_batch_size,
+            pin_memory,
+            predict_path,
+            normalization,
+        )
+        self.root = Path(root)
+        self.train_split = train_split
+        self.val_split = val_split
+        self.download = download
+        self.class_names = list(VOC_CLASSES)
+        self.palette = voc_palette()
+        if not download:
+            check_voc_root(self.root)
+
+    def prepare_data(self) -> None:
+        """Download VOC (and SBD for ``train_aug``) when ``download=True``."""
+        if self.download:
+            download_voc_sbd(self.root, sbd=self.train_split == "train_aug")
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+        """``train`` -> ``train_split``; ``val`` and ``test`` -> ``val_split``."""
+        return voc_split(self.root, self.train_split if role == "train" else self.val_split, transform)
+
+
+class CityscapesDataModule(SegmentationDataModule):
+    """Cityscapes fine annotations, 19 classes (void = 255).
+
+    Defaults follow DeepLabv3/v3+ on Cityscapes: 769 x 769 crops (odd, so that ``(769 - 1) / 16``
+    is whole at output stride 16), scale 0.5-2.0; batch size 4 per device (the papers use 8 over
+    several accelerators). The public test masks are all void, so ``test`` runs on ``val`` by default.
+
+    Args:
+        root: Folder holding ``leftImg8bit`` and ``gtFine`` (see :mod:`deeplab_lit.data.cityscapes`).
+        train_split: ``"train"``, ``"val"`` or ``"trainval"`` (train + val).
+        val_split: Split used for validation.
+        test_split: Split used by ``test``.
+
+    The other arguments are :class:`SegmentationDataModule`'s.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        batch_size: int = 4,
+        crop_size: int = 769,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        num_workers: int | None = None,
+        val_batch_size: int = 1,
+        pin_memory: bool = True,
+        predict_path: str | None = None,
+        normalization: Normalization = IMAGENET,
+    ):
+        super().__init__(
+            batch_size,
+            crop_size,
+            scale_range,
+            num_workers,
+            val_batch_size,
+            pin_memory,
+            predict_path,
+            normalization,
+        )
+        self.root = Path(root)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.class_names = list(CITYSCAPES_CLASSES)
+        self.palette = cityscapes_palette()
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+        """One split, or train + val for ``"trainval"``."""
+        split = self.splits[role]
+        if split == "trainval":
+            return ConcatDataset([CityscapesDataset(self.root, s, transform) for s in ("train", "val")])
+        return CityscapesDataset(self.root, split, transform)
+
+
+class FolderDataModule(SegmentationDataModule):
+    """Your own data: ``root/<image_dir>/<stem>.jpg|png`` with ``root/<mask_dir>/<stem>.png`` index masks.
+
+    Splits: give ``train_list`` and ``val_list`` (text files, one stem per line, paths relative to
+    ``root`` or absolute), or neither, for a deterministic split by ``val_fraction`` and ``split_seed``.
+    ``test`` uses ``test_list`` if given, else the validation split. See :mod:`deeplab_lit.data.folder`.
+
+    Args:
+        root: Data set folder.
+        class_names: Class names, index = class id (index 0 is usually ``"background"``).
+        image_dir: Image folder, relative to ``root``.
+        mask_dir: Mask folder, relative to ``root``.
+        train_list: Training stems list file.
+        val_list: Validation stems list file.
+        test_list: Test stems list file.
+        val_fraction: Fraction of images held out for validation when no lists are given.
+        split_seed: Seed of that split.
+
+    The other arguments are :class:`SegmentationDataModule`'s.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        class_names: list[str],
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        train_list: str | None = None,
+        val_list: str | None = None,
+        test_list: str | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 8,
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        num_workers: int | None = None,
+        val_batch_size: int = 1,
+        pin_memory: bool = True,
+        predict_path: str | None = None,
+        normalization: Normalization = IMAGENET,
+    ):
+        if not class_names or len(set(class_names)) != len(class_names) or len(class_names) > IGNORE_INDEX:
+            raise ValueError(
+                f"class_names must be 1..255 distinct names (index = class id); got {class_names}"
+            )
+        if (train_list is None) != (val_list is None):
+            raise ValueError(
+                "Give both train_list and val_list, or neither (then val_fraction splits the folder)"
+            )
+        super().__init__(
+            batch_size,
+            crop_size,
+            scale_range,
+            num_workers,
+            val_batch_size,
+            pin_memory,
+            predict_path,
+            normalization,
+        )
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Data set folder not found: {self.root}")
+        self.class_names = list(class_names)
+        self.palette = voc_palette()
+        self.image_dir, self.mask_dir = self.root / image_dir, self.root / mask_dir
+        self.lists = {"train": train_list, "val": val_list, "test": test_list}
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+
+    def _stems(self, role: str, images: dict[str, Path]) -> tuple[list[str], str | Path]:
+        """Return the stems of ``role`` and where they came from."""
+        role = "val" if role == "test" and self.lists["test"] is None else role
+        if self.lists[role] is not None:
+            path = Path(self.lists[role])
+            path = path if path.is_absolute() else self.root / path
+            return read_stem_list(path), path
+        train, val = split_stems(list(images), self.val_fraction, self.split_seed)
+        return (
+            train if role == "train" else val
+        ), f"{self.image_dir} ({role} part, val_fraction={self.val_fraction})"
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+        """Images of the role's stems with their masks."""
+        images = index_images(self.image_dir)
+        stems, source = self._stems(role, images)
+        return FolderDataset(images, stems, self.mask_dir, self.num_classes, transform, source)
+
+
+class SyntheticDataModule(SegmentationDataModule):
+    """The embedded default: shapes on clutter (6 classes), generated once in the VOC layout.
+
+    The data are written by :func:`~deeplab_lit.data.synthetic.generate_synthetic` (in
+    ``prepare_data``, or in ``setup`` if that did not run) and read back by the VOC reader.
+
+    Args:
+        root: Where the data set is written (skipped if an identical one is there).
+        num_train: Training images.
+        num_val: Validation images (also the test split).
+        image_size: Image side in pixels.
+        max_objects: Most shapes per image.
+        object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
+        seed: Seed of the data set.
+
+    The other arguments are :class:`SegmentationDataModule`'s; the defaults here suit the 128 px
+    images (crop 128, batch 16; every image has one size, so ``val_batch_size`` is 16 too).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        num_train: int = 400,
+        num_val: int = 80,
+        image_size: int = 128,
+        max_objects: int = 4,
+        object_size: tuple[float, float] = (0.1, 0.33),
+        seed: int = 0,
+        batch_size: int = 16,
+        crop_size: int = 128,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        num_workers: int | None = None,
+        val_batch_size: int = 16,
+        pin_memory: bool = True,
+        predict_path: str | None = None,
+        normalization: Normalization = IMAGENET,
+    ):
+        super().__init__(
+            batch_size,
+            crop_size,
+            scale_range,
+            num_workers,
+            val_batch_size,
+            pin_memory,
+            predict_path,
+            normalization,
+        )
+        self.root = Path(root)
+        self.generation = {
+            "num_train": num_train, "num_val": num_val, "image_size": image_size, "max_objects": max_objects,
+            "object_size": tuple(object_size), "seed": seed,
+        }  # fmt: skip
+        self.class_names = list(SYNTHETIC_CLASSES)
+        self.palette = voc_palette()
+
+    def prepare_data(self) -> None:
+        """Generate the data set unless an identical one exists."""
+        generate_synthetic(self.root, **self.generation)
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+        """``train`` or ``val`` (``test`` -> ``val``) through the VOC reader."""
+        generate_synthetic(self.root, **self.generation)  # no-op when prepare_data already ran
+        split_file = (
+            self.root / "ImageSets" / "Segmentation" / ("train.txt" if role == "train" else "val.txt")
+        )
+        return VOCSegmentationDataset(
+            self.root, read_split(split_file), self.num_classes, transform, source=split_file
+        )

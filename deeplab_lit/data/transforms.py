@@ -1,0 +1,134 @@
+"""Augmentation pipelines (albumentations) that turn decoded pixels into the model's tensors.
+
+Training follows the DeepLab recipe (v2 Sec. 4, v3 Sec. 4.1): random scale in ``scale_range`` with the
+aspect ratio kept, pad to ``crop_size`` (image with the mean pixel, mask with the ignore label 255),
+random ``crop_size`` x ``crop_size`` crop, random horizontal flip. Evaluation keeps the whole image.
+Both end with :class:`~deeplab_lit.normalization.Normalization` applied to the uint8 tensor, so its
+arithmetic (RGB/BGR, 0-255 statistics) lives in one place only.
+
+Output of every pipeline: ``image`` float32 ``(3, H, W)`` normalised, ``mask`` int64 ``(H, W)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would otherwise query PyPI on import
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch import Tensor
+
+from deeplab_lit.normalization import IMAGENET, Normalization
+
+IGNORE_INDEX = 255
+
+
+def _pad_fill_kwargs(image_fill: tuple[int, int, int], mask_fill: int) -> dict:
+    """Constant-padding arguments in the names the installed albumentations uses.
+
+    albumentations >= 1.4.21 calls them ``fill``/``fill_mask``; older releases ``value``/``mask_value``.
+    """
+    params = inspect.signature(A.PadIfNeeded.__init__).parameters
+    if "fill" in params:
+        return {"fill": image_fill, "fill_mask": mask_fill}
+    return {"value": image_fill, "mask_value": mask_fill}
+
+
+class SegmentationTransform:
+    """An albumentations pipeline followed by normalisation; picklable for DataLoader workers.
+
+    Args:
+        augment: Geometric/photometric albumentations steps on uint8 ``(H, W, 3)`` pixels.
+        normalization: Maps the uint8 RGB tensor to the model's input.
+        seed: Seed of the pipeline's own random state (albumentations ignores global seeds).
+    """
+
+    def __init__(
+        self, augment: list[A.BasicTransform], normalization: Normalization, seed: int | None = None
+    ):
+        self.normalization = normalization
+        self.pipeline = A.Compose([*augment, ToTensorV2()], seed=seed)
+
+    def set_random_seed(self, seed: int) -> None:
+        """Reseed the augmentation state (one call per DataLoader worker, see ``seed_worker``)."""
+        self.pipeline.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[Tensor, Tensor | None]:
+        """Transform one sample.
+
+        Args:
+            image: ``uint8`` RGB pixels ``(H, W, 3)``.
+            mask: Class indices ``(H, W)`` with 255 = ignore, or None (prediction).
+
+        Returns:
+            ``(image, mask)``: float32 ``(3, h, w)`` normalised, and int64 ``(h, w)`` or None.
+        """
+        if mask is None:
+            out = self.pipeline(image=image)
+            return self.normalization.normalize(out["image"]), None
+        out = self.pipeline(image=image, mask=mask)
+        return self.normalization.normalize(out["image"]), out["mask"].long()
+
+    def __repr__(self) -> str:
+        return f"SegmentationTransform({self.pipeline.transforms}, {self.normalization})"
+
+
+def train_transform(
+    crop_size: int,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    normalization: Normalization = IMAGENET,
+    seed: int | None = None,
+) -> SegmentationTransform:
+    """Build the DeepLab training augmentation: scale, pad, crop, flip, normalise.
+
+    Args:
+        crop_size: Side of the square training crop (321 for VOC in v1/v2, 513 in v3/v3+, 769 for Cityscapes).
+        scale_range: Range of the random scale factor, sampled uniformly; aspect ratio is kept.
+        normalization: Input normalisation; its mean (0-255 RGB) is also the image padding value.
+        seed: Seed of the augmentation's random state (None: fresh entropy).
+
+    Returns:
+        A transform whose outputs are exactly ``crop_size`` x ``crop_size``.
+    """
+    if crop_size < 1:
+        raise ValueError(f"crop_size must be a positive number of pixels, got {crop_size}")
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+    mean_pixel = tuple(int(round(m)) for m in normalization.mean)
+    augment = [
+        A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR, p=1.0),
+        A.PadIfNeeded(
+            min_height=crop_size,
+            min_width=crop_size,
+            position="top_left",
+            border_mode=cv2.BORDER_CONSTANT,
+            **_pad_fill_kwargs(mean_pixel, IGNORE_INDEX),
+        ),
+        A.RandomCrop(height=crop_size, width=crop_size),
+        A.HorizontalFlip(p=0.5),
+    ]
+    return SegmentationTransform(augment, normalization, seed=seed)
+
+
+def eval_transform(normalization: Normalization = IMAGENET) -> SegmentationTransform:
+    """Evaluation/prediction: the whole image at its own size, normalised."""
+    return SegmentationTransform([], normalization, seed=0)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker its own augmentation stream.
+
+    albumentations keeps its random state inside the pipeline, so forked workers would otherwise
+    repeat one another's crops, and every epoch's fresh workers would repeat the last epoch's.
+    ``torch.initial_seed()`` differs per worker and per epoch and follows ``seed_everything``.
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if isinstance(transform, SegmentationTransform):
+        transform.set_random_seed(torch.initial_seed() % 2**32)

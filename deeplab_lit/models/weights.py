@@ -1,0 +1,666 @@
+"""Published DeepLab checkpoints: read, recognise by their keys, map to our layout, check, load.
+
+:func:`load_weights` takes a path or URL and loads it into a model built by
+:mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``). Formats, recognised from the
+state-dict keys (a ``module.`` prefix, left by ``DataParallel``, is dropped first):
+
+- ``deeplab_lit``: this project's Lightning checkpoint (``{"state_dict": {"model.<key>": ...},
+  "hyper_parameters": ...}``) or a plain ``Segmenter`` state dict (``torch.save(model.state_dict())``).
+- ``torchvision``: ``torchvision.models.segmentation.deeplabv3_resnet50/101`` (COCO with VOC labels).
+- ``kazuto1011``: kazuto1011/deeplab-pytorch's DeepLab v2 ResNet-101 MSC (VOC ``train_aug``) and its
+  COCO-initialised DeepLab v1 ResNet-101 (Caffe-style ResNet, BGR 0-255 input, mean subtraction).
+
+A checkpoint also implies options that are not in its tensors (output stride, ASPP rates, ResNet style,
+MSC, auxiliary head); the model's structure (strides, dilations, paddings, pooling) is compared with a
+model built with those options and a mismatch raises one ValueError that names the file and the options.
+Every weight is loaded with ``strict`` key and shape checks; a different class count raises unless
+``reinit_classifier=True``, which loads everything but the classifier layers.
+
+Key maps (checkpoint -> ``Segmenter``; an ``MultiScaleSegmenter`` adds ``segmenter.`` in front):
+
+torchvision (``torchvision/models/segmentation/deeplabv3.py``: ``DeepLabV3(backbone, classifier,
+aux_classifier)``, ResNet with ``replace_stride_with_dilation=[False, True, True]``, ASPP rates 12/24/36)::
+
+    backbone.<resnet key>            backbone.<resnet key>      (conv1, bn1, layer1..layer4)
+    classifier.0.convs.* / .project  head.0.convs.* / .project  (ASPP)
+    classifier.{1,2,4}               head.{1,2,4}               (3x3 conv, BN, 1x1 classifier)
+    aux_classifier.{0,1,4}           aux_classifier.{0,1,4}     (FCN head on layer3)
+
+kazuto1011/deeplab-pytorch (``libs/models/resnet.py``, ``deeplabv2.py``, ``deeplabv1.py``, ``msc.py``;
+``_ConvBnReLU`` = ``conv`` + ``bn``; layer1 is the stem, layer2..5 are ResNet stages 1..4)::
+
+    base.                            (MSC wrapper)  -> MSC scales (1.0, 0.75, 0.5)
+    layer1.conv1.conv / .bn          backbone.conv1 / backbone.bn1
+    layer{L}.block{B}.reduce.*       backbone.layer{L-1}.{B-1}.conv1 / bn1      (1x1, carries the stride)
+    layer{L}.block{B}.conv3x3.*      backbone.layer{L-1}.{B-1}.conv2 / bn2      (3x3, dilated)
+    layer{L}.block{B}.increase.*     backbone.layer{L-1}.{B-1}.conv3 / bn3
+    layer{L}.block{B}.shortcut.*     backbone.layer{L-1}.{B-1}.downsample.0 / .1
+    aspp.c{i}                        head.convs.{i}      (v2: 3x3 atrous conv with bias, rates 6/12/18/24)
+    fc                               head                (v1: 1x1 classifier)
+
+deeplab_lit: ``model.`` (the LightningModule's attribute) is dropped; ``segmenter.`` marks MSC.
+"""
+
+from __future__ import annotations
+
+import http.client
+import inspect
+import os
+import pickle
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deeplab_lit.models.deeplab import (
+    MultiScaleSegmenter,
+    Segmenter,
+    deeplab_v1,
+    deeplab_v2,
+    deeplab_v3,
+    deeplab_v3plus,
+)
+from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead
+from deeplab_lit.models.imagenet import imagenet_state_dict
+from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
+
+FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "v1": deeplab_v1,
+    "v2": deeplab_v2,
+    "v3": deeplab_v3,
+    "v3+": deeplab_v3plus,
+}
+#: Architecture options a checkpoint can imply, in the order messages list them.
+OPTIONS: tuple[str, ...] = (
+    "backbone", "style", "output_stride", "atrous_rates", "multi_grid", "msc_scales", "aux_head", "separable",
+    "largefov_rate",
+)  # fmt: skip
+_RESNET_DEPTHS = {
+    (2, 2, 2, 2, False): "resnet18",
+    (3, 4, 6, 3, False): "resnet34",
+    (3, 4, 6, 3, True): "resnet50",
+    (3, 4, 23, 3, True): "resnet101",
+}
+_KAZUTO_BLOCK = re.compile(r"^layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut)\.(conv|bn)\.(.+)$")
+_KAZUTO_PARTS = {
+    ("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1", ("conv3x3", "conv"): "conv2",
+    ("conv3x3", "bn"): "bn2", ("increase", "conv"): "conv3", ("increase", "bn"): "bn3",
+    ("shortcut", "conv"): "downsample.0", ("shortcut", "bn"): "downsample.1",
+}  # fmt: skip
+_HEAD_PREFIXES = ("head.", "decoder.", "aux_classifier.")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk (or a URL) and converted to ``Segmenter`` keys.
+
+    Attributes:
+        source: The path or URL it was read from.
+        format: One of :data:`FORMATS`.
+        description: Human-readable origin, e.g. ``"torchvision deeplabv3_resnet50"``.
+        state: Tensors under ``Segmenter`` keys (no ``model.``/``segmenter.``/``base.`` prefix).
+        version: DeepLab version it holds (``"v1"``, ``"v2"``, ``"v3"``, ``"v3+"``), None if unknown.
+        options: Architecture options it implies (builder keyword arguments, see :data:`OPTIONS`).
+        num_classes: Its class count, None if it holds no classifier.
+        normalization: Input normalisation its weights expect, None if unknown.
+    """
+
+    source: str
+    format: str
+    description: str
+    state: dict[str, Tensor]
+    version: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    normalization: Normalization | None = None
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What :func:`load_weights` loaded: the checkpoint's description without its tensors.
+
+    Attributes:
+        source, format, description, version, options, num_classes, normalization: As :class:`Checkpoint`.
+        reinitialised: Model keys left at their fresh initialisation (``reinit_classifier=True``).
+    """
+
+    source: str
+    format: str
+    description: str
+    version: str | None
+    options: dict[str, Any]
+    num_classes: int | None
+    normalization: Normalization | None
+    reinitialised: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp")
+
+
+def _download(url: str) -> Path:
+    """Download ``url`` once into torch's checkpoint cache (the folder ``load_state_dict_from_url`` uses)."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / os.path.basename(urllib.parse.urlparse(url).path)
+    if cached.is_file():
+        return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), progress=True)
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        raise RuntimeError(
+            f"Could not download the weights {url}: {err}. torch caches downloaded checkpoints in {cache} "
+            f"and {cached.name} is not there; this machine may be offline. Download the file on a machine "
+            f"with internet access and copy it into that folder, or pass its local path as weights."
+        ) from err
+    return cached
+
+
+def _read_file(path: Path, shown: str) -> Any:
+    """``torch.load`` (``weights_only`` first) or safetensors; any failure -> ValueError naming the file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights only" not in str(err).lower():
+                raise
+            # A local Lightning checkpoint whose hyper-parameters hold Python objects: trusted like ckpt_path.
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch/zip/pickle/safetensors raise many types for a bad file
+        raise ValueError(
+            f"Weights file {shown} could not be read: {err}. The file is truncated, corrupt or not a "
+            "PyTorch checkpoint; download it again."
+        ) from err
+
+
+def _unwrap(raw: Any, shown: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split a loaded object into (state dict, the rest of a Lightning-style checkpoint)."""
+    extra: dict[str, Any] = {}
+    if isinstance(raw, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(raw.get(key), Mapping):
+                extra = {k: v for k, v in raw.items() if k != key}
+                raw = raw[key]
+                break
+    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise ValueError(
+            f"Weights file {shown} does not hold a state dict ({{name: tensor}}); got {type(raw)}"
+        )
+    state = {str(k): v for k, v in raw.items()}
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DistributedDataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state, extra
+
+
+def read_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint of a supported format and convert its keys (see the module docstring).
+
+    Args:
+        source: A local file (``.pth``/``.pt``/``.ckpt`` via ``torch.load``, or ``.safetensors``) or an
+            ``http(s)://``/``file://`` URL, downloaded once into torch's cache (``torch.hub.get_dir()``).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ValueError: an unreadable/corrupt file, or keys of no supported format.
+        RuntimeError: the download failed (offline and not cached).
+    """
+    text = os.fspath(source)
+    shown = repr(text)
+    if _is_url(text):
+        path = _download(text)
+        shown = f"{text!r} (cached as {str(path)!r})"
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Weights file {text!r} does not exist")
+    state, extra = _unwrap(_read_file(path, shown), shown)
+    for convert in (_from_torchvision, _from_kazuto, _from_deeplab_lit):
+        checkpoint = convert(state, extra, text)
+        if checkpoint is not None:
+            return checkpoint
+    hint = ""
+    if "fc.weight" in state or "classifier.6.weight" in state:
+        hint = " It looks like an ImageNet classification checkpoint: pass it as pretrained_backbone instead."
+    raise ValueError(
+        f"Weights file {shown} is of no supported format (this project's checkpoints, torchvision's "
+        f"deeplabv3_resnet50/101, kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet); its first keys are "
+        f"{list(state)[:5]}.{hint}"
+    )
+
+
+# ------------------------------------------------------------------------------------------- formats
+def _resnet_name(state: Mapping[str, Tensor], prefix: str = "backbone.") -> str | None:
+    """ResNet depth from the block counts of a torchvision-layout state dict, None if not one we know."""
+    counts = []
+    for layer in range(1, 5):
+        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}layer{layer}\.(\d+)\.", k))}
+        counts.append(len(blocks))
+    return _RESNET_DEPTHS.get((*counts, f"{prefix}layer1.0.conv3.weight" in state))
+
+
+def _from_torchvision(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    if not any(k.startswith("classifier.") for k in state) or not any(
+        k.startswith("backbone.") for k in state
+    ):
+        return None
+    if "classifier.0.convs.0.0.weight" not in state:
+        raise ValueError(
+            f"Weights file {source!r} is a torchvision segmentation checkpoint but not DeepLabV3 (its "
+            "classifier has no ASPP; FCN or LR-ASPP?); only deeplabv3_resnet50/101 are supported"
+        )
+    backbone = _resnet_name(state)
+    aux = any(k.startswith("aux_classifier.") for k in state)
+    options = {"backbone": backbone, "style": "torchvision", "output_stride": 8, "atrous_rates": (12, 24, 36),
+               "multi_grid": None, "aux_head": aux}  # fmt: skip
+    converted = {
+        ("head." + k[len("classifier.") :] if k.startswith("classifier.") else k): v for k, v in state.items()
+    }
+    return Checkpoint(
+        source, "torchvision", f"torchvision deeplabv3_{backbone}", converted, "v3", options,
+        int(state["classifier.4.weight"].shape[0]), IMAGENET,
+    )  # fmt: skip
+
+
+def _kazuto_key(key: str) -> str | None:
+    if key.startswith("layer1.conv1.conv."):
+        return "backbone.conv1." + key[len("layer1.conv1.conv.") :]
+    if key.startswith("layer1.conv1.bn."):
+        return "backbone.bn1." + key[len("layer1.conv1.bn.") :]
+    if match := _KAZUTO_BLOCK.match(key):
+        layer, block, part, kind, rest = match.groups()
+        return f"backbone.layer{int(layer) - 1}.{int(block) - 1}.{_KAZUTO_PARTS[part, kind]}.{rest}"
+    if match := re.match(r"^aspp\.c(\d+)\.(.+)$", key):
+        return f"head.convs.{match.group(1)}.{match.group(2)}"
+    if key.startswith("fc."):
+        return "head." + key[len("fc.") :]
+    return None
+
+
+def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    msc = all(k.startswith("base.") for k in state)
+    if msc:
+        state = {k[len("base.") :]: v for k, v in state.items()}
+    if "layer1.conv1.conv.weight" not in state:
+        return None
+    converted, unknown = {}, []
+    for key, value in state.items():
+        new = _kazuto_key(key)
+        converted[new] = value
+        unknown += [key] if new is None else []
+    if unknown:
+        raise ValueError(
+            f"Weights file {source!r} looks like kazuto1011/deeplab-pytorch's but has unknown keys "
+            f"{unknown[:5]}"
+        )
+    backbone = _resnet_name(converted)
+    options: dict[str, Any] = {"backbone": backbone, "style": "caffe", "output_stride": 8}
+    branches = sorted({int(k.split(".")[2]) for k in converted if k.startswith("head.convs.")})
+    if branches:
+        version, classifier = "v2", "head.convs.0.weight"
+        if len(branches) == 4:  # the released ASPP-L; other rates cannot be read from the tensors
+            options["atrous_rates"] = (6, 12, 18, 24)
+        if msc:  # kazuto1011's MSC wrapper; without it MSC is unknown (e.g. an initialisation file)
+            options["msc_scales"] = (1.0, 0.75, 0.5)
+    else:
+        version, classifier = ("v1", "head.weight") if "head.weight" in converted else (None, "")
+    num_classes = int(converted[classifier].shape[0]) if classifier else None
+    description = f"kazuto1011/deeplab-pytorch DeepLab {version or ''} {backbone}{' MSC' if msc else ''}"
+    return Checkpoint(source, "kazuto1011", " ".join(description.split()), converted, version, options,
+                      num_classes, CAFFE_BGR)  # fmt: skip
+
+
+def _class_version(class_path: str | None) -> str | None:
+    name = (class_path or "").rsplit(".", 1)[-1]
+    return {"DeepLabV1": "v1", "DeepLabV2": "v2", "DeepLabV3": "v3", "DeepLabV3Plus": "v3+"}.get(name)
+
+
+def _as_normalization(value: Any) -> Normalization | None:
+    if isinstance(value, Normalization):
+        return value
+    if isinstance(value, Mapping) and {"mean", "std"} <= set(value):
+        return Normalization(tuple(value["mean"]), tuple(value["std"]), bool(value.get("bgr", False)))
+    return None
+
+
+def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    if all(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+    msc = all(k.startswith("segmenter.") for k in state)
+    if msc:
+        state = {k[len("segmenter.") :]: v for k, v in state.items()}
+    if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("head.") for k in state):
+        return None
+    hparams = dict(extra.get("hyper_parameters") or {})
+    version = _class_version(hparams.get("_class_path"))
+    options = {k: hparams[k] for k in OPTIONS if k in hparams}
+    for key in ("atrous_rates", "multi_grid", "msc_scales"):
+        if options.get(key) is not None:
+            options[key] = tuple(options[key])
+    normalization = _as_normalization(extra.get("normalization"))
+    if normalization is None:  # checkpoints written by LightningCLI record the data module's
+        normalization = _as_normalization(
+            (extra.get("datamodule_hyper_parameters") or {}).get("normalization")
+        )
+    num_classes = hparams.get("num_classes")
+    name = f" {hparams['_class_path'].rsplit('.', 1)[-1]}" if hparams.get("_class_path") else ""
+    description = f"deeplab_lit{name} checkpoint" + (" (MSC)" if msc else "")
+    return Checkpoint(source, "deeplab_lit", description, state, version, options, num_classes, normalization)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _segmenter(model: nn.Module) -> Segmenter:
+    if isinstance(model, MultiScaleSegmenter):
+        return model.segmenter
+    if isinstance(model, Segmenter):
+        return model
+    raise TypeError(f"load_weights expects a Segmenter or MultiScaleSegmenter, got {type(model).__name__}")
+
+
+def model_version(segmenter: Segmenter) -> str:
+    """Return the DeepLab version of a built ``Segmenter``: ``"v1"``, ``"v2"``, ``"v3"`` or ``"v3+"``."""
+    if segmenter.decoder is not None:
+        return "v3+"
+    if isinstance(segmenter.head, DeepLabV3Head):
+        return "v3"
+    return "v2" if isinstance(segmenter.head, ASPPSum) else "v1"
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """Return the architecture options readable from a built model (for messages)."""
+    seg = _segmenter(model)
+    body = seg.backbone
+    info: dict[str, Any] = {"version": model_version(seg), "backbone": getattr(body, "name", None)}
+    if hasattr(body, "style"):
+        info["style"] = body.style
+    info["output_stride"] = getattr(body, "output_stride", None)
+    aspp = seg.head[0] if isinstance(seg.head, DeepLabV3Head) else seg.head
+    if isinstance(aspp, ASPP):
+        info["atrous_rates"] = tuple(branch[0].dilation[0] for branch in list(aspp.convs)[1:-1])
+    elif isinstance(aspp, ASPPSum):
+        convs = [c if isinstance(c, nn.Conv2d) else c.fc6 for c in aspp.convs]
+        info["atrous_rates"] = tuple(c.dilation[0] for c in convs)
+    info["msc_scales"] = model.scales if isinstance(model, MultiScaleSegmenter) else None
+    info["aux_head"] = seg.aux_classifier is not None
+    return info
+
+
+def classifier_keys(segmenter: Segmenter) -> list[str]:
+    """State-dict keys of the layers that output class scores (what ``reinit_classifier`` leaves fresh)."""
+    prefixes: list[str] = []
+    head = segmenter.head
+    if isinstance(head, nn.Conv2d):
+        prefixes.append("head.")
+    elif isinstance(head, LargeFOVHead):
+        prefixes.append("head.fc8.")
+    elif isinstance(head, ASPPSum):
+        prefixes += [
+            f"head.convs.{i}." + ("" if isinstance(c, nn.Conv2d) else "fc8.")
+            for i, c in enumerate(head.convs)
+        ]
+    elif isinstance(head, DeepLabV3Head):
+        prefixes.append(f"head.{len(head) - 1}.")
+    if segmenter.decoder is not None:
+        prefixes.append("decoder.classifier.")
+    if isinstance(segmenter.aux_classifier, FCNHead):
+        prefixes.append(f"aux_classifier.{len(segmenter.aux_classifier) - 1}.")
+    return [k for k in segmenter.state_dict() if k.startswith(tuple(prefixes))]
+
+
+def _structure(module: nn.Module) -> dict[str, tuple]:
+    """Strides, dilations, paddings, groups and pooling modes of every conv and pool, by module name."""
+    found: dict[str, tuple] = {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            found[name] = (
+                ("kernel", m.kernel_size), ("stride", m.stride), ("padding", m.padding),
+                ("dilation", m.dilation), ("groups", m.groups),
+            )  # fmt: skip
+        elif isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
+            found[name] = (("kernel", m.kernel_size), ("stride", m.stride), ("padding", m.padding),
+                           ("ceil_mode", m.ceil_mode))  # fmt: skip
+    return found
+
+
+def _reference(checkpoint: Checkpoint, num_classes: int) -> nn.Module:
+    """Build the model the checkpoint's options describe, on the meta device (no memory, no init)."""
+    assert checkpoint.version is not None
+    builder = BUILDERS[checkpoint.version]
+    params = inspect.signature(builder).parameters
+    kwargs = {k: v for k, v in checkpoint.options.items() if k in params}
+    with torch.device("meta"):
+        return builder(num_classes=num_classes, **kwargs)
+
+
+def _options_text(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={options[k]!r}" for k in OPTIONS if k in options)
+
+
+def _check_structure(model: nn.Module, checkpoint: Checkpoint, same_version: bool) -> None:
+    """Raise ValueError if the model is not built the way the checkpoint's options say."""
+    if checkpoint.version is None or not checkpoint.options:
+        return
+    num_classes = checkpoint.num_classes or 1
+    reference = _reference(checkpoint, num_classes)
+    ours, theirs = _structure(_segmenter(model)), _structure(_segmenter(reference))
+    names = [n for n in theirs if n in ours and (same_version or n.startswith("backbone."))]
+    differences = []
+    for name in names:
+        for (what, expected), (_, found) in zip(theirs[name], ours[name]):
+            if expected != found:
+                differences.append(f"{name} {what} {found} (needs {expected})")
+    if same_version and "msc_scales" in checkpoint.options:
+        expected_scales = checkpoint.options["msc_scales"]
+        found_scales = model.scales if isinstance(model, MultiScaleSegmenter) else None
+        if (expected_scales and set(expected_scales)) != (found_scales and set(found_scales)):
+            differences.append(f"MSC scales {found_scales} (needs {expected_scales})")
+    if differences:
+        raise ValueError(
+            f"Weights {checkpoint.source!r} ({checkpoint.description}) need a model built with "
+            f"{_options_text(checkpoint.options)}; the model has {_options_text(describe_model(model))}. "
+            f"First differences: {'; '.join(differences[:3])}"
+        )
+
+
+def _key_error(
+    model: nn.Module, checkpoint: Checkpoint, missing: list[str], unexpected: list[str]
+) -> ValueError:
+    found = describe_model(model)
+    version = f"DeepLab {checkpoint.version}" if checkpoint.version else "a model"
+    return ValueError(
+        f"Weights {checkpoint.source!r} ({checkpoint.description}) do not fit the model: "
+        f"{len(missing)} of its weights are missing from the file (first: {missing[:4]}) and "
+        f"{len(unexpected)} of the file's are not in the model (first: {unexpected[:4]}). The file holds "
+        f"{version} ({_options_text(checkpoint.options)}); the model is DeepLab {found['version']} "
+        f"({_options_text(found)}). Build the model to match, or pass reinit_classifier=True to load "
+        "everything except the classifier layers."
+    )
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Checkpoint,
+    *,
+    num_classes: int | None = None,
+    reinit_classifier: bool = False,
+) -> WeightsInfo:
+    """Load a published or own checkpoint into a model built by :mod:`deeplab_lit.models.deeplab`.
+
+    Args:
+        model: A ``Segmenter`` or ``MultiScaleSegmenter``; changed in place.
+        source: Path or URL (see :func:`read_checkpoint`), or a :class:`Checkpoint` already read.
+        num_classes: The model's class count (checked against its classifier when given).
+        reinit_classifier: Load everything but the layers that output class scores, which keep their
+            fresh initialisation; for fine-tuning on another label set, or from another DeepLab version
+            whose head is only classifiers (e.g. kazuto1011's v1 COCO ResNet-101 into a v2 model).
+
+    Returns:
+        What was loaded, including the input normalisation the weights need (:class:`WeightsInfo`).
+
+    Raises:
+        ValueError: the model's version, backbone, options, class count or key set do not match the
+            checkpoint (the message names the file, what it needs and what the model has); a bad file.
+        FileNotFoundError, RuntimeError: see :func:`read_checkpoint`.
+    """
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    target = _segmenter(model)
+    same_version = checkpoint.version in (None, model_version(target))
+    if not same_version and not reinit_classifier:
+        raise ValueError(
+            f"Weights {checkpoint.source!r} ({checkpoint.description}) hold DeepLab {checkpoint.version} "
+            f"({_options_text(checkpoint.options)}) but the model is DeepLab {model_version(target)}; "
+            f"build DeepLab {checkpoint.version} with those options, or pass reinit_classifier=True to load "
+            "the shared layers (the backbone) into a model whose head differs only by its classifier layers"
+        )
+    expected = target.state_dict()
+    classifier = set(classifier_keys(target))
+    if num_classes is not None and classifier:
+        head_classes = {expected[k].shape[0] for k in classifier if k.endswith("weight")}
+        if head_classes != {num_classes}:
+            raise ValueError(f"num_classes={num_classes} but the model's classifier outputs {head_classes}")
+    state = dict(checkpoint.state)
+    for key, value in expected.items():  # files saved before BatchNorm counted batches lack these
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    wanted = [k for k in expected if not (reinit_classifier and k in classifier)]
+    missing = [k for k in wanted if k not in state]
+    unexpected = [
+        k for k in state
+        if k not in expected and not (reinit_classifier and k.startswith(_HEAD_PREFIXES))
+    ]  # fmt: skip
+    if missing or unexpected:
+        raise _key_error(model, checkpoint, missing, unexpected)
+    _check_structure(model, checkpoint, same_version)
+    wrong = [k for k in wanted if state[k].shape != expected[k].shape]
+    if wrong and set(wrong) <= classifier:
+        model_classes = expected[wrong[0]].shape[0]
+        raise ValueError(
+            f"Weights {checkpoint.source!r} ({checkpoint.description}) have {state[wrong[0]].shape[0]} "
+            f"classes but the model has {model_classes}; pass reinit_classifier=True (YAML: "
+            "model.init_args.reinit_classifier: true) to load everything except the classifier layers"
+        )
+    if wrong:
+        shapes = [
+            f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+            for k in wrong
+        ]
+        raise ValueError(
+            f"Weights {checkpoint.source!r} ({checkpoint.description}) have wrong shapes: {shapes[:3]}"
+        )
+    loaded = {k: state[k] for k in wanted}
+    reinitialised = tuple(k for k in expected if k not in loaded)
+    target.load_state_dict({**expected, **loaded}, strict=True)
+    return WeightsInfo(
+        checkpoint.source, checkpoint.format, checkpoint.description, checkpoint.version,
+        dict(checkpoint.options), checkpoint.num_classes, checkpoint.normalization, reinitialised,
+    )  # fmt: skip
+
+
+def resolve_options(
+    checkpoint: Checkpoint, given: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Return the options to change so that ``checkpoint`` fits: its values where ``given`` kept a default.
+
+    Used by the LightningModules before they build their network: an option left at its default
+    (``defaults``) takes the checkpoint's value; an option set to another value than the checkpoint's
+    raises. Options the module does not have (not in ``given``) are left to :func:`load_weights`' check.
+
+    Returns:
+        The changed options ``{name: checkpoint value}``.
+
+    Raises:
+        ValueError: an option was set explicitly to a value the checkpoint does not allow.
+    """
+
+    def same(a: Any, b: Any) -> bool:
+        as_tuple = lambda v: tuple(v) if isinstance(v, list | tuple) else v  # noqa: E731
+        return as_tuple(a) == as_tuple(b)
+
+    changes, conflicts = {}, []
+    for name, value in checkpoint.options.items():
+        if name not in given or same(given[name], value):
+            continue
+        if name in defaults and same(given[name], defaults[name]):
+            changes[name] = list(value) if isinstance(value, tuple) else value
+        else:
+            conflicts.append(f"{name}={given[name]!r} (the checkpoint needs {value!r})")
+    if conflicts:
+        raise ValueError(
+            f"Weights {checkpoint.source!r} ({checkpoint.description}) conflict with the options given: "
+            f"{'; '.join(conflicts)}. Leave these options unset (they are taken from the checkpoint) or set "
+            "them to the values it needs."
+        )
+    return changes
+
+
+# ------------------------------------------------------------------------------- VGG-16 fc6/fc7 -> LargeFOV
+def _fc6_taps(rate: int) -> list[int]:
+    """Return the indices of the 7x7 fc6 kernel that a 3x3 kernel at ``rate`` samples (DeepLab v1 Sec. 3.1).
+
+    VGG's fc6 sees pool5 at stride 32; DeepLab's pool5 is at stride 8, so the original taps are 4 pixels
+    apart and the 3x3 taps at offsets ``-rate, 0, rate`` fall on original taps ``3 -/+ rate / 4`` (nearest,
+    clamped to the kernel): 0, 3, 6 for LargeFOV's rate 12, which spans the same 25 pixels as 7x7 at 4.
+    """
+    offset = round(rate / 4)
+    return [max(0, 3 - offset), 3, min(6, 3 + offset)]
+
+
+@torch.no_grad()
+def init_largefov_from_vgg(model: nn.Module, vgg_state: Mapping[str, Tensor]) -> int:
+    """Initialise fc6/fc7 of every LargeFOV head in ``model`` from VGG-16's ImageNet fc layers, subsampled.
+
+    As DeepLab-LargeFOV (v1 Sec. 3.1, 4.1): fc6 (4096 x 512x7x7) keeps every 4th filter (4096 -> 1024) and
+    the 3x3 kernel taps of :func:`_fc6_taps`; fc7 (4096 x 4096) keeps every 4th row and column. Applies to
+    v1's head and to each branch of the v2 VGG-16 ASPP (each at its own rate).
+
+    Args:
+        model: A model holding :class:`~deeplab_lit.models.heads.LargeFOVHead` modules (changed in place).
+        vgg_state: torchvision ``vgg16`` state dict: ``classifier.0.*`` (fc6) and ``classifier.3.*`` (fc7).
+
+    Returns:
+        The number of heads initialised (0 when the state dict has no finite fc weights, e.g. torchvision's
+        ``IMAGENET1K_FEATURES``, whose fc layers are not usable: fc6/fc7 then keep their random init).
+    """
+    keys = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
+    if not all(k in vgg_state for k in keys) or not all(torch.isfinite(vgg_state[k]).all() for k in keys):
+        return 0
+    fc6_w, fc6_b, fc7_w, fc7_b = (vgg_state[k].float() for k in keys)
+    count = 0
+    for head in (m for m in model.modules() if isinstance(m, LargeFOVHead)):
+        fc6, fc7 = head.fc6, head.fc7
+        if fc6.in_channels * 49 != fc6_w.shape[1] or fc6_w.shape[0] % fc6.out_channels:
+            raise ValueError(
+                f"fc6 of shape {tuple(fc6.weight.shape)} cannot be taken from VGG fc6 {tuple(fc6_w.shape)}"
+            )
+        step = fc6_w.shape[0] // fc6.out_channels
+        taps = _fc6_taps(fc6.dilation[0])
+        kernel = fc6_w.view(fc6_w.shape[0], fc6.in_channels, 7, 7)[::step][:, :, taps][:, :, :, taps]
+        fc6.weight.copy_(kernel)
+        fc6.bias.copy_(fc6_b[::step])
+        fc7.weight.copy_(fc7_w[::step, ::step].reshape(fc7.weight.shape))
+        fc7.bias.copy_(fc7_b[::step])
+        count += 1
+    return count
+
+
+def init_largefov_from_imagenet(model: nn.Module, source: bool | str | os.PathLike[str] = True) -> int:
+    """Fetch VGG-16 ImageNet weights (as named by ``pretrained_backbone``) and initialise LargeFOV fc6/fc7.
+
+    Returns:
+        The number of LargeFOV heads initialised (see :func:`init_largefov_from_vgg`).
+    """
+    if not any(isinstance(m, LargeFOVHead) for m in model.modules()):
+        return 0
+    state, _ = imagenet_state_dict("vgg16", source)
+    return init_largefov_from_vgg(model, state)

@@ -1,0 +1,87 @@
+"""ONNX export: every version runs in onnxruntime at other sizes than it was exported at, equal to PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deeplab_lit.cli import main
+from deeplab_lit.export import export_onnx
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus  # noqa: E402
+
+QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+SIZES = [(1, 3, 65, 77), (2, 3, 41, 99)]  # odd sizes, neither the export example's (97x113)
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"image": images.numpy()})[0]
+
+
+def assert_matches_pytorch(model: torch.nn.Module, path: Path) -> None:
+    model.eval()
+    for size in SIZES:
+        images = torch.randn(*size)
+        found = run_onnx(path, images)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        assert found.shape == expected.shape == (size[0], expected.shape[1], size[2], size[3])
+        np.testing.assert_allclose(found, expected, atol=1e-4, rtol=0)
+
+
+MODELS = {
+    "v1_vgg16": lambda: deeplab_v1(num_classes=3, backbone="vgg16"),
+    "v2_msc_resnet18": lambda: deeplab_v2(num_classes=3, backbone="resnet18", msc_scales=(1.0, 0.75, 0.5)),
+    "v3_mobilenet_v2": lambda: deeplab_v3(num_classes=3, backbone="mobilenet_v2", multi_grid=None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torchscript_export_has_dynamic_batch_height_width(name, tmp_path):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    path = export_onnx(model, tmp_path / f"{name}.onnx", exporter="torchscript")
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    assert_matches_pytorch(model, path)
+
+
+def test_dynamo_export_of_v3plus_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = deeplab_v3plus(num_classes=4, backbone="resnet18", output_stride=16)
+    path = export_onnx(model, tmp_path / "v3plus.onnx", metadata={"class_names": '["a", "b", "c", "d"]'})
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["class_names"] == '["a", "b", "c", "d"]'
+    assert_matches_pytorch(model, path)
+
+
+def test_unknown_exporter_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown ONNX exporter 'tensorrt'"):
+        export_onnx(deeplab_v1(num_classes=2, backbone="resnet18"), tmp_path / "m.onnx", exporter="tensorrt")
+
+
+def test_export_subcommand_loads_the_checkpoint_and_records_normalization(tmp_path):
+    args = ["--config", str(QUICKSTART), f"--data.init_args.root={tmp_path / 'synthetic'}", "--trainer.logger=false",
+            "--exporter=torchscript"]  # fmt: skip
+    built = main(["export", *args, f"--output={tmp_path / 'unused.onnx'}"], run=False)
+    model = built.model.model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)  # weights that differ from a fresh model's
+    torch.save(model.state_dict(), tmp_path / "trained.pth")
+    main(["export", *args, f"--ckpt_path={tmp_path / 'trained.pth'}", f"--output={tmp_path / 'model.onnx'}"])
+    assert not (tmp_path / "unused.onnx").exists()
+    assert_matches_pytorch(model, tmp_path / "model.onnx")
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert json.loads(metadata["class_names"])[0] == "background" and metadata["num_classes"] == "6"
+    assert json.loads(metadata["normalization"])["std"] == [58.395, 57.12, 57.375]

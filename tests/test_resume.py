@@ -1,0 +1,87 @@
+"""Resume after a crash: SIGKILL + ``--ckpt_path last`` gives the uninterrupted result; atomic checkpoints;
+a non-finite loss stops the run and keeps the last good checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset
+
+from deeplab_lit import DeepLabV3Plus
+from deeplab_lit.callbacks import AtomicCheckpointIO, NonFiniteLossError, NonFiniteLossGuard
+from deeplab_lit.cli import main
+
+REPO = Path(__file__).parents[1]
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+STEPS_PER_EPOCH = 4  # num_train=8, batch_size=2
+
+
+class KillAtStep(Callback):
+    """SIGKILL the own process after optimizer step ``step`` (no clean-up, no finally blocks run)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit_args(root: Path, data: Path, epochs: int = 3) -> list[str]:
+    """The real quickstart config (its callbacks and plugins included), shrunk to seconds on a CPU."""
+    return ["fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}",
+            "--trainer.deterministic=true", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
+            "--model.init_args.backbone=resnet18", f"--data.init_args.root={data}", "--data.init_args.num_train=8",
+            "--data.init_args.num_val=4", "--data.init_args.image_size=32", "--data.init_args.crop_size=24",
+            "--data.init_args.batch_size=2", "--data.init_args.val_batch_size=2",
+            "--data.init_args.num_workers=0"]  # fmt: skip
+
+
+def run_cli_subprocess(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "deeplab_lit", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def val_scores(cli) -> dict[str, float]:
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(tmp_path):
+    data = tmp_path / "data"
+    reference = main(fit_args(tmp_path / "reference", data))
+    assert reference.trainer.global_step == 3 * STEPS_PER_EPOCH
+
+    crashed = tmp_path / "crashed"
+    kill_step = 2 * STEPS_PER_EPOCH + 1  # mid-epoch 2; last.ckpt is the end of epoch 1
+    killed = run_cli_subprocess(
+        [*fit_args(crashed, data), "--trainer.callbacks+=test_resume.KillAtStep",
+         f"--trainer.callbacks.step={kill_step}"], tmp_path,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = crashed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
+
+    resumed = main([*fit_args(crashed, data), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == reference.trainer.global_step
+    expected, got = val_scores(reference), val_scores(resumed)
+    assert expected.keys() == got.keys() and "val/mIoU" in got
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(
+        resumed.model.model.classifier[-1].weight if hasattr(resumed.model.model, "classifier") else
+        next(iter(resumed.model.parameters())),
+        reference.model.model.classifier[-1].weight if hasattr(reference.model.model, "classifier") else
+        next(iter(reference.model.parameters())),
+    )  # fmt: skip

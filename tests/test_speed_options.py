@@ -1,0 +1,195 @@
+"""Speed options keep results: BatchNorm folding, channels-last, fused SGD, torch.compile."""
+
+import shutil
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader
+
+from deeplab_lit import DeepLabV1, DeepLabV3Plus
+from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
+from deeplab_lit.models.fusion import count_batchnorms, fuse_conv_bn
+from deeplab_lit.modules.base import fast_sgd_options
+
+CL = torch.channels_last
+
+VERSIONS = {
+    "v1-vgg16": lambda: deeplab_v1(num_classes=3),
+    "v1-resnet18": lambda: deeplab_v1(num_classes=3, backbone="resnet18"),
+    "v2-resnet18-msc": lambda: deeplab_v2(num_classes=3, backbone="resnet18", msc_scales=(1.0, 0.5)),
+    "v2-resnet18-caffe": lambda: deeplab_v2(num_classes=3, backbone="resnet18", style="caffe"),
+    "v3-resnet50-os8-aux": lambda: deeplab_v3(
+        num_classes=3, backbone="resnet50", output_stride=8, multi_grid=None, aux_head=True
+    ),
+    "v3plus-resnet18": lambda: deeplab_v3plus(num_classes=3, backbone="resnet18"),
+    "v3plus-mobilenet_v2-separable": lambda: deeplab_v3plus(num_classes=3, backbone="mobilenet_v2", separable=True),
+    "v3plus-xception65-separable": lambda: deeplab_v3plus(num_classes=3, backbone="xception65", separable=True),
+}
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones are the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_folding_batchnorm_keeps_outputs_of_every_version(name):
+    torch.manual_seed(0)
+    model = VERSIONS[name]().eval()
+    randomise_batchnorm(model)
+    before = count_batchnorms(model)
+    images = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        expected = model(images)
+        folded = fuse_conv_bn(model)
+        actual = folded(images)
+    assert count_batchnorms(folded) == 0
+    assert count_batchnorms(model) == before  # the original is untouched (a copy was folded)
+    assert (before == 0) == name.startswith("v1-vgg16")
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
+
+
+def test_folding_covers_torchvision_style_bottlenecks_in_channels_last():
+    model = deeplab_v3(num_classes=3, backbone="resnet50", multi_grid=(1, 2, 4)).eval()
+    randomise_batchnorm(model)
+    model.to(memory_format=CL)
+    images = torch.randn(1, 3, 41, 33).contiguous(memory_format=CL)
+    with torch.no_grad():
+        expected = model(images)
+        folded = fuse_conv_bn(model)
+        actual = folded(images)
+    conv = folded.backbone.layer1[0].conv1
+    assert conv.bias is not None and conv.weight.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
+
+
+def small_module(**kwargs):
+    torch.manual_seed(0)
+    return DeepLabV3Plus(num_classes=3, backbone="resnet18", output_stride=16, **kwargs)
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    plain, fast = small_module(), small_module(channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.model.backbone.conv1.weight.is_contiguous(memory_format=CL)
+    assert not plain.model.backbone.conv1.weight.is_contiguous(memory_format=CL)
+    images = torch.randn(2, 3, 48, 40)
+    masks = torch.randint(0, 3, (2, 48, 40))
+    batch = fast.on_after_batch_transfer({"image": images.clone(), "mask": masks}, 0)
+    assert batch["image"].is_contiguous(memory_format=CL)
+    torch.testing.assert_close(batch["image"], images)
+    losses = []
+    for module, x in ((plain, images), (fast, batch["image"])):
+        module.train()
+        for dropout in (m for m in module.modules() if isinstance(m, nn.Dropout)):
+            dropout.p = 0.0  # random masks are drawn in memory order, so they differ between formats
+        loss = module.compute_loss(module.model.forward_train(x), masks)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    grad_plain, grad_fast = plain.model.head.project[0].weight.grad, fast.model.head.project[0].weight.grad
+    torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-5)
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(batch["image"]), plain(images), rtol=1e-5, atol=1e-5)
+
+
+class FoldedModelSpy(Callback):
+    def __init__(self):
+        self.batchnorms_seen: list[int] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.batchnorms_seen.append(count_batchnorms(pl_module._folded["model"]))
+
+
+def test_predict_runs_the_folded_copy_and_keeps_the_checkpoint_unfolded():
+    module = small_module(channels_last=True)
+    randomise_batchnorm(module.model)
+    keys = set(module.state_dict())
+    images = torch.randn(4, 3, 40, 56)
+    batches = [{"image": images[i : i + 2], "name": [f"a{i}", f"b{i}"]} for i in (0, 2)]
+    spy = FoldedModelSpy()
+    trainer = Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, callbacks=[spy],
+        enable_model_summary=False,
+    )  # fmt: skip
+    outputs = trainer.predict(module, dataloaders=DataLoader(batches, batch_size=None))
+    assert spy.batchnorms_seen == [0, 0]
+    assert module._folded == {} and set(module.state_dict()) == keys
+    module.eval()
+    with torch.no_grad():
+        expected = module(images)
+    actual = torch.cat([out["logits"] for out in outputs])
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert outputs[1]["name"] == ["a2", "b2"]
+
+
+def test_predict_without_folding_uses_the_network_itself():
+    module = small_module(fuse_bn_for_inference=False)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = [{"image": torch.randn(1, 3, 32, 32)}]
+    trainer.predict(module, dataloaders=DataLoader(batches, batch_size=None))
+    assert module._folded == {}
+    assert count_batchnorms(module.model) > 0
+
+
+def test_optimizer_uses_the_fused_sgd_step(tmp_path):
+    module = small_module()
+    batches = [{"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32))}] * 2
+    trainer = Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    before = module.model.head.project[0].weight.detach().clone()
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["fused"] is True
+    assert not torch.equal(module.model.head.project[0].weight, before)  # the fused step did update
+
+
+def test_fast_sgd_options_fall_back_when_fusing_is_not_allowed():
+    params = [nn.Parameter(torch.zeros(3))]
+    assert fast_sgd_options(params) == {"fused": True}
+    assert fast_sgd_options(params, fused_allowed=False) == {}  # no foreach kernels on the CPU: a plain loop
+
+
+def test_compile_option_keeps_state_dict_keys():
+    plain, compiled = small_module(), small_module(compile=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert compiled.model.backbone._compiled_call_impl is not None
+    assert compiled.model.head._compiled_call_impl is not None
+
+
+def _can_compile() -> bool:
+    return torch._dynamo.is_dynamo_supported() and shutil.which("gcc") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_compile(), reason="torch.compile needs dynamo support and a C compiler")
+def test_compiled_network_trains_and_matches_eager():
+    torch.manual_seed(0)
+    eager = DeepLabV1(num_classes=2, backbone="resnet18", output_stride=16)
+    compiled = DeepLabV1(num_classes=2, backbone="resnet18", output_stride=16, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
+    losses = []
+    for module in (eager, compiled):
+        loss = module.compute_loss(module.model.forward_train(images), masks)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    grad = compiled.model.backbone.conv1.weight.grad
+    assert grad is not None
+    torch.testing.assert_close(grad, eager.model.backbone.conv1.weight.grad, rtol=1e-3, atol=1e-5)

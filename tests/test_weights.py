@@ -1,0 +1,401 @@
+"""Reference checkpoints load exactly: torchvision's DeepLabV3, kazuto1011's DeepLab v1/v2, our own.
+
+No downloads: reference-shaped state dicts are built here, from torchvision's own model and from an
+independent re-implementation of kazuto1011/deeplab-pytorch's network (its module names give its keys).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
+
+from deeplab_lit import DeepLabV2, DeepLabV3
+from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
+from deeplab_lit.models.heads import LargeFOVHead
+from deeplab_lit.models.weights import (
+    init_largefov_from_vgg,
+    load_weights,
+    read_checkpoint,
+)
+from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights and BatchNorm statistics (so that a wrong BN mapping shows), eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            elif isinstance(module, nn.Conv2d) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- torchvision
+def torchvision_checkpoint(folder, builder=deeplabv3_resnet50):
+    torch.manual_seed(0)
+    reference = randomize(builder(weights=None, weights_backbone=None, num_classes=21, aux_loss=True))
+    path = folder / "tv.pth"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+@pytest.fixture(scope="module")
+def torchvision50(tmp_path_factory):
+    return torchvision_checkpoint(tmp_path_factory.mktemp("torchvision"))
+
+
+def test_torchvision_deeplabv3_resnet50_gives_the_same_logits(torchvision50):
+    reference, path = torchvision50
+    ours = deeplab_v3(num_classes=21, backbone="resnet50", output_stride=8, atrous_rates=(12, 24, 36),
+                      multi_grid=None, aux_head=True)  # fmt: skip
+    info = load_weights(ours.eval(), str(path), num_classes=21)
+    x = torch.randn(1, 3, 97, 113)
+    with torch.no_grad():
+        expected, found = reference(x), ours.forward_train(x)
+    assert found["out"].shape == (1, 21, 97, 113)
+    torch.testing.assert_close(found["out"], expected["out"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(found["aux"], expected["aux"], atol=1e-4, rtol=0)
+    assert info.format == "torchvision" and info.normalization == IMAGENET and info.num_classes == 21
+
+
+def test_torchvision_weights_in_the_lightning_module_take_the_implied_options(torchvision50):
+    reference, path = torchvision50
+    module = DeepLabV3(num_classes=21, backbone="resnet50", weights=str(path)).eval()  # OS 16, MG by default
+    assert module.hparams.output_stride == 8 and module.hparams.multi_grid is None and module.hparams.aux_head
+    assert module.normalization == IMAGENET
+    x = torch.randn(1, 3, 65, 71)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x)["out"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_torchvision_deeplabv3_resnet101_gives_the_same_logits(tmp_path):
+    reference, path = torchvision_checkpoint(tmp_path, deeplabv3_resnet101)
+    ours = deeplab_v3(num_classes=21, backbone="resnet101", output_stride=8, multi_grid=None, aux_head=True)
+    load_weights(ours.eval(), path)
+    x = torch.randn(1, 3, 97, 113)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x)["out"], atol=1e-4, rtol=0)
+
+
+def test_torchvision_checkpoint_into_a_differently_built_model_names_the_options(torchvision50):
+    _, path = torchvision50
+    os16 = deeplab_v3(num_classes=21, backbone="resnet50", output_stride=16, multi_grid=None, aux_head=True)
+    with pytest.raises(ValueError, match=r"output_stride=8.*output_stride=16.*backbone\.layer3\.0\.conv2 stride"):
+        load_weights(os16, path)
+    deeper = deeplab_v3(num_classes=21, backbone="resnet101", output_stride=8, multi_grid=None, aux_head=True)
+    with pytest.raises(ValueError, match=r"tv\.pth.*backbone='resnet50'.*backbone='resnet101'"):
+        load_weights(deeper, path)
+    no_aux = deeplab_v3(num_classes=21, backbone="resnet50", output_stride=8, multi_grid=None)
+    with pytest.raises(ValueError, match=r"aux_classifier.*aux_head=True.*aux_head=False"):
+        load_weights(no_aux, path)
+    v2 = deeplab_v2(num_classes=21, backbone="resnet50")
+    with pytest.raises(ValueError, match=r"hold DeepLab v3 .* the model is DeepLab v2"):
+        load_weights(v2, path)
+    with pytest.raises(ValueError, match=r"conflict with the options given: atrous_rates=\[6, 12, 18\]"):
+        DeepLabV3(num_classes=21, backbone="resnet50", atrous_rates=[6, 12, 18], weights=str(path))
+
+
+def test_class_count_mismatch_suggests_reinit_classifier_which_keeps_the_rest(torchvision50):
+    reference, path = torchvision50
+    model = deeplab_v3(num_classes=5, backbone="resnet50", output_stride=8, multi_grid=None, aux_head=True)
+    with pytest.raises(ValueError, match=r"tv\.pth.*21 classes but the model has 5; pass reinit_classifier=True"):
+        load_weights(model, path)
+    fresh = model.head[4].weight.clone()
+    info = load_weights(model, path, reinit_classifier=True)
+    assert set(info.reinitialised) == {"head.4.weight", "head.4.bias", "aux_classifier.4.weight",
+                                       "aux_classifier.4.bias"}  # fmt: skip
+    assert torch.equal(model.head[4].weight, fresh)
+    assert torch.equal(model.head[0].project[0].weight, reference.classifier[0].project[0].weight)
+    assert torch.equal(model.backbone.layer4[2].conv3.weight, reference.backbone.layer4[2].conv3.weight)
+
+
+# ----------------------------------------------------------------------------------------------- kazuto1011
+# An independent re-implementation of kazuto1011/deeplab-pytorch (libs/models/resnet.py, deeplabv1.py,
+# deeplabv2.py, msc.py): its module names are the keys of the released checkpoints.
+class _ConvBnReLU(nn.Sequential):
+    def __init__(self, in_ch, out_ch, kernel_size, stride, padding, dilation, relu=True):
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(out_ch, eps=1e-5, momentum=1 - 0.999))
+        if relu:
+            self.add_module("relu", nn.ReLU())
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, in_ch, out_ch, stride, dilation, downsample):
+        super().__init__()
+        mid_ch = out_ch // 4
+        self.reduce = _ConvBnReLU(in_ch, mid_ch, 1, stride, 0, 1, True)
+        self.conv3x3 = _ConvBnReLU(mid_ch, mid_ch, 3, 1, dilation, dilation, True)
+        self.increase = _ConvBnReLU(mid_ch, out_ch, 1, 1, 0, 1, False)
+        self.shortcut = _ConvBnReLU(in_ch, out_ch, 1, stride, 0, 1, False) if downsample else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.increase(self.conv3x3(self.reduce(x))) + self.shortcut(x))
+
+
+class _ResLayer(nn.Sequential):
+    def __init__(self, n_layers, in_ch, out_ch, stride, dilation):
+        super().__init__()
+        for i in range(n_layers):
+            block = _Bottleneck(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, dilation, i == 0)
+            self.add_module(f"block{i + 1}", block)
+
+
+class _Stem(nn.Sequential):
+    def __init__(self, out_ch):
+        super().__init__()
+        self.add_module("conv1", _ConvBnReLU(3, out_ch, 7, 2, 3, 1))
+        self.add_module("pool", nn.MaxPool2d(3, 2, 1, ceil_mode=True))
+
+
+class _ASPP(nn.Module):
+    def __init__(self, in_ch, out_ch, rates):
+        super().__init__()
+        for i, rate in enumerate(rates):
+            self.add_module(f"c{i}", nn.Conv2d(in_ch, out_ch, 3, 1, padding=rate, dilation=rate, bias=True))
+
+    def forward(self, x):
+        return sum(stage(x) for stage in self.children())
+
+
+class KazutoDeepLab(nn.Sequential):
+    """kazuto1011's DeepLabV2 (``aspp``) or, with ``rates=None``, DeepLabV1 (``fc``)."""
+
+    def __init__(self, n_classes, n_blocks=(3, 4, 23, 3), rates=(6, 12, 18, 24)):
+        super().__init__()
+        ch = [64 * 2**p for p in range(6)]
+        self.add_module("layer1", _Stem(ch[0]))
+        self.add_module("layer2", _ResLayer(n_blocks[0], ch[0], ch[2], 1, 1))
+        self.add_module("layer3", _ResLayer(n_blocks[1], ch[2], ch[3], 2, 1))
+        self.add_module("layer4", _ResLayer(n_blocks[2], ch[3], ch[4], 1, 2))
+        self.add_module("layer5", _ResLayer(n_blocks[3], ch[4], ch[5], 1, 4))
+        if rates is None:
+            self.add_module("fc", nn.Conv2d(2048, n_classes, 1))
+        else:
+            self.add_module("aspp", _ASPP(ch[5], n_classes, rates))
+
+
+class KazutoMSC(nn.Module):
+    def __init__(self, base, scales=(0.5, 0.75)):
+        super().__init__()
+        self.base, self.scales = base, scales
+
+    def forward(self, x):
+        logits = self.base(x)
+        size = logits.shape[2:]
+        pyramid = [self.base(F.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False)) for p in self.scales]
+        interpolated = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pyramid]
+        return torch.max(torch.stack([logits, *interpolated]), dim=0)[0]
+
+
+def kazuto_v2_keys() -> list[str]:
+    """The keys of ``deeplabv2_resnet101_msc-vocaug-20000.pth``, written out from the architecture."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["base.layer1.conv1.conv.weight", *(f"base.layer1.conv1.bn.{p}" for p in bn)]
+    for layer, blocks in zip((2, 3, 4, 5), (3, 4, 23, 3)):
+        for block in range(1, blocks + 1):
+            for part in ("reduce", "conv3x3", "increase", *(("shortcut",) if block == 1 else ())):
+                prefix = f"base.layer{layer}.block{block}.{part}"
+                keys += [f"{prefix}.conv.weight", *(f"{prefix}.bn.{p}" for p in bn)]
+    return keys + [f"base.aspp.c{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+
+
+@pytest.fixture(scope="module")
+def kazuto_v2(tmp_path_factory):
+    torch.manual_seed(0)
+    reference = randomize(KazutoMSC(KazutoDeepLab(21)), seed=3)
+    state = reference.state_dict()
+    assert sorted(state) == sorted(kazuto_v2_keys())  # the re-implementation has the released key set
+    assert len(state) == 632  # 33 bottlenecks (3/4/23/3) + 4 shortcuts + stem, 6 keys per conv+BN; 4x2 ASPP
+    # The released file predates BatchNorm's num_batches_tracked: drop it, as there.
+    path = tmp_path_factory.mktemp("kazuto") / "deeplabv2_resnet101_msc-vocaug-20000.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    return reference, path
+
+
+@pytest.fixture(scope="module")
+def kazuto_v2_small(tmp_path_factory):
+    """The same format with ResNet-50 depth (3/4/6/3 blocks), for the tests that only check options."""
+    path = tmp_path_factory.mktemp("kazuto") / "deeplabv2_resnet50_msc.pth"
+    torch.save(KazutoMSC(KazutoDeepLab(21, n_blocks=(3, 4, 6, 3))).state_dict(), path)
+    return path
+
+
+def test_kazuto_v2_msc_checkpoint_gives_its_predictions(kazuto_v2):
+    reference, path = kazuto_v2
+    ours = deeplab_v2(num_classes=21, backbone="resnet101", msc_scales=(1.0, 0.75, 0.5), style="caffe").eval()
+    info = load_weights(ours, str(path), num_classes=21)
+    assert info.format == "kazuto1011" and info.version == "v2" and info.normalization == CAFFE_BGR
+    x = torch.randn(1, 3, 41, 53) * 60  # Caffe inputs: BGR, 0-255 minus the mean
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(ours.forward_logits(x), expected, atol=1e-4, rtol=1e-4)
+        upsampled = F.interpolate(expected, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        torch.testing.assert_close(ours(x), upsampled, atol=1e-4, rtol=1e-4)
+
+
+def test_kazuto_v2_in_the_lightning_module_takes_style_and_msc_from_the_file(kazuto_v2):
+    reference, path = kazuto_v2
+    module = DeepLabV2(num_classes=21, backbone="resnet101", weights=str(path)).eval()
+    assert module.hparams.style == "caffe" and list(module.hparams.msc_scales) == [1.0, 0.75, 0.5]
+    assert module.normalization == CAFFE_BGR
+    x = torch.randn(1, 3, 33, 45) * 60
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.forward_logits(x), reference(x), atol=1e-4, rtol=1e-4)
+    explicit = DeepLabV2(num_classes=21, backbone="resnet101", msc_scales=[1, 0.75, 0.5], style="caffe",
+                         weights=str(path))  # fmt: skip
+    assert torch.equal(explicit.model.segmenter.head.convs[3].bias, reference.base.aspp.c3.bias)
+
+
+def test_kazuto_checkpoint_into_a_torchvision_style_resnet_is_refused(kazuto_v2_small):
+    path = kazuto_v2_small
+    torchvision_style = deeplab_v2(num_classes=21, backbone="resnet50", msc_scales=(1.0, 0.75, 0.5))
+    with pytest.raises(ValueError, match=r"resnet50_msc\.pth.*style='caffe'.*style='torchvision'.*maxpool"):
+        load_weights(torchvision_style, path)
+    single_scale = deeplab_v2(num_classes=21, backbone="resnet50", style="caffe")
+    with pytest.raises(ValueError, match=r"MSC scales None \(needs \(1\.0, 0\.75, 0\.5\)\)"):
+        load_weights(single_scale, path)
+
+
+def test_kazuto_v1_coco_checkpoint_and_its_use_to_initialise_v2(tmp_path):
+    reference = randomize(KazutoDeepLab(91, n_blocks=(3, 4, 6, 3), rates=None), seed=5)
+    path = tmp_path / "deeplabv1_resnet50-coco.pth"
+    torch.save(reference.state_dict(), path)  # the COCO init file has no MSC wrapper
+    v1 = deeplab_v1(num_classes=91, backbone="resnet50", style="caffe").eval()
+    assert load_weights(v1, path).version == "v1"
+    x = torch.randn(1, 3, 37, 29) * 60
+    with torch.no_grad():
+        torch.testing.assert_close(v1.forward_logits(x), reference(x), atol=1e-4, rtol=1e-4)
+    # kazuto's recipe: the COCO v1 backbone initialises a v2 MSC model for VOC; the ASPP stays fresh
+    v2 = deeplab_v2(num_classes=21, backbone="resnet50", msc_scales=(1.0, 0.75, 0.5), style="caffe")
+    with pytest.raises(ValueError, match=r"hold DeepLab v1 .*reinit_classifier=True"):
+        load_weights(v2, path)
+    info = load_weights(v2, path, reinit_classifier=True)
+    assert all(k.startswith("head.convs.") for k in info.reinitialised)
+    assert torch.equal(v2.backbone.layer3[5].conv2.weight, reference.layer4.block6.conv3x3.conv.weight)
+
+
+# ------------------------------------------------------------------------------------------ deeplab_lit
+def test_own_lightning_checkpoint_and_plain_state_dict_load(tmp_path):
+    module = DeepLabV3(num_classes=4, backbone="resnet18", output_stride=16, multi_grid=[1, 2]).eval()
+    randomize(module.model)
+    lightning_style = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                       "normalization": CAFFE_BGR.to_dict()}  # fmt: skip
+    lightning_style["hyper_parameters"]["_class_path"] = "deeplab_lit.DeepLabV3"
+    torch.save(lightning_style, tmp_path / "run.ckpt")
+    torch.save(module.model.state_dict(), tmp_path / "plain.pth")
+    x = torch.randn(2, 3, 35, 47)
+    for name in ("run.ckpt", "plain.pth"):
+        fresh = deeplab_v3(num_classes=4, backbone="resnet18", output_stride=16, multi_grid=(1, 2)).eval()
+        info = load_weights(fresh, tmp_path / name)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), module(x), atol=0, rtol=0)
+    assert info.normalization is None  # a plain state dict does not say
+    checkpoint = read_checkpoint(tmp_path / "run.ckpt")
+    assert checkpoint.version == "v3" and checkpoint.normalization == CAFFE_BGR
+    os8 = deeplab_v3(num_classes=4, backbone="resnet18", output_stride=8, multi_grid=(1, 2))
+    with pytest.raises(ValueError, match=r"run\.ckpt.*output_stride=16"):
+        load_weights(os8, tmp_path / "run.ckpt")
+    plus = deeplab_v3plus(num_classes=4, backbone="resnet18")
+    with pytest.raises(ValueError, match=r"hold DeepLab v3 .*the model is DeepLab v3\+"):
+        load_weights(plus, tmp_path / "run.ckpt")
+
+
+def test_module_checkpoint_records_normalization_and_drops_the_weights_path(kazuto_v2_small):
+    path = kazuto_v2_small
+    module = DeepLabV2(num_classes=21, backbone="resnet50", weights=str(path))
+    checkpoint = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["normalization"] == CAFFE_BGR.to_dict()
+    assert checkpoint["hyper_parameters"]["weights"] is None and checkpoint["weights_source"] == str(path)
+    restored = DeepLabV2(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.normalization == CAFFE_BGR and restored.hparams.style == "caffe"
+
+
+def test_data_with_another_normalization_is_refused_with_the_setting_to_use(kazuto_v2_small):
+    module = DeepLabV2(num_classes=21, backbone="resnet50", weights=str(kazuto_v2_small))
+
+    class Trainer:
+        datamodule = type("Data", (), {"normalization": IMAGENET})()
+
+    module._trainer = Trainer()
+    with pytest.raises(ValueError, match=r"data\.init_args\.normalization to .*\"bgr\": true"):
+        module.setup("validate")
+    Trainer.datamodule.normalization = CAFFE_BGR
+    module.setup("validate")  # the right one passes
+    assert json.loads(json.dumps(CAFFE_BGR.to_dict()))["bgr"] is True
+
+
+# ------------------------------------------------------------------------------------------ bad files
+def test_missing_corrupt_and_unknown_files_each_give_one_clear_error(tmp_path):
+    model = deeplab_v1(num_classes=3, backbone="resnet18")
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        load_weights(model, tmp_path / "nothere.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match=r"corrupt\.pth.*could not be read"):
+        load_weights(model, corrupt)
+    truncated = tmp_path / "truncated.pth"
+    torch.save(model.state_dict(), tmp_path / "whole.pth")
+    truncated.write_bytes((tmp_path / "whole.pth").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"truncated\.pth.*could not be read"):
+        load_weights(model, truncated)
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other\.pth.*no supported format.*encoder\.weight"):
+        load_weights(model, tmp_path / "other.pth")
+    torch.save({"fc.weight": torch.zeros(3), "layer1.0.conv1.weight": torch.zeros(3)}, tmp_path / "in.pth")
+    with pytest.raises(ValueError, match="pretrained_backbone"):
+        load_weights(model, tmp_path / "in.pth")
+
+
+def test_url_source_is_downloaded_once_into_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    model = deeplab_v1(num_classes=3, backbone="resnet18").eval()
+    torch.save(randomize(model).state_dict(), tmp_path / "published.pth")
+    fresh = deeplab_v1(num_classes=3, backbone="resnet18")
+    load_weights(fresh, (tmp_path / "published.pth").as_uri())
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "published.pth"
+    assert cached.is_file()
+    assert torch.equal(fresh.head.weight, model.head.weight)
+    (tmp_path / "published.pth").unlink()  # a second load uses the cache
+    load_weights(fresh, (tmp_path / "published.pth").as_uri())
+
+
+def test_unreachable_url_says_offline_and_where_the_cache_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    model = deeplab_v1(num_classes=3, backbone="resnet18")
+    with pytest.raises(RuntimeError, match=r"Could not download .*torch_home.*offline.*local path"):
+        load_weights(model, "http://127.0.0.1:9/deeplabv3_resnet50_coco-cd0a2569.pth")
+
+
+# ------------------------------------------------------------------------------------ VGG fc6/fc7 -> LargeFOV
+def test_largefov_fc6_fc7_are_subsampled_from_vgg_fc_layers():
+    head = LargeFOVHead(in_channels=8, num_classes=3, rate=12, channels=4)
+    fc6, fc7 = torch.randn(16, 8 * 7 * 7), torch.randn(16, 16)
+    state = {"classifier.0.weight": fc6, "classifier.0.bias": torch.randn(16),
+             "classifier.3.weight": fc7, "classifier.3.bias": torch.randn(16)}  # fmt: skip
+    assert init_largefov_from_vgg(head, state) == 1
+    kernel = fc6.view(16, 8, 7, 7)
+    # filter 4k keeps the 7x7 taps 0, 3, 6 (rate 12 at stride 8 = every 3rd tap of the stride-32 kernel)
+    assert torch.equal(head.fc6.weight[1, :, 2, 0], kernel[4, :, 6, 0])
+    assert torch.equal(head.fc6.weight[3, :, 1, 1], kernel[12, :, 3, 3])
+    assert torch.equal(head.fc6.bias, state["classifier.0.bias"][::4])
+    assert torch.equal(head.fc7.weight[:, :, 0, 0], fc7[::4, ::4])
+    state["classifier.0.weight"] = torch.full_like(fc6, float("nan"))  # torchvision's IMAGENET1K_FEATURES
+    before = head.fc6.weight.clone()
+    assert init_largefov_from_vgg(head, state) == 0 and torch.equal(head.fc6.weight, before)
