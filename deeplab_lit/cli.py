@@ -3,7 +3,8 @@
 LightningCLI in subclass mode: ``model.class_path`` picks the DeepLab version, ``data.class_path`` the
 data set, and every ``__init__`` argument is a config key (``--print_config`` shows them all). The
 data set's class count and class names are linked into the model, so a config states them once.
-A checkpoint callback keeping the best ``val/mIoU`` and the last epoch is always present
+A checkpoint callback keeping the best ``val/mIoU`` and the newest state (``last.ckpt``, refreshed at
+every validation: :class:`~deeplab_lit.callbacks.resume.BestAndLastCheckpoint`) is always present
 (``checkpoint.*`` options); checkpoints land in ``<trainer.default_root_dir>/checkpoints/`` (one fixed
 folder per experiment, so ``--ckpt_path last`` finds the previous run's ``last.ckpt``; loggers give every
 run a new version folder). The resolved config goes to ``config.yaml`` and to every logger.
@@ -26,10 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
+from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
 from deeplab_lit.data.datamodules import SegmentationDataModule
 from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
@@ -42,7 +43,7 @@ class DeepLabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model arguments and add the always-on checkpoint callback."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.set_defaults(
             {

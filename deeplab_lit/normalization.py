@@ -33,7 +33,9 @@ class Normalization:
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"Normalization needs 3 channel means and stds, got mean={self.mean} std={self.std}")
+            raise ValueError(
+                f"Normalization needs 3 channel means and stds, got mean={self.mean} std={self.std}"
+            )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"Normalization std must be positive, got {self.std}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+import fakes
 import pytest
 import yaml
 
-import fakes
 from deeplab_lit.cli import main
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -18,10 +18,17 @@ def small_overrides(config: Path, tmp_path: Path) -> list[str]:
     spec = yaml.safe_load(config.read_text())
     data_class = spec["data"]["class_path"].rsplit(".", 1)[-1]
     model_args = spec["model"]["init_args"]
-    args = ["--trainer.fast_dev_run=1", "--trainer.precision=32-true", "--trainer.accelerator=cpu",
-            "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path / 'logs'}",
-            "--model.init_args.pretrained_backbone=false",
-            "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.crop_size=33"]  # fmt: skip
+    args = [
+        "--trainer.fast_dev_run=1",
+        "--trainer.precision=32-true",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        f"--trainer.default_root_dir={tmp_path / 'logs'}",
+        "--model.init_args.pretrained_backbone=false",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.crop_size=33",
+    ]
     if model_args.get("backbone", "").startswith("resnet"):
         args.append("--model.init_args.backbone=resnet18")
         if model_args.get("multi_grid"):
@@ -39,9 +46,14 @@ def small_overrides(config: Path, tmp_path: Path) -> list[str]:
 
 
 def test_every_experiment_is_covered():
-    assert {"v1.yaml", "v2.yaml", "v3.yaml", "v3plus.yaml", "cityscapes_v3plus.yaml", "quickstart.yaml"} <= set(
-        CONFIGS
-    )
+    assert {
+        "v1.yaml",
+        "v2.yaml",
+        "v3.yaml",
+        "v3plus.yaml",
+        "cityscapes_v3plus.yaml",
+        "quickstart.yaml",
+    } <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -16,6 +16,8 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus  # noqa: E402
+from deeplab_lit.models.deeplab import MultiScaleSegmenter  # noqa: E402
+from deeplab_lit.models.weights import classifier_keys  # noqa: E402
 
 QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
 SIZES = [(1, 3, 65, 77), (2, 3, 41, 99)]  # odd sizes, neither the export example's (97x113)
@@ -34,7 +36,24 @@ def assert_matches_pytorch(model: torch.nn.Module, path: Path) -> None:
         with torch.no_grad():
             expected = model(images).numpy()
         assert found.shape == expected.shape == (size[0], expected.shape[1], size[2], size[3])
+        assert 0.5 < np.abs(expected).max() < 1e3  # logits of a scale at which 1e-4 means something
         np.testing.assert_allclose(found, expected, atol=1e-4, rtol=0)
+
+
+def with_unit_logits(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale the classifier layers (Gaussian std 0.01 at init) so that the largest logit is about 5.
+
+    They are the last linear layers, so the logits scale by the same factor (MSC's max and the bilinear
+    upsampling are positively homogeneous); at that scale an absolute 1e-4 is a real test.
+    """
+    model.eval()
+    with torch.no_grad():
+        factor = 5.0 / float(model(torch.randn(1, 3, 65, 77)).abs().max())
+        segmenter = model.segmenter if isinstance(model, MultiScaleSegmenter) else model
+        parameters = dict(segmenter.named_parameters())
+        for key in classifier_keys(segmenter):
+            parameters[key].mul_(factor)
+    return model
 
 
 MODELS = {
@@ -47,9 +66,11 @@ MODELS = {
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_torchscript_export_has_dynamic_batch_height_width(name, tmp_path):
     torch.manual_seed(0)
-    model = MODELS[name]()
+    model = with_unit_logits(MODELS[name]())
     path = export_onnx(model, tmp_path / f"{name}.onnx", exporter="torchscript")
-    dims = [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    dims = [
+        d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    ]
     assert dims == ["batch", 3, "height", "width"]
     assert_matches_pytorch(model, path)
 
@@ -57,10 +78,12 @@ def test_torchscript_export_has_dynamic_batch_height_width(name, tmp_path):
 def test_dynamo_export_of_v3plus_matches_pytorch(tmp_path):
     pytest.importorskip("onnxscript")
     torch.manual_seed(0)
-    model = deeplab_v3plus(num_classes=4, backbone="resnet18", output_stride=16)
+    model = with_unit_logits(deeplab_v3plus(num_classes=4, backbone="resnet18", output_stride=16))
     path = export_onnx(model, tmp_path / "v3plus.onnx", metadata={"class_names": '["a", "b", "c", "d"]'})
     assert not list(tmp_path.glob("*.data"))  # one self-contained file
-    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["class_names"] == '["a", "b", "c", "d"]'
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}[
+        "class_names"
+    ] == '["a", "b", "c", "d"]'
     assert_matches_pytorch(model, path)
 
 
@@ -70,14 +93,10 @@ def test_unknown_exporter_is_refused(tmp_path):
 
 
 def test_export_subcommand_loads_the_checkpoint_and_records_normalization(tmp_path):
-    args = ["--config", str(QUICKSTART), f"--data.init_args.root={tmp_path / 'synthetic'}", "--trainer.logger=false",
-            "--exporter=torchscript"]  # fmt: skip
+    args = ["--config", str(QUICKSTART), f"--data.init_args.root={tmp_path / 'synthetic'}",
+            "--trainer.logger=false", "--exporter=torchscript"]  # fmt: skip
     built = main(["export", *args, f"--output={tmp_path / 'unused.onnx'}"], run=False)
-    model = built.model.model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)  # weights that differ from a fresh model's
+    model = with_unit_logits(built.model.model)  # weights that differ from a freshly built model's
     torch.save(model.state_dict(), tmp_path / "trained.pth")
     main(["export", *args, f"--ckpt_path={tmp_path / 'trained.pth'}", f"--output={tmp_path / 'model.onnx'}"])
     assert not (tmp_path / "unused.onnx").exists()

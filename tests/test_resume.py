@@ -1,6 +1,7 @@
 """Resume after a crash: SIGKILL + ``--ckpt_path last`` gives the uninterrupted result; atomic checkpoints;
 a non-finite loss stops the run and keeps the last good checkpoint."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ class KillAtStep(Callback):
 
     def on_train_batch_end(self, trainer, *args, **kwargs):
         if trainer.global_step == self.step:
+            print(f"KillAtStep: SIGKILL after step {trainer.global_step}, epoch {trainer.current_epoch}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -46,13 +48,26 @@ def fit_args(root: Path, data: Path, epochs: int = 3) -> list[str]:
             "--data.init_args.num_workers=0"]  # fmt: skip
 
 
-def run_cli_subprocess(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def run_cli_subprocess(args: list[str], tmp_path: Path) -> tuple[int, str]:
+    """Run ``python -m deeplab_lit`` in its own session; return its exit code and output.
+
+    After the main process ends, whatever it forked and left behind (a SIGKILL skips every clean-up, so
+    e.g. a CRF process pool survives it) is killed through the session's process group.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "deeplab_lit", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    log = tmp_path / "subprocess.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deeplab_lit", *args], cwd=tmp_path, env=env, stdout=out, stderr=out,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            code = process.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log.read_text()
 
 
 def val_scores(cli) -> dict[str, float]:
@@ -66,11 +81,11 @@ def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(tmp_path):
 
     crashed = tmp_path / "crashed"
     kill_step = 2 * STEPS_PER_EPOCH + 1  # mid-epoch 2; last.ckpt is the end of epoch 1
-    killed = run_cli_subprocess(
+    code, output = run_cli_subprocess(
         [*fit_args(crashed, data), "--trainer.callbacks+=test_resume.KillAtStep",
          f"--trainer.callbacks.step={kill_step}"], tmp_path,
     )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert code == -signal.SIGKILL, output[-3000:]
     last = crashed / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2 * STEPS_PER_EPOCH
 

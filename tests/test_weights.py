@@ -7,7 +7,9 @@ independent re-implementation of kazuto1011/deeplab-pytorch's network (its modul
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import fakes
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
 
 from deeplab_lit import DeepLabV2, DeepLabV3
+from deeplab_lit.cli import main
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.heads import LargeFOVHead
 from deeplab_lit.models.weights import (
@@ -23,6 +26,8 @@ from deeplab_lit.models.weights import (
     read_checkpoint,
 )
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -91,7 +96,9 @@ def test_torchvision_deeplabv3_resnet101_gives_the_same_logits(tmp_path):
 def test_torchvision_checkpoint_into_a_differently_built_model_names_the_options(torchvision50):
     _, path = torchvision50
     os16 = deeplab_v3(num_classes=21, backbone="resnet50", output_stride=16, multi_grid=None, aux_head=True)
-    with pytest.raises(ValueError, match=r"output_stride=8.*output_stride=16.*backbone\.layer3\.0\.conv2 stride"):
+    with pytest.raises(
+        ValueError, match=r"output_stride=8.*output_stride=16.*backbone\.layer3\.0\.conv2 stride"
+    ):
         load_weights(os16, path)
     deeper = deeplab_v3(num_classes=21, backbone="resnet101", output_stride=8, multi_grid=None, aux_head=True)
     with pytest.raises(ValueError, match=r"tv\.pth.*backbone='resnet50'.*backbone='resnet101'"):
@@ -109,7 +116,9 @@ def test_torchvision_checkpoint_into_a_differently_built_model_names_the_options
 def test_class_count_mismatch_suggests_reinit_classifier_which_keeps_the_rest(torchvision50):
     reference, path = torchvision50
     model = deeplab_v3(num_classes=5, backbone="resnet50", output_stride=8, multi_grid=None, aux_head=True)
-    with pytest.raises(ValueError, match=r"tv\.pth.*21 classes but the model has 5; pass reinit_classifier=True"):
+    with pytest.raises(
+        ValueError, match=r"tv\.pth.*21 classes but the model has 5; pass reinit_classifier=True"
+    ):
         load_weights(model, path)
     fresh = model.head[4].weight.clone()
     info = load_weights(model, path, reinit_classifier=True)
@@ -149,7 +158,9 @@ class _ResLayer(nn.Sequential):
     def __init__(self, n_layers, in_ch, out_ch, stride, dilation):
         super().__init__()
         for i in range(n_layers):
-            block = _Bottleneck(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, dilation, i == 0)
+            block = _Bottleneck(
+                in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, dilation, i == 0
+            )
             self.add_module(f"block{i + 1}", block)
 
 
@@ -195,7 +206,10 @@ class KazutoMSC(nn.Module):
     def forward(self, x):
         logits = self.base(x)
         size = logits.shape[2:]
-        pyramid = [self.base(F.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False)) for p in self.scales]
+        pyramid = [
+            self.base(F.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False))
+            for p in self.scales
+        ]
         interpolated = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pyramid]
         return torch.max(torch.stack([logits, *interpolated]), dim=0)[0]
 
@@ -399,3 +413,33 @@ def test_largefov_fc6_fc7_are_subsampled_from_vgg_fc_layers():
     state["classifier.0.weight"] = torch.full_like(fc6, float("nan"))  # torchvision's IMAGENET1K_FEATURES
     before = head.fc6.weight.clone()
     assert init_largefov_from_vgg(head, state) == 0 and torch.equal(head.fc6.weight, before)
+
+
+# ------------------------------------------------------------------------------ experiments/*.yaml configs
+def evaluate_config(name: str, weights: Path, tmp_path: Path, *extra: str):
+    fakes.make_voc(tmp_path / "voc")
+    args = ["test", "--config", str(EXPERIMENTS / name), f"--model.init_args.weights={weights}",
+            f"--data.init_args.root={tmp_path / 'voc'}", "--data.init_args.num_workers=0",
+            "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'logs'}"]  # fmt: skip
+    return main([*args, *extra])
+
+
+def test_torchvision_config_evaluates_the_checkpoint(torchvision50, tmp_path):
+    reference, path = torchvision50
+    cli = evaluate_config("torchvision_deeplabv3_resnet50.yaml", path, tmp_path)
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/mIoU"]) <= 1.0
+    assert cli.model.normalization == cli.datamodule.normalization == IMAGENET
+    assert torch.equal(cli.model.model.head[4].weight, reference.classifier[4].weight)
+
+
+def test_kazuto_config_evaluates_the_checkpoint_with_caffe_normalization_and_crf(kazuto_v2_small, tmp_path):
+    cli = evaluate_config("kazuto_deeplabv2_resnet101.yaml", kazuto_v2_small, tmp_path,
+                          "--model.init_args.backbone=resnet50")  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert "test/mIoU" in metrics and "test/mIoU_crf" in metrics
+    assert cli.datamodule.normalization == CAFFE_BGR == cli.model.normalization
+    with pytest.raises(
+        ValueError, match=r"expect inputs normalised as .*bgr=True.*data\.init_args\.normalization"
+    ):
+        overrides = ("--model.init_args.backbone=resnet50", "--data.init_args.normalization.bgr=false")
+        evaluate_config("kazuto_deeplabv2_resnet101.yaml", kazuto_v2_small, tmp_path / "again", *overrides)

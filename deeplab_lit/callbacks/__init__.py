@@ -4,10 +4,11 @@ from deeplab_lit.callbacks.crf import DenseCRFCallback
 from deeplab_lit.callbacks.gallery import PredictionGallery
 from deeplab_lit.callbacks.guards import NonFiniteLossError, NonFiniteLossGuard
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
-from deeplab_lit.callbacks.resume import AtomicCheckpointIO, RandomStateCheckpoint
+from deeplab_lit.callbacks.resume import AtomicCheckpointIO, BestAndLastCheckpoint, RandomStateCheckpoint
 
 __all__ = [
     "AtomicCheckpointIO",
+    "BestAndLastCheckpoint",
     "DenseCRFCallback",
     "NonFiniteLossError",
     "NonFiniteLossGuard",

@@ -1,4 +1,10 @@
-"""Exact and safe resumption: random-number state in checkpoints, and atomic checkpoint files.
+"""Exact and safe resumption: an up-to-date ``last.ckpt``, random-number state in it, atomic writes.
+
+``BestAndLastCheckpoint`` is Lightning's ``ModelCheckpoint`` with ``last.ckpt`` always the newest state.
+Since Lightning 2.2, ``save_last=True`` writes ``last.ckpt`` only "whenever a checkpoint file gets saved",
+i.e. with ``monitor: val/mIoU`` only when the score improved: a run that stops improving keeps an old
+``last.ckpt`` and ``--ckpt_path last`` would silently go back to its last improvement. The CLI's
+always-on ``checkpoint`` callback is this class.
 
 ``RandomStateCheckpoint`` puts the state of every random number generator the training loop draws from
 into each checkpoint and restores it on ``fit(ckpt_path=...)``: Python's ``random``, NumPy's global
@@ -37,8 +43,33 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also refreshes ``last.ckpt`` when no top-k file is written (see module doc).
+
+    Same arguments as ``ModelCheckpoint``. With ``save_last=True`` every validation (or training-epoch
+    end, when that is where this callback saves) leaves ``last.ckpt`` at the current step.
+    """
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save top-k as usual, then ``last.ckpt`` if it was not saved at this step."""
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save top-k as usual, then ``last.ckpt`` if it was not saved at this step."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RandomStateCheckpoint(Callback):
@@ -60,7 +91,7 @@ class RandomStateCheckpoint(Callback):
         """Return the generators' states now (called while a checkpoint is written)."""
         return {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "augmentation": [_get_pipeline_state(p) for p in self._pipelines()],
@@ -69,7 +100,7 @@ class RandomStateCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (called when ``fit`` resumes from a checkpoint)."""
         random.setstate(state_dict["python"])
-        np.random.set_state(state_dict["numpy"])
+        np.random.set_state(_numpy_state_from_plain(state_dict["numpy"]))
         torch.set_rng_state(state_dict["torch"])
         cuda = state_dict.get("cuda", [])
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -102,6 +133,17 @@ class RandomStateCheckpoint(Callback):
         datasets = list(getattr(dataset, "datasets", [dataset]))  # ConcatDataset or one dataset
         pipelines = [getattr(getattr(d, "transform", None), "pipeline", None) for d in datasets]
         return [p for p in pipelines if hasattr(p, "set_random_state") and hasattr(p, "random_generator")]
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    """NumPy's legacy state with its key array as a tensor, so ``torch.load(weights_only=True)`` reads it."""
+    name, keys, position, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), position, has_gauss, cached
 
 
 def _get_pipeline_state(pipeline: Any) -> dict[str, Any]:

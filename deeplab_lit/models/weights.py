@@ -1,62 +1,34 @@
-"""Published DeepLab checkpoints: read, recognise by their keys, map to our layout, check, load.
+"""Load published and own DeepLab checkpoints into our models, checking everything they imply.
 
-:func:`load_weights` takes a path or URL and loads it into a model built by
-:mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``). Formats, recognised from the
-state-dict keys (a ``module.`` prefix, left by ``DataParallel``, is dropped first):
-
-- ``deeplab_lit``: this project's Lightning checkpoint (``{"state_dict": {"model.<key>": ...},
-  "hyper_parameters": ...}``) or a plain ``Segmenter`` state dict (``torch.save(model.state_dict())``).
-- ``torchvision``: ``torchvision.models.segmentation.deeplabv3_resnet50/101`` (COCO with VOC labels).
-- ``kazuto1011``: kazuto1011/deeplab-pytorch's DeepLab v2 ResNet-101 MSC (VOC ``train_aug``) and its
-  COCO-initialised DeepLab v1 ResNet-101 (Caffe-style ResNet, BGR 0-255 input, mean subtraction).
+:func:`load_weights` takes a path or URL, read by
+:func:`~deeplab_lit.models.checkpoint_formats.read_checkpoint` (this project's, torchvision's
+``deeplabv3_resnet50/101`` and kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet checkpoints, recognised
+from their keys; the key maps are documented there), and loads it into a model built by
+:mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``).
 
 A checkpoint also implies options that are not in its tensors (output stride, ASPP rates, ResNet style,
-MSC, auxiliary head); the model's structure (strides, dilations, paddings, pooling) is compared with a
-model built with those options and a mismatch raises one ValueError that names the file and the options.
-Every weight is loaded with ``strict`` key and shape checks; a different class count raises unless
-``reinit_classifier=True``, which loads everything but the classifier layers.
+MSC, auxiliary head). The model's structure (strides, dilations, paddings, pooling of every layer) is
+compared with a model built with those options on the meta device, and a mismatch raises one ValueError
+that names the file, the options it needs and the model's. Every tensor is loaded with strict key and
+shape checks; another class count raises unless ``reinit_classifier=True``, which loads everything but the
+layers that output class scores. :func:`resolve_options` lets the LightningModules take the implied options
+before they build their network.
 
-Key maps (checkpoint -> ``Segmenter``; an ``MultiScaleSegmenter`` adds ``segmenter.`` in front):
-
-torchvision (``torchvision/models/segmentation/deeplabv3.py``: ``DeepLabV3(backbone, classifier,
-aux_classifier)``, ResNet with ``replace_stride_with_dilation=[False, True, True]``, ASPP rates 12/24/36)::
-
-    backbone.<resnet key>            backbone.<resnet key>      (conv1, bn1, layer1..layer4)
-    classifier.0.convs.* / .project  head.0.convs.* / .project  (ASPP)
-    classifier.{1,2,4}               head.{1,2,4}               (3x3 conv, BN, 1x1 classifier)
-    aux_classifier.{0,1,4}           aux_classifier.{0,1,4}     (FCN head on layer3)
-
-kazuto1011/deeplab-pytorch (``libs/models/resnet.py``, ``deeplabv2.py``, ``deeplabv1.py``, ``msc.py``;
-``_ConvBnReLU`` = ``conv`` + ``bn``; layer1 is the stem, layer2..5 are ResNet stages 1..4)::
-
-    base.                            (MSC wrapper)  -> MSC scales (1.0, 0.75, 0.5)
-    layer1.conv1.conv / .bn          backbone.conv1 / backbone.bn1
-    layer{L}.block{B}.reduce.*       backbone.layer{L-1}.{B-1}.conv1 / bn1      (1x1, carries the stride)
-    layer{L}.block{B}.conv3x3.*      backbone.layer{L-1}.{B-1}.conv2 / bn2      (3x3, dilated)
-    layer{L}.block{B}.increase.*     backbone.layer{L-1}.{B-1}.conv3 / bn3
-    layer{L}.block{B}.shortcut.*     backbone.layer{L-1}.{B-1}.downsample.0 / .1
-    aspp.c{i}                        head.convs.{i}      (v2: 3x3 atrous conv with bias, rates 6/12/18/24)
-    fc                               head                (v1: 1x1 classifier)
-
-deeplab_lit: ``model.`` (the LightningModule's attribute) is dropped; ``segmenter.`` marks MSC.
+Also here: the DeepLab-LargeFOV initialisation of fc6/fc7 from VGG-16's ImageNet fc layers.
 """
 
 from __future__ import annotations
 
-import http.client
 import inspect
 import os
-import pickle
-import re
-import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from deeplab_lit.models.checkpoint_formats import FORMATS, OPTIONS, Checkpoint, read_checkpoint
 from deeplab_lit.models.deeplab import (
     MultiScaleSegmenter,
     Segmenter,
@@ -67,58 +39,21 @@ from deeplab_lit.models.deeplab import (
 )
 from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead
 from deeplab_lit.models.imagenet import imagenet_state_dict
-from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
+from deeplab_lit.normalization import Normalization
 
-FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
+__all__ = [
+    "BUILDERS", "FORMATS", "Checkpoint", "WeightsInfo", "classifier_keys", "describe_model",
+    "init_largefov_from_imagenet", "init_largefov_from_vgg", "load_weights", "model_version",
+    "read_checkpoint", "resolve_options",
+]  # fmt: skip
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "v1": deeplab_v1,
     "v2": deeplab_v2,
     "v3": deeplab_v3,
     "v3+": deeplab_v3plus,
 }
-#: Architecture options a checkpoint can imply, in the order messages list them.
-OPTIONS: tuple[str, ...] = (
-    "backbone", "style", "output_stride", "atrous_rates", "multi_grid", "msc_scales", "aux_head", "separable",
-    "largefov_rate",
-)  # fmt: skip
-_RESNET_DEPTHS = {
-    (2, 2, 2, 2, False): "resnet18",
-    (3, 4, 6, 3, False): "resnet34",
-    (3, 4, 6, 3, True): "resnet50",
-    (3, 4, 23, 3, True): "resnet101",
-}
-_KAZUTO_BLOCK = re.compile(r"^layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut)\.(conv|bn)\.(.+)$")
-_KAZUTO_PARTS = {
-    ("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1", ("conv3x3", "conv"): "conv2",
-    ("conv3x3", "bn"): "bn2", ("increase", "conv"): "conv3", ("increase", "bn"): "bn3",
-    ("shortcut", "conv"): "downsample.0", ("shortcut", "bn"): "downsample.1",
-}  # fmt: skip
 _HEAD_PREFIXES = ("head.", "decoder.", "aux_classifier.")
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint read from disk (or a URL) and converted to ``Segmenter`` keys.
-
-    Attributes:
-        source: The path or URL it was read from.
-        format: One of :data:`FORMATS`.
-        description: Human-readable origin, e.g. ``"torchvision deeplabv3_resnet50"``.
-        state: Tensors under ``Segmenter`` keys (no ``model.``/``segmenter.``/``base.`` prefix).
-        version: DeepLab version it holds (``"v1"``, ``"v2"``, ``"v3"``, ``"v3+"``), None if unknown.
-        options: Architecture options it implies (builder keyword arguments, see :data:`OPTIONS`).
-        num_classes: Its class count, None if it holds no classifier.
-        normalization: Input normalisation its weights expect, None if unknown.
-    """
-
-    source: str
-    format: str
-    description: str
-    state: dict[str, Tensor]
-    version: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    num_classes: int | None = None
-    normalization: Normalization | None = None
 
 
 @dataclass(frozen=True)
@@ -138,224 +73,6 @@ class WeightsInfo:
     num_classes: int | None
     normalization: Normalization | None
     reinitialised: tuple[str, ...] = ()
-
-
-# ----------------------------------------------------------------------------------------------- reading
-def _is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp")
-
-
-def _download(url: str) -> Path:
-    """Download ``url`` once into torch's checkpoint cache (the folder ``load_state_dict_from_url`` uses)."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = cache / os.path.basename(urllib.parse.urlparse(url).path)
-    if cached.is_file():
-        return cached
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(cached), progress=True)
-    except (OSError, http.client.HTTPException, ValueError) as err:
-        raise RuntimeError(
-            f"Could not download the weights {url}: {err}. torch caches downloaded checkpoints in {cache} "
-            f"and {cached.name} is not there; this machine may be offline. Download the file on a machine "
-            f"with internet access and copy it into that folder, or pass its local path as weights."
-        ) from err
-    return cached
-
-
-def _read_file(path: Path, shown: str) -> Any:
-    """``torch.load`` (``weights_only`` first) or safetensors; any failure -> ValueError naming the file."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "weights only" not in str(err).lower():
-                raise
-            # A local Lightning checkpoint whose hyper-parameters hold Python objects: trusted like ckpt_path.
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch/zip/pickle/safetensors raise many types for a bad file
-        raise ValueError(
-            f"Weights file {shown} could not be read: {err}. The file is truncated, corrupt or not a "
-            "PyTorch checkpoint; download it again."
-        ) from err
-
-
-def _unwrap(raw: Any, shown: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split a loaded object into (state dict, the rest of a Lightning-style checkpoint)."""
-    extra: dict[str, Any] = {}
-    if isinstance(raw, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(raw.get(key), Mapping):
-                extra = {k: v for k, v in raw.items() if k != key}
-                raw = raw[key]
-                break
-    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
-        raise ValueError(
-            f"Weights file {shown} does not hold a state dict ({{name: tensor}}); got {type(raw)}"
-        )
-    state = {str(k): v for k, v in raw.items()}
-    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DistributedDataParallel
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state, extra
-
-
-def read_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint of a supported format and convert its keys (see the module docstring).
-
-    Args:
-        source: A local file (``.pth``/``.pt``/``.ckpt`` via ``torch.load``, or ``.safetensors``) or an
-            ``http(s)://``/``file://`` URL, downloaded once into torch's cache (``torch.hub.get_dir()``).
-
-    Raises:
-        FileNotFoundError: a local path that does not exist.
-        ValueError: an unreadable/corrupt file, or keys of no supported format.
-        RuntimeError: the download failed (offline and not cached).
-    """
-    text = os.fspath(source)
-    shown = repr(text)
-    if _is_url(text):
-        path = _download(text)
-        shown = f"{text!r} (cached as {str(path)!r})"
-    else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"Weights file {text!r} does not exist")
-    state, extra = _unwrap(_read_file(path, shown), shown)
-    for convert in (_from_torchvision, _from_kazuto, _from_deeplab_lit):
-        checkpoint = convert(state, extra, text)
-        if checkpoint is not None:
-            return checkpoint
-    hint = ""
-    if "fc.weight" in state or "classifier.6.weight" in state:
-        hint = " It looks like an ImageNet classification checkpoint: pass it as pretrained_backbone instead."
-    raise ValueError(
-        f"Weights file {shown} is of no supported format (this project's checkpoints, torchvision's "
-        f"deeplabv3_resnet50/101, kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet); its first keys are "
-        f"{list(state)[:5]}.{hint}"
-    )
-
-
-# ------------------------------------------------------------------------------------------- formats
-def _resnet_name(state: Mapping[str, Tensor], prefix: str = "backbone.") -> str | None:
-    """ResNet depth from the block counts of a torchvision-layout state dict, None if not one we know."""
-    counts = []
-    for layer in range(1, 5):
-        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}layer{layer}\.(\d+)\.", k))}
-        counts.append(len(blocks))
-    return _RESNET_DEPTHS.get((*counts, f"{prefix}layer1.0.conv3.weight" in state))
-
-
-def _from_torchvision(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
-    if not any(k.startswith("classifier.") for k in state) or not any(
-        k.startswith("backbone.") for k in state
-    ):
-        return None
-    if "classifier.0.convs.0.0.weight" not in state:
-        raise ValueError(
-            f"Weights file {source!r} is a torchvision segmentation checkpoint but not DeepLabV3 (its "
-            "classifier has no ASPP; FCN or LR-ASPP?); only deeplabv3_resnet50/101 are supported"
-        )
-    backbone = _resnet_name(state)
-    aux = any(k.startswith("aux_classifier.") for k in state)
-    options = {"backbone": backbone, "style": "torchvision", "output_stride": 8, "atrous_rates": (12, 24, 36),
-               "multi_grid": None, "aux_head": aux}  # fmt: skip
-    converted = {
-        ("head." + k[len("classifier.") :] if k.startswith("classifier.") else k): v for k, v in state.items()
-    }
-    return Checkpoint(
-        source, "torchvision", f"torchvision deeplabv3_{backbone}", converted, "v3", options,
-        int(state["classifier.4.weight"].shape[0]), IMAGENET,
-    )  # fmt: skip
-
-
-def _kazuto_key(key: str) -> str | None:
-    if key.startswith("layer1.conv1.conv."):
-        return "backbone.conv1." + key[len("layer1.conv1.conv.") :]
-    if key.startswith("layer1.conv1.bn."):
-        return "backbone.bn1." + key[len("layer1.conv1.bn.") :]
-    if match := _KAZUTO_BLOCK.match(key):
-        layer, block, part, kind, rest = match.groups()
-        return f"backbone.layer{int(layer) - 1}.{int(block) - 1}.{_KAZUTO_PARTS[part, kind]}.{rest}"
-    if match := re.match(r"^aspp\.c(\d+)\.(.+)$", key):
-        return f"head.convs.{match.group(1)}.{match.group(2)}"
-    if key.startswith("fc."):
-        return "head." + key[len("fc.") :]
-    return None
-
-
-def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
-    msc = all(k.startswith("base.") for k in state)
-    if msc:
-        state = {k[len("base.") :]: v for k, v in state.items()}
-    if "layer1.conv1.conv.weight" not in state:
-        return None
-    converted, unknown = {}, []
-    for key, value in state.items():
-        new = _kazuto_key(key)
-        converted[new] = value
-        unknown += [key] if new is None else []
-    if unknown:
-        raise ValueError(
-            f"Weights file {source!r} looks like kazuto1011/deeplab-pytorch's but has unknown keys "
-            f"{unknown[:5]}"
-        )
-    backbone = _resnet_name(converted)
-    options: dict[str, Any] = {"backbone": backbone, "style": "caffe", "output_stride": 8}
-    branches = sorted({int(k.split(".")[2]) for k in converted if k.startswith("head.convs.")})
-    if branches:
-        version, classifier = "v2", "head.convs.0.weight"
-        if len(branches) == 4:  # the released ASPP-L; other rates cannot be read from the tensors
-            options["atrous_rates"] = (6, 12, 18, 24)
-        if msc:  # kazuto1011's MSC wrapper; without it MSC is unknown (e.g. an initialisation file)
-            options["msc_scales"] = (1.0, 0.75, 0.5)
-    else:
-        version, classifier = ("v1", "head.weight") if "head.weight" in converted else (None, "")
-    num_classes = int(converted[classifier].shape[0]) if classifier else None
-    description = f"kazuto1011/deeplab-pytorch DeepLab {version or ''} {backbone}{' MSC' if msc else ''}"
-    return Checkpoint(source, "kazuto1011", " ".join(description.split()), converted, version, options,
-                      num_classes, CAFFE_BGR)  # fmt: skip
-
-
-def _class_version(class_path: str | None) -> str | None:
-    name = (class_path or "").rsplit(".", 1)[-1]
-    return {"DeepLabV1": "v1", "DeepLabV2": "v2", "DeepLabV3": "v3", "DeepLabV3Plus": "v3+"}.get(name)
-
-
-def _as_normalization(value: Any) -> Normalization | None:
-    if isinstance(value, Normalization):
-        return value
-    if isinstance(value, Mapping) and {"mean", "std"} <= set(value):
-        return Normalization(tuple(value["mean"]), tuple(value["std"]), bool(value.get("bgr", False)))
-    return None
-
-
-def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
-    if all(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items()}
-    msc = all(k.startswith("segmenter.") for k in state)
-    if msc:
-        state = {k[len("segmenter.") :]: v for k, v in state.items()}
-    if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("head.") for k in state):
-        return None
-    hparams = dict(extra.get("hyper_parameters") or {})
-    version = _class_version(hparams.get("_class_path"))
-    options = {k: hparams[k] for k in OPTIONS if k in hparams}
-    for key in ("atrous_rates", "multi_grid", "msc_scales"):
-        if options.get(key) is not None:
-            options[key] = tuple(options[key])
-    normalization = _as_normalization(extra.get("normalization"))
-    if normalization is None:  # checkpoints written by LightningCLI record the data module's
-        normalization = _as_normalization(
-            (extra.get("datamodule_hyper_parameters") or {}).get("normalization")
-        )
-    num_classes = hparams.get("num_classes")
-    name = f" {hparams['_class_path'].rsplit('.', 1)[-1]}" if hparams.get("_class_path") else ""
-    description = f"deeplab_lit{name} checkpoint" + (" (MSC)" if msc else "")
-    return Checkpoint(source, "deeplab_lit", description, state, version, options, num_classes, normalization)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -446,8 +163,12 @@ def _options_text(options: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={options[k]!r}" for k in OPTIONS if k in options)
 
 
-def _check_structure(model: nn.Module, checkpoint: Checkpoint, same_version: bool) -> None:
-    """Raise ValueError if the model is not built the way the checkpoint's options say."""
+def _check_structure(model: nn.Module, checkpoint: Checkpoint, same_version: bool, check_msc: bool) -> None:
+    """Raise ValueError if the model is not built the way the checkpoint's options say.
+
+    Only the backbone is compared across versions; MSC only when the predictions should be reproduced
+    (not when the classifier is reinitialised: MSC changes no weight).
+    """
     if checkpoint.version is None or not checkpoint.options:
         return
     num_classes = checkpoint.num_classes or 1
@@ -459,7 +180,7 @@ def _check_structure(model: nn.Module, checkpoint: Checkpoint, same_version: boo
         for (what, expected), (_, found) in zip(theirs[name], ours[name]):
             if expected != found:
                 differences.append(f"{name} {what} {found} (needs {expected})")
-    if same_version and "msc_scales" in checkpoint.options:
+    if same_version and check_msc and "msc_scales" in checkpoint.options:
         expected_scales = checkpoint.options["msc_scales"]
         found_scales = model.scales if isinstance(model, MultiScaleSegmenter) else None
         if (expected_scales and set(expected_scales)) != (found_scales and set(found_scales)):
@@ -541,7 +262,7 @@ def load_weights(
     ]  # fmt: skip
     if missing or unexpected:
         raise _key_error(model, checkpoint, missing, unexpected)
-    _check_structure(model, checkpoint, same_version)
+    _check_structure(model, checkpoint, same_version, check_msc=not reinit_classifier)
     wrong = [k for k in wanted if state[k].shape != expected[k].shape]
     if wrong and set(wrong) <= classifier:
         model_classes = expected[wrong[0]].shape[0]

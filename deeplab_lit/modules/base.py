@@ -100,9 +100,10 @@ class SegmentationModule(LightningModule):
         aux_weight: Loss weight of an auxiliary head's output (outputs named ``aux*``).
         inference: Evaluation-time inference (multi-scale, flip, sliding window).
         class_names: Names for per-class metrics; defaults to ``class_0..``. Linked from the data by the CLI.
-        channels_last: Keep the network's weights and every batch's images in channels-last (NHWC) memory
-            format. Faster convolutions with mixed precision on GPUs (tensor cores) and with oneDNN on
-            CPUs; results equal the default format's to float rounding. See ``benchmarks/speed.py``.
+        channels_last: Keep the network's weights in channels-last (NHWC) memory format; the first
+            convolution then turns each batch into it too, and every feature map stays in it. Faster
+            convolutions with mixed precision on GPUs (tensor cores) and with oneDNN on CPUs; results
+            equal the default format's to float rounding. See ``benchmarks/speed.py``.
         compile: ``torch.compile`` the network's parts in place (backbone, head, decoder, aux head;
             ``nn.Module.compile``, so checkpoint keys are unchanged). The first steps are slow while it
             compiles, and evaluation on images of varying sizes recompiles (then goes dynamic); needs a
@@ -231,12 +232,6 @@ class SegmentationModule(LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """Logits (N, C, H, W) at the input's size for normalised images (N, 3, H, W)."""
         return self.model(images)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Put the batch's images in channels-last format when ``channels_last`` is set."""
-        if self.hparams.get("channels_last") and isinstance(batch, dict) and "image" in batch:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        return batch
 
     def train(self, mode: bool = True) -> SegmentationModule:
         """Switch train/eval mode, keeping frozen BatchNorm layers in eval mode."""

@@ -39,7 +39,9 @@ class DeepLabV1(SegmentationModule):
         weight_decay: float = 5e-4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(
+            num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
+        )
 
     def build_model(self) -> nn.Module:
         """VGG-16 LargeFOV or dilated ResNet + 1x1 classifier."""
@@ -78,7 +80,9 @@ class DeepLabV2(SegmentationModule):
         weight_decay: float = 5e-4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(
+            num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
+        )
 
     def build_model(self) -> nn.Module:
         """Dilated ResNet + ASPP (sum of class scores), wrapped for multi-scale input when asked."""
@@ -121,7 +125,9 @@ class DeepLabV3(SegmentationModule):
         weight_decay: float = 1e-4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(
+            num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
+        )
 
     def build_model(self) -> nn.Module:
         """Multi-grid dilated backbone + ASPP with image pooling."""
@@ -165,7 +171,9 @@ class DeepLabV3Plus(SegmentationModule):
         weight_decay: float = 1e-4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(
+            num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
+        )
 
     def build_model(self) -> nn.Module:
         """v3 encoder + 48-channel low-level projection decoder."""

@@ -1,0 +1,171 @@
+"""predict: photos become palette PNGs and overlays; TTA and sliding windows agree where they must."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from PIL import Image
+from torch import nn
+
+from deeplab_lit import DeepLabV3Plus
+from deeplab_lit.callbacks import PredictionWriter
+from deeplab_lit.callbacks.prediction_writer import save_palette_png
+from deeplab_lit.cli import main
+from deeplab_lit.data import SyntheticDataModule
+from deeplab_lit.data.images import read_image, read_mask
+from deeplab_lit.data.voc import voc_palette
+from deeplab_lit.inference import InferenceConfig, segment, sliding_window
+
+QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+SIZES = {"beach": (37, 45), "street": (50, 29), "room": (33, 61)}  # (height, width), odd on purpose
+
+
+def write_photos(folder: Path) -> dict[str, tuple[int, int]]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (height, width) in SIZES.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{name}.jpg")
+    return SIZES
+
+
+def predict_args(tmp_path: Path, photos: Path, out: Path) -> list[str]:
+    return ["predict", "--config", str(QUICKSTART), f"--data.init_args.root={tmp_path / 'synthetic'}",
+            f"--data.init_args.predict_path={photos}", f"--prediction.output_dir={out}",
+            "--data.init_args.num_workers=0", "--data.init_args.val_batch_size=1", "--trainer.logger=false",
+            "--trainer.accelerator=cpu"]  # fmt: skip
+
+
+def test_predict_writes_a_palette_png_and_an_overlay_per_image_at_its_size(tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    write_photos(photos)
+    cli = main(predict_args(tmp_path, photos, out))
+    assert cli.trainer.predict_loop.predictions == []  # written to disk, not kept in memory
+    module, normalization = cli.model.eval(), cli.datamodule.normalization
+    for name, (height, width) in SIZES.items():
+        png = Image.open(out / f"{name}.png")
+        assert png.mode == "P" and png.size == (width, height)
+        assert np.array_equal(np.array(png.getpalette()).reshape(-1, 3)[:256], voc_palette())
+        labels = read_mask(out / f"{name}.png")
+        image = torch.from_numpy(read_image(photos / f"{name}.jpg")).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            logits = module(normalization.normalize(image))[0]
+        top2 = logits.topk(2, dim=0).values
+        decided = (top2[0] - top2[1] > 1e-3).numpy()  # predict may fold BatchNorm (same to ~1e-5): skip ties
+        assert decided.mean() > 0.9
+        assert np.array_equal(labels[decided], logits.argmax(0).numpy()[decided])
+        assert Image.open(out / f"{name}_overlay.jpg").size == (width, height)
+
+
+def test_palette_png_round_trips_every_label(tmp_path):
+    labels = np.array([list(range(21)) + [255] * 3], dtype=np.uint8).repeat(4, axis=0)
+    path = tmp_path / "labels.png"
+    save_palette_png(path, labels, voc_palette())
+    assert np.array_equal(read_mask(path), labels)
+    assert Image.open(path).convert("RGB").getpixel((15, 0)) == tuple(voc_palette()[15])
+
+
+def test_empty_folder_and_undecodable_image_each_stop_with_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No images found in folder .*empty"):
+        main(predict_args(tmp_path, empty, tmp_path / "out"))
+    broken = tmp_path / "broken"
+    write_photos(broken)
+    (broken / "street.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match=r"Could not decode image file .*street\.jpg"):
+        main(predict_args(tmp_path, broken, tmp_path / "out"))
+
+
+def tiny_module_and_data(tmp_path: Path) -> tuple[DeepLabV3Plus, SyntheticDataModule]:
+    photos = tmp_path / "photos"
+    write_photos(photos)
+    torch.manual_seed(0)
+    module = DeepLabV3Plus(num_classes=6, backbone="resnet18")
+    data = SyntheticDataModule(root=str(tmp_path / "synthetic"), predict_path=str(photos), num_workers=0,
+                               val_batch_size=1)  # fmt: skip
+    return module, data
+
+
+def test_crf_option_writes_the_crf_refined_labels(tmp_path):
+    crf = pytest.importorskip("deeplab_lit.crf")
+    module, data = tiny_module_and_data(tmp_path)
+    with torch.no_grad():
+        module.model.decoder.classifier.weight.mul_(300)  # confident, varied logits for the CRF to work on
+    writer = PredictionWriter(output_dir=str(tmp_path / "out"), crf=True, crf_backend="torch")
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    predictions = trainer.predict(module, datamodule=data, return_predictions=True)
+    changed = 0
+    for prediction in predictions:
+        (name,), logits = prediction["name"], prediction["logits"]
+        image = torch.from_numpy(read_image(tmp_path / "photos" / f"{name}.jpg")).permute(2, 0, 1)[None]
+        params = crf.CRFParams.from_preset("deeplab_v2")
+        expected = crf.dense_crf(logits.softmax(1), image, params, backend="torch").argmax(1)[0].numpy()
+        assert np.array_equal(read_mask(tmp_path / "out" / f"{name}.png"), expected)
+        changed += int((expected != prediction["preds"][0].numpy()).sum())
+    assert changed > 0  # the CRF did something, so the test tells CRF and plain labels apart
+
+
+def test_writer_refuses_an_unknown_crf_preset_and_a_trainer_without_datamodule(tmp_path):
+    pytest.importorskip("deeplab_lit.crf")
+    with pytest.raises(ValueError, match="unknown CRF preset 'deeplab_v9'"):
+        PredictionWriter(crf=True, crf_preset="deeplab_v9")
+    module, data = tiny_module_and_data(tmp_path)
+    data.setup("predict")
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[PredictionWriter(str(tmp_path / "o"))])
+    with pytest.raises(ValueError, match="PredictionWriter needs the datamodule's `palette`"):
+        trainer.predict(module, dataloaders=data.predict_dataloader())
+
+
+# ------------------------------------------------------------------------------ TTA and sliding windows
+class PixelwiseModel(nn.Module):
+    """A 1x1 convolution: receptive field of one pixel, so windows and flips cannot change its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def deeplab() -> nn.Module:
+    torch.manual_seed(0)
+    return DeepLabV3Plus(num_classes=4, backbone="resnet18").model.eval()
+
+
+def test_one_scale_no_flip_and_a_window_larger_than_the_image_equal_plain_inference(deeplab):
+    images = torch.randn(2, 3, 45, 59)
+    with torch.no_grad():
+        plain = deeplab(images)
+        assert torch.equal(segment(deeplab, images, InferenceConfig(scales=(1.0,), flip=False)), plain)
+        big_window = InferenceConfig(window=(64, 64))  # larger than the image: one window, the whole image
+        assert torch.equal(segment(deeplab, images, big_window), plain)
+        assert torch.equal(sliding_window(deeplab, images, (45, 59)), plain)
+        repeated = segment(deeplab, images, InferenceConfig(scales=(1.0, 1.0)))
+        torch.testing.assert_close(repeated, plain, atol=1e-6, rtol=0)
+
+
+def test_multi_scale_flip_gives_logits_at_the_image_size_and_differs_from_plain(deeplab):
+    images = torch.randn(1, 3, 41, 53)
+    config = InferenceConfig(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True)
+    with torch.no_grad():
+        logits = segment(deeplab, images, config)
+        assert logits.shape == (1, 4, 41, 53)
+        assert not torch.allclose(logits, deeplab(images))
+
+
+def test_small_sliding_windows_and_flips_leave_a_pixelwise_model_unchanged():
+    model, images = PixelwiseModel(), torch.randn(2, 3, 37, 83)
+    with torch.no_grad():
+        plain = model(images)
+        windows = sliding_window(model, images, (16, 20), overlap=1 / 3)
+        assert windows.shape == plain.shape
+        torch.testing.assert_close(windows, plain, atol=1e-6, rtol=0)
+        flipped = segment(model, images, InferenceConfig(flip=True, window=(16, 20)))
+        torch.testing.assert_close(flipped, plain, atol=1e-6, rtol=0)
