@@ -25,6 +25,7 @@ def small_overrides(config: Path, tmp_path: Path) -> list[str]:
         "--trainer.devices=1",
         f"--trainer.default_root_dir={tmp_path / 'logs'}",
         "--model.init_args.pretrained_backbone=false",
+        "--model.init_args.weights=null",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=2",
         "--data.init_args.crop_size=33",

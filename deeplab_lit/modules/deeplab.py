@@ -24,6 +24,7 @@ class DeepLabV1(SegmentationModule):
             ResNet name for the dilated ResNet with a 1x1 classifier.
         output_stride: 8 in the paper.
         largefov_rate: Dilation of fc6 (12 = "LargeFOV", Sec. 4.1).
+        style: ``"torchvision"`` or ``"caffe"`` ResNet (the ResNet variant only; Caffe checkpoints need it).
         lr: 1e-3 in the paper (batch 20).
         weight_decay: 5e-4 in the paper.
         **kwargs: Shared options of :class:`SegmentationModule`.
@@ -35,6 +36,7 @@ class DeepLabV1(SegmentationModule):
         backbone: str = "vgg16",
         output_stride: int = 8,
         largefov_rate: int = 12,
+        style: str = "torchvision",
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         **kwargs: Any,
@@ -51,6 +53,7 @@ class DeepLabV1(SegmentationModule):
             backbone=hp.backbone,
             output_stride=hp.output_stride,
             largefov_rate=hp.largefov_rate,
+            style=hp.style,
             pretrained_backbone=hp.pretrained_backbone,
         )
 
@@ -153,6 +156,7 @@ class DeepLabV3Plus(SegmentationModule):
         multi_grid: Multi-grid unit rates for ResNet backbones, ``None`` for plain dilation.
         separable: Atrous depthwise-separable convolutions in ASPP and decoder (Sec. 3.2).
         aux_head: Auxiliary FCN head on layer3 (ResNets).
+        style: ``"torchvision"`` or ``"caffe"`` ResNet.
         lr: 0.007 in the paper.
         weight_decay: 1e-4 (4e-5 for Xception in the paper).
         **kwargs: Shared options of :class:`SegmentationModule`.
@@ -167,6 +171,7 @@ class DeepLabV3Plus(SegmentationModule):
         multi_grid: Sequence[int] | None = None,
         separable: bool = False,
         aux_head: bool = False,
+        style: str = "torchvision",
         lr: float = 0.007,
         weight_decay: float = 1e-4,
         **kwargs: Any,
@@ -186,5 +191,6 @@ class DeepLabV3Plus(SegmentationModule):
             multi_grid=tuple(hp.multi_grid) if hp.multi_grid else None,
             separable=hp.separable,
             aux_head=hp.aux_head,
+            style=hp.style,
             pretrained_backbone=hp.pretrained_backbone,
         )
