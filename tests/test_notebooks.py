@@ -1,0 +1,147 @@
+"""Every notebook in ``notebooks/`` runs top to bottom, with tiny settings, and writes its results.
+
+Each notebook reads its settings from ``DEEPLAB_LIT_NB_*`` environment variables (defaults: the real run)
+and writes ``results.json`` and its figures to ``DEEPLAB_LIT_NB_OUT``. The tests execute them with
+nbclient in a fresh ``python3`` kernel, in a temporary working directory, on a dozen 48-pixel synthetic
+images for one epoch, then check the results each notebook exists to produce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+NAMES = ["01_quickstart", "02_ablation_crf", "03_ablation_aspp_output_stride", "04_versions"]
+
+#: The tiny run: 12 training and 8 validation images of 48 px, one epoch of batches of 4.
+TINY_SETTINGS = {
+    "DEEPLAB_LIT_NB_EPOCHS": "1",
+    "DEEPLAB_LIT_NB_NUM_TRAIN": "12",
+    "DEEPLAB_LIT_NB_NUM_VAL": "8",
+    "DEEPLAB_LIT_NB_IMAGE_SIZE": "48",
+    "DEEPLAB_LIT_NB_BATCH_SIZE": "4",
+    "DEEPLAB_LIT_NB_LIMIT_TRAIN_BATCHES": "2",
+    "DEEPLAB_LIT_NB_NUM_WORKERS": "0",
+    "DEEPLAB_LIT_NB_SPEED_REPEATS": "1",
+    "DEEPLAB_LIT_NB_N_SHOW": "2",
+}
+
+
+def run_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Execute ``notebooks/<name>.ipynb`` with the tiny settings; return its ``results.json``."""
+    out_dir = tmp_path / "out"
+    for key, value in TINY_SETTINGS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DEEPLAB_LIT_NB_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("DEEPLAB_LIT_NB_OUT", str(out_dir))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # One thread per kernel: the suite shares few cores, and oversubscribed torch threads crawl.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The kernel imports this working tree's package, whatever is installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError, with the failing cell and traceback, on any error
+    results_file = out_dir / "results.json"
+    assert results_file.is_file(), f"{name} wrote no {results_file}"
+    return json.loads(results_file.read_text())
+
+
+def is_score(value: object) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_committed_without_outputs_and_defines_no_models(name):
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code, f"{name} has no code cells"
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{name} has outputs: strip them"
+        assert "class " not in cell.source and "nn.Module" not in cell.source, (
+            f"{name} defines a model of its own; notebooks import the package"
+        )
+    assert "DEEPLAB_LIT_NB_EPOCHS" in code[0].source, f"{name}'s first code cell must hold the settings"
+
+
+def test_01_quickstart(tmp_path, monkeypatch):
+    results = run_notebook("01_quickstart", tmp_path, monkeypatch)
+    for key in ("val/mIoU", "val/mIoU_crf_baseline", "val/mIoU_crf"):
+        assert is_score(results[key]), (key, results[key])
+    # The CRF saw the whole validation set, so its baseline is the module's own mIoU.
+    assert results["val/mIoU_crf_baseline"] == pytest.approx(results["val/mIoU"], abs=1e-6)
+    assert set(results["trimap"]) == {"2px", "5px", "10px", "20px"}
+    for pair in results["trimap"].values():
+        assert is_score(pair["before"]) and is_score(pair["after"])
+    assert results["settings"]["image_size"] == 48
+    for figure in ("curves.png", "predictions.png"):
+        assert (tmp_path / "out" / figure).stat().st_size > 0
+
+
+def test_02_ablation_crf(tmp_path, monkeypatch):
+    results = run_notebook("02_ablation_crf", tmp_path, monkeypatch)
+    rows = results["rows"]
+    widths = {f"{w}px" for w in results["band_widths"]}
+    by_group: dict[str, list] = {}
+    for row in rows:
+        by_group.setdefault(row["group"], []).append(row)
+        assert is_score(row["mIoU"]), row
+        assert set(row["trimap"]) == widths and all(is_score(v) for v in row["trimap"].values()), row
+    assert [r["value"] for r in by_group["iterations"]] == list(range(11))
+    assert len(by_group["bi_xy_std"]) >= 3 and len(by_group["bi_rgb_std"]) >= 3
+    assert {r["value"] for r in by_group["preset"]} == {"deeplab_v2", "deeplab_v1_largefov"}
+    no_crf = by_group["iterations"][0]
+    assert no_crf["crf"] is None
+    # Each row holds what it says: the deeplab_v2 preset is iterations=10, bi_xy_std=67 and bi_rgb_std=3.
+    preset_v2 = next(r for r in by_group["preset"] if r["value"] == "deeplab_v2")
+    for group, value in (("iterations", 10), ("bi_xy_std", 67), ("bi_rgb_std", 3)):
+        same = next(r for r in by_group[group] if r["value"] == value)
+        assert same["crf"] == preset_v2["crf"]
+        assert same["mIoU"] == pytest.approx(preset_v2["mIoU"]) and same["trimap"] == pytest.approx(
+            preset_v2["trimap"]
+        )
+    # The CRF changed the predictions somewhere.
+    assert any((r["mIoU"], r["trimap"]) != (no_crf["mIoU"], no_crf["trimap"]) for r in rows if r["crf"])
+    assert set(results["trimap"]) == {"no CRF", "CRF (deeplab_v2)", "CRF (deeplab_v1_largefov)"}
+    for figure in ("sweeps.png", "trimap.png"):
+        assert (tmp_path / "out" / figure).stat().st_size > 0
+    assert (tmp_path / "out" / "deeplab_v2.ckpt").is_file()
+
+
+def test_03_ablation_aspp_output_stride(tmp_path, monkeypatch):
+    results = run_notebook("03_ablation_aspp_output_stride", tmp_path, monkeypatch)
+    settings = [(r["output_stride"], tuple(r["atrous_rates"])) for r in results["rows"]]
+    assert settings == [
+        (16, (1, 1, 1)),
+        (16, (3, 6, 9)),
+        (16, (6, 12, 18)),
+        (16, (12, 24, 36)),
+        (8, (12, 24, 36)),
+    ]
+    for row in results["rows"]:
+        assert is_score(row["mIoU"]) and row["images_per_s"] > 0 and row["train_s"] > 0, row
+    assert (tmp_path / "out" / "aspp_output_stride.png").stat().st_size > 0
+
+
+def test_04_versions(tmp_path, monkeypatch):
+    results = run_notebook("04_versions", tmp_path, monkeypatch)
+    rows = {r["version"]: r for r in results["rows"]}
+    assert list(rows) == ["v1", "v2", "v3", "v3+"]
+    assert [r["module"] for r in rows.values()] == ["DeepLabV1", "DeepLabV2", "DeepLabV3", "DeepLabV3Plus"]
+    for row in rows.values():
+        assert is_score(row["mIoU"]) and row["images_per_s"] > 0 and row["params_M"] > 0, row
+    # Same backbone: ASPP-L adds to v1's classifier, and the v3+ decoder adds to the v3 encoder.
+    assert rows["v1"]["params_M"] < rows["v2"]["params_M"]
+    assert rows["v3"]["params_M"] < rows["v3+"]["params_M"]
+    assert (tmp_path / "out" / "versions.png").stat().st_size > 0
