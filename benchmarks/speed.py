@@ -28,8 +28,8 @@ Method. All contenders of a table are built first, warmed up, then timed in alte
 C B A, ...) so that the machine's drift cancels; the median over rounds is reported, with the range.
 CUDA timings synchronise before and after. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
 during one step above what was allocated before it (activations, gradients, workspace); on the CPU, in
-a fresh process per contender, the growth of the peak resident set size (``getrusage`` ru_maxrss) over
-the RSS after building the model and batch, during two steps. FLOPs come from
+a fresh process per contender, the growth of the peak resident set size (VmHWM, reset after building
+the model and batch) over the RSS at that point, during two steps. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add, convolutions and matrix products).
 
 Results are printed and written between markers into ``--out`` (BENCHMARKS.md), other content kept.
@@ -43,7 +43,6 @@ import contextlib
 import datetime
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -359,20 +358,28 @@ def alternate(runners: dict[str, Runner], iterations: int, s: Settings, title: s
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cpu_memory_probe(key: str, recipe: Recipe, batch: int, hw: tuple[int, int], settings: dict) -> float:
-    """In a fresh process: peak RSS growth (MiB) over two training steps, above the RSS after building."""
+    """In a fresh process: peak RSS growth (MiB) during two training steps over the RSS after building.
+
+    The kernel's peak-RSS mark (VmHWM) is reset after building (``/proc/self/clear_refs``, Linux >= 4.0),
+    so the peak is the steps' own, not the imports' or the model construction's.
+    """
     s = Settings(**settings)
     torch.set_num_threads(s.threads)
     runner = make_runner("train", key, recipe, batch, hw, s)
-    before = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")
+    before = _proc_status_mib("VmRSS")
     runner.run(2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return peak - before
+    return _proc_status_mib("VmHWM") - before
 
 
 def step_memory_mib(
@@ -387,8 +394,8 @@ def step_memory_mib(
         torch.cuda.reset_peak_memory_stats()
         runner.run(1)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if sys.platform != "linux":
-        return None
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None  # not Linux: no resettable peak-RSS mark
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(_cpu_memory_probe, key, recipe, runner.batch, hw, asdict(s)).result()
 

@@ -100,3 +100,93 @@ def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(tmp_path):
         reference.model.model.classifier[-1].weight if hasattr(reference.model.model, "classifier") else
         next(iter(reference.model.parameters())),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ atomic checkpoints
+class FailsToPickle:
+    def __reduce__(self):
+        raise RuntimeError("injected serialisation failure")
+
+
+@pytest.mark.parametrize("checkpoint_io", [AtomicCheckpointIO(), TorchCheckpointIO()], ids=["ours", "lightning"])
+def test_failure_while_serialising_leaves_the_previous_last_ckpt_loadable(checkpoint_io, tmp_path):
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint_io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    with pytest.raises(RuntimeError, match="injected"):
+        checkpoint_io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000), "bad": FailsToPickle()}, path)
+    loaded = checkpoint_io.load_checkpoint(path)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+SAVE_THEN_HANG = """
+import pathlib, sys, time, torch
+from deeplab_lit.callbacks import AtomicCheckpointIO
+
+class SlowToPickle:
+    def __reduce__(self):
+        pathlib.Path(sys.argv[2]).touch()  # tell the test we are inside the second save
+        time.sleep(120)
+        return (int, (0,))
+
+io = AtomicCheckpointIO()
+io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, sys.argv[1])
+io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000), "slow": SlowToPickle()}, sys.argv[1])
+"""
+
+
+def test_sigkill_while_saving_keeps_the_previous_last_ckpt(tmp_path):
+    """A real SIGKILL inside ``save_checkpoint``: the old file stays whole, the temporary sits beside it."""
+    path, inside = tmp_path / "ckpt" / "last.ckpt", tmp_path / "inside_second_save"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", SAVE_THEN_HANG, str(path), str(inside)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not inside.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert inside.exists(), "the writer never reached its second save"
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
+    leftovers = [p.name for p in path.parent.iterdir() if p.name != "last.ckpt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
+
+
+# ------------------------------------------------------------------------------------ non-finite loss
+class PoisonedSegmentation(Dataset):
+    """Tiny images; item ``poisoned`` is all NaN, so its training step has a NaN loss."""
+
+    def __init__(self, count: int = 8, poisoned: int = 3):
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randn(count, 3, 24, 24, generator=gen)
+        self.images[poisoned] = float("nan")
+        self.masks = torch.randint(0, 3, (count, 24, 24), generator=gen)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "mask": self.masks[index]}
+
+
+@pytest.mark.parametrize("check_every_n_steps", [1, 4])
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(check_every_n_steps, tmp_path):
+    module = DeepLabV3Plus(num_classes=3, backbone="resnet18", lr=0.01)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True,
+                                  filename="step{step}")  # fmt: skip
+    trainer = Trainer(
+        max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[NonFiniteLossGuard(check_every_n_steps), checkpoints],
+        plugins=[AtomicCheckpointIO()],
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at global step 3\b") as error:
+        trainer.fit(module, DataLoader(PoisonedSegmentation(poisoned=3), batch_size=1))
+    assert "last.ckpt" in str(error.value)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["last.ckpt", "stepstep=1.ckpt", "stepstep=2.ckpt", "stepstep=3.ckpt"]
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)  # hparams hold an InferenceConfig
+    assert last["global_step"] == 3  # the state before the bad step, which never updated the weights
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

@@ -146,7 +146,10 @@ class PredictionGallery(Callback):
     # ------------------------------------------------------------------------------------- hooks
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Decide whether this validation run is logged."""
-        self._active = not trainer.sanity_checking and self._runs % self.every_n_val_epochs == 0
+        self._active = False
+        if not trainer.sanity_checking:
+            self._active = self._runs % self.every_n_val_epochs == 0
+            self._runs += 1
         self._seen = 0
         self._samples = []
 
@@ -201,7 +204,6 @@ class PredictionGallery(Callback):
         if not self._active:
             return
         self._active = False
-        self._runs += 1
         confmat = None
         if self.iou_table or self.confusion_matrix:
             metric = self._confmat_metric(pl_module)

@@ -146,16 +146,56 @@ def _numpy_state_from_plain(state: tuple) -> tuple:
     return name, keys.numpy().astype(np.uint32), position, has_gauss, cached
 
 
+def _augment_objects(pipeline: Any) -> list[Any]:
+    """Return the pipeline and every transform inside it (each may hold its own generators)."""
+    objects = [pipeline]
+    for transform in getattr(pipeline, "transforms", []):
+        objects += _augment_objects(transform)
+    return objects
+
+
 def _get_pipeline_state(pipeline: Any) -> dict[str, Any]:
-    return {"numpy": pipeline.random_generator.bit_generator.state, "python": pipeline.py_random.getstate()}
+    """States of the distinct NumPy and Python generators of a pipeline, and which object uses which."""
+    numpy_gens: list[Any] = []
+    python_gens: list[Any] = []
+
+    def index(pool: list[Any], item: Any) -> int:
+        for position, known in enumerate(pool):
+            if known is item:
+                return position
+        pool.append(item)
+        return len(pool) - 1
+
+    links = [
+        (index(numpy_gens, o.random_generator), index(python_gens, o.py_random))
+        for o in _augment_objects(pipeline)
+    ]
+    return {
+        "numpy": [g.bit_generator.state for g in numpy_gens],
+        "python": [g.getstate() for g in python_gens],
+        "links": links,
+    }
 
 
 def _set_pipeline_state(pipeline: Any, state: dict[str, Any]) -> None:
-    generator = np.random.default_rng()
-    generator.bit_generator.state = state["numpy"]
-    python = random.Random()
-    python.setstate(state["python"])
-    pipeline.set_random_state(generator, python)
+    objects = _augment_objects(pipeline)
+    if len(objects) != len(state["links"]):
+        raise ValueError(
+            f"the checkpoint's augmentation state covers {len(state['links'])} transforms, the training "
+            f"pipeline has {len(objects)}: was the augmentation changed between the runs?"
+        )
+    numpy_gens = []
+    for saved in state["numpy"]:
+        generator = np.random.default_rng()
+        generator.bit_generator.state = saved
+        numpy_gens.append(generator)
+    python_gens = []
+    for saved in state["python"]:
+        generator = random.Random()
+        generator.setstate(saved)
+        python_gens.append(generator)
+    for obj, (numpy_index, python_index) in zip(objects, state["links"]):
+        obj.random_generator, obj.py_random = numpy_gens[numpy_index], python_gens[python_index]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

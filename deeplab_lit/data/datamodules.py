@@ -389,6 +389,7 @@ class SyntheticDataModule(SegmentationDataModule):
         image_size: Image side in pixels.
         max_objects: Most shapes per image.
         object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
+        clutter: Background difficulty in [0, 1] (texture strength, number of distractors).
         seed: Seed of the data set.
 
     The other arguments are :class:`SegmentationDataModule`'s; the defaults here suit the 128 px
@@ -403,6 +404,7 @@ class SyntheticDataModule(SegmentationDataModule):
         image_size: int = 128,
         max_objects: int = 4,
         object_size: tuple[float, float] = (0.1, 0.33),
+        clutter: float = 0.5,
         seed: int = 0,
         batch_size: int = 16,
         crop_size: int = 128,
@@ -426,7 +428,7 @@ class SyntheticDataModule(SegmentationDataModule):
         self.root = Path(root)
         self.generation = {
             "num_train": num_train, "num_val": num_val, "image_size": image_size, "max_objects": max_objects,
-            "object_size": tuple(object_size), "seed": seed,
+            "object_size": tuple(object_size), "clutter": clutter, "seed": seed,
         }  # fmt: skip
         self.class_names = list(SYNTHETIC_CLASSES)
         self.palette = voc_palette()

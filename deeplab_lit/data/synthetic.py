@@ -154,16 +154,20 @@ def render_sample(
     max_objects: int,
     void_border: bool,
     object_size: tuple[float, float] = (0.1, 0.33),
+    clutter: float = 0.5,
 ) -> tuple:
     """Draw one image and its mask (object radii log-uniform in ``object_size`` x ``size``).
+
+    ``clutter`` in [0, 1] scales the background: texture strength and the number of distractors
+    (up to ``6 * clutter``); 0 gives flat noisy backgrounds.
 
     Returns:
         ``(image, mask)``: uint8 ``(size, size, 3)`` RGB and uint8 ``(size, size)`` class indices / 255.
     """
     base = _random_colour(rng)
-    pixels = _texture(rng, size, base, _random_colour(rng), rng.uniform(0.2, 0.8))
+    pixels = _texture(rng, size, base, _random_colour(rng), clutter * rng.uniform(0.2, 0.8))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    _draw_distractors(rng, image, int(rng.integers(1, 7)))
+    _draw_distractors(rng, image, int(rng.integers(0, round(6 * clutter) + 1)))
     pixels = np.asarray(image).astype(np.float32)
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -201,6 +205,7 @@ def _write_split(folder: Path, split: str, count: int, params: dict, palette: by
             params["max_objects"],
             params["void_border"],
             tuple(params["object_size"]),
+            params["clutter"],
         )
         name = f"{split}_{index:05d}"
         Image.fromarray(image).save(folder / "JPEGImages" / f"{name}.jpg", quality=92)
@@ -218,6 +223,7 @@ def generate_synthetic(
     image_size: int = 128,
     max_objects: int = 4,
     object_size: tuple[float, float] = (0.1, 0.33),
+    clutter: float = 0.5,
     void_border: bool = True,
     seed: int = 0,
 ) -> Path:
@@ -231,6 +237,7 @@ def generate_synthetic(
         image_size: Side of the square images in pixels.
         max_objects: Most shapes per image (at least one).
         object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
+        clutter: Background difficulty in [0, 1]: texture strength and number of distractors.
         void_border: Draw a thin 255 (ignore) band along object outlines, as VOC does.
         seed: Seed of the whole data set.
 
@@ -240,12 +247,14 @@ def generate_synthetic(
     params = {
         "version": FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size,
         "max_objects": max_objects, "object_size": [float(s) for s in object_size],
-        "void_border": void_border, "seed": seed,
+        "clutter": float(clutter), "void_border": void_border, "seed": seed,
     }  # fmt: skip
     if num_train < 1 or num_val < 1 or image_size < 16 or max_objects < 1:
         raise ValueError(
             f"Synthetic data needs num_train, num_val, max_objects >= 1 and image_size >= 16; got {params}"
         )
+    if not 0 <= clutter <= 1:
+        raise ValueError(f"clutter must be in [0, 1], got {clutter}")
     if not 0 < object_size[0] <= object_size[1] <= 1:
         raise ValueError(
             f"object_size must be (min, max) fractions with 0 < min <= max <= 1, got {object_size}"
