@@ -469,7 +469,7 @@ def profile_runner(runner: Runner, s: Settings, rows: int = 15) -> str:
     runner.run(1)
     with profile(activities=activities) as prof:
         runner.run(1)
-    sort = "self_cuda_time_total" if s.cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if s.cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
@@ -701,7 +701,15 @@ def environment(s: Settings, load_start: tuple[float, ...]) -> list[str]:
                            ("lightning", "lightning"), ("albumentations", "albumentations"))
     )  # fmt: skip
     load_end = os.getloadavg()
+    busy = []
+    if load_start[0] > 0.5 * (cores or 1):  # before our own work: others' load
+        busy = [
+            f"- **Warning: the machine was busy at the start (load average {load_start[0]:.1f} on {cores} "
+            "cores): these timings are not trustworthy. With more runnable threads than cores, torch's "
+            "multi-threaded kernels wait on descheduled threads; `--threads 1` suffers least.**"
+        ]
     return [
+        *busy,
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
         f"- Device: {device}",
         f"- Software: Python {platform.python_version()}, {packages}",
@@ -782,19 +790,24 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
-    parser.add_argument("--no-ablations", action="store_true", help="skip the 'ours, no X' rows")
+    parser.add_argument(
+        "--ablations",
+        action=argparse.BooleanOptionalAction,
+        help="rows 'ours, no X' in the DeepLabV3 tables (default: on for cuda, off for the slow cpu steps)",
+    )
     parser.add_argument("--profile", action="store_true", help="profile every pair, not only missed targets")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     values = default_settings(args.device, args.quick)
+    ablations = args.device == "cuda" or args.quick if args.ablations is None else args.ablations
     for key in list(values):
         given = getattr(args, key, None)
         if given is not None:
             values[key] = [tuple(hw) for hw in given] if key == "infer_sizes" else given
     settings = Settings(
         device=args.device, quick=args.quick, amp_dtype=args.amp_dtype, memory=not args.no_memory,
-        ablations=not args.no_ablations, threads=args.threads, profile=args.profile, **values,
+        ablations=ablations, threads=args.threads, profile=args.profile, **values,
     )  # fmt: skip
     settings.sections = args.sections  # type: ignore[attr-defined]
     settings.out = args.out  # type: ignore[attr-defined]

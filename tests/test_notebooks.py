@@ -82,6 +82,10 @@ def is_score(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0
 
 
+def test_every_notebook_is_executed_here():
+    assert sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_is_committed_without_outputs_and_defines_no_models(name):
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)

@@ -377,6 +377,7 @@ def test_missing_corrupt_and_unknown_files_each_give_one_clear_error(tmp_path):
 
 def test_url_source_is_downloaded_once_into_torch_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch_home" / "hub"))  # set_dir wins over env
     model = deeplab_v1(num_classes=3, backbone="resnet18").eval()
     torch.save(randomize(model).state_dict(), tmp_path / "published.pth")
     fresh = deeplab_v1(num_classes=3, backbone="resnet18")
@@ -390,6 +391,7 @@ def test_url_source_is_downloaded_once_into_torch_cache(tmp_path, monkeypatch):
 
 def test_unreachable_url_says_offline_and_where_the_cache_is(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch_home" / "hub"))  # set_dir wins over env
     for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(proxy, raising=False)
     model = deeplab_v1(num_classes=3, backbone="resnet18")
