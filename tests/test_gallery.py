@@ -61,8 +61,9 @@ def fit_with_gallery(tmp_path, gallery, epochs=2, logger=False):
     data = tiny_data(tmp_path / "data")
     module = DeepLabV3Plus(num_classes=data.num_classes, backbone="resnet18", class_names=data.class_names)
     trainer = Trainer(
-        max_epochs=epochs, limit_train_batches=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[gallery],
+        max_epochs=epochs, limit_train_batches=1, accelerator="cpu", logger=logger,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[gallery],
     )  # fmt: skip
     trainer.fit(module, data)
     return trainer, data
@@ -139,7 +140,9 @@ def test_bad_gallery_options_fail_clearly(kwargs, match):
 
 def test_gallery_without_palette_or_normalization_says_what_it_needs(tmp_path):
     module = DeepLabV3Plus(num_classes=3, backbone="resnet18")
-    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[PredictionGallery()], enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, callbacks=[PredictionGallery()], enable_progress_bar=False
+    )
     loader = torch.utils.data.DataLoader(
         [{"image": torch.zeros(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long)}], batch_size=1
     )

@@ -25,6 +25,14 @@ QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 STEPS_PER_EPOCH = 4  # num_train=8, batch_size=2
 
 
+@pytest.fixture(autouse=True)
+def restore_determinism_flag():
+    """``Trainer(deterministic=True)`` turns torch's global flag on: give it back to other tests."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 class KillAtStep(Callback):
     """SIGKILL the own process after optimizer step ``step`` (no clean-up, no finally blocks run)."""
 
@@ -33,7 +41,7 @@ class KillAtStep(Callback):
 
     def on_train_batch_end(self, trainer, *args, **kwargs):
         if trainer.global_step == self.step:
-            print(f"KillAtStep: SIGKILL after step {trainer.global_step}, epoch {trainer.current_epoch}", flush=True)
+            print(f"KillAtStep: SIGKILL after step {trainer.global_step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -42,8 +50,9 @@ def fit_args(root: Path, data: Path, epochs: int = 3) -> list[str]:
     return ["fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}",
             "--trainer.deterministic=true", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
-            "--model.init_args.backbone=resnet18", f"--data.init_args.root={data}", "--data.init_args.num_train=8",
-            "--data.init_args.num_val=4", "--data.init_args.image_size=32", "--data.init_args.crop_size=24",
+            "--model.init_args.backbone=resnet18", f"--data.init_args.root={data}",
+            "--data.init_args.num_train=8", "--data.init_args.num_val=4", "--data.init_args.image_size=32",
+            "--data.init_args.crop_size=24",
             "--data.init_args.batch_size=2", "--data.init_args.val_batch_size=2",
             "--data.init_args.num_workers=0"]  # fmt: skip
 
@@ -108,12 +117,16 @@ class FailsToPickle:
         raise RuntimeError("injected serialisation failure")
 
 
-@pytest.mark.parametrize("checkpoint_io", [AtomicCheckpointIO(), TorchCheckpointIO()], ids=["ours", "lightning"])
+@pytest.mark.parametrize(
+    "checkpoint_io", [AtomicCheckpointIO(), TorchCheckpointIO()], ids=["ours", "lightning"]
+)
 def test_failure_while_serialising_leaves_the_previous_last_ckpt_loadable(checkpoint_io, tmp_path):
     path = tmp_path / "ckpt" / "last.ckpt"
     checkpoint_io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
     with pytest.raises(RuntimeError, match="injected"):
-        checkpoint_io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000), "bad": FailsToPickle()}, path)
+        checkpoint_io.save_checkpoint(
+            {"global_step": 2, "w": torch.zeros(1000), "bad": FailsToPickle()}, path
+        )
     loaded = checkpoint_io.load_checkpoint(path)
     assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
@@ -173,7 +186,9 @@ class PoisonedSegmentation(Dataset):
 
 
 @pytest.mark.parametrize("check_every_n_steps", [1, 4])
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(check_every_n_steps, tmp_path):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    check_every_n_steps, tmp_path
+):
     module = DeepLabV3Plus(num_classes=3, backbone="resnet18", lr=0.01)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, save_last=True,
                                   filename="step{step}")  # fmt: skip

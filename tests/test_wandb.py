@@ -1,4 +1,4 @@
-"""W&B through the real CLI and config, read back from the files an offline run writes; CSV as the fallback."""
+"""W&B through the real CLI and config, read back from an offline run's files; CSV as the fallback."""
 
 import json
 import struct
@@ -19,11 +19,12 @@ QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
 
 def tiny_quickstart(root: Path, *extra: str) -> list[str]:
     return ["fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", "--trainer.max_epochs=2",
-            "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
-            "--model.init_args.backbone=resnet18", f"--data.init_args.root={root / 'data'}",
-            "--data.init_args.num_train=4", "--data.init_args.num_val=3", "--data.init_args.image_size=32",
-            "--data.init_args.crop_size=32", "--data.init_args.batch_size=2", "--data.init_args.val_batch_size=2",
+            "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={root}", "--model.init_args.backbone=resnet18",
+            f"--data.init_args.root={root / 'data'}", "--data.init_args.num_train=4",
+            "--data.init_args.num_val=3", "--data.init_args.image_size=32", "--data.init_args.crop_size=32",
+            "--data.init_args.batch_size=2", "--data.init_args.val_batch_size=2",
             "--data.init_args.num_workers=0", *extra]  # fmt: skip
 
 
@@ -91,7 +92,8 @@ def test_fit_writes_metrics_images_tables_and_config_to_an_offline_wandb_run(tmp
     last_miou = [h["val/mIoU"] for h in history if "val/mIoU" in h][-1]
     assert last_miou == pytest.approx(float(cli.trainer.callback_metrics["val/mIoU"]), abs=1e-6)
     galleries = [h for h in history if h.get("val/gallery/_type") == "images/separated"]
-    assert len(galleries) == 2 and all(h["val/gallery/count"] == 3 for h in galleries)  # 2 epochs, 3 val images
+    assert len(galleries) == 2  # 2 epochs, each the 3 validation images
+    assert all(h["val/gallery/count"] == 3 for h in galleries)
     for entry in galleries:
         assert all((run_dir / "files" / name).is_file() for name in entry["val/gallery/filenames"])
         assert entry["val/gallery/captions"][0].endswith("image | ground truth | prediction | CRF")
@@ -132,8 +134,8 @@ def test_api_key_or_explicit_mode_decides(monkeypatch):
 
 
 def test_logger_switches_to_csv_from_the_command_line(tmp_path):
-    cli = main(tiny_quickstart(tmp_path, "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-                               "--trainer.max_epochs=1"))  # fmt: skip
+    csv = ["--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}", "--trainer.max_epochs=1"]
+    cli = main(tiny_quickstart(tmp_path, *csv))
     log_dir = Path(cli.trainer.logger.log_dir)
     assert "val/mIoU" in (log_dir / "metrics.csv").read_text().splitlines()[0]
     hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())

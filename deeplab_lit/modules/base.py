@@ -35,6 +35,10 @@ from deeplab_lit.models.weights import (
 )
 from deeplab_lit.normalization import Normalization
 
+# Checkpoints store these small config objects in their hyper-parameters; torch.load(weights_only=True),
+# Lightning's default, refuses unknown classes, so they are declared safe to unpickle.
+torch.serialization.add_safe_globals([InferenceConfig, Normalization])
+
 Batch = dict[str, Any]
 STAGES = ("val", "test")
 
