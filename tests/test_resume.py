@@ -11,13 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
 from deeplab_lit import DeepLabV3Plus
-from deeplab_lit.callbacks import AtomicCheckpointIO, NonFiniteLossError, NonFiniteLossGuard
+from deeplab_lit.callbacks import (
+    AtomicCheckpointIO,
+    BestAndLastCheckpoint,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+)
 from deeplab_lit.cli import main
 
 REPO = Path(__file__).parents[1]
@@ -109,6 +114,35 @@ def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(tmp_path):
         reference.model.model.classifier[-1].weight if hasattr(reference.model.model, "classifier") else
         next(iter(reference.model.parameters())),
     )  # fmt: skip
+
+
+class WorseningModule(LightningModule):
+    """One weight; ``val/score`` gets worse every epoch, so only epoch 0 is ever the best."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", -float(self.current_epoch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_ckpt_follows_the_newest_state_even_without_improvement(tmp_path):
+    """Lightning's ``save_last`` refreshes last.ckpt only with a new best; resuming needs the newest."""
+    data = DataLoader(torch.zeros(4, 1), batch_size=2)
+    for checkpoint_class, expected_step in ((ModelCheckpoint, 2), (BestAndLastCheckpoint, 6)):
+        folder = tmp_path / checkpoint_class.__name__
+        callback = checkpoint_class(dirpath=folder, monitor="val/score", mode="max", save_last=True)
+        trainer = Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[callback])  # fmt: skip
+        trainer.fit(WorseningModule(), data, data)
+        assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == expected_step
 
 
 # ------------------------------------------------------------------------------------ atomic checkpoints

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deeplab_lit.callbacks import AtomicCheckpointIO
 from deeplab_lit.cli import main
 from deeplab_lit.loggers import WandbLogger, resolve_offline
 
@@ -143,3 +144,4 @@ def test_logger_switches_to_csv_from_the_command_line(tmp_path):
     assert len(list((log_dir / "gallery" / "val_gallery").glob("*.png"))) == 3  # gallery as PNG files
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # checkpoints: <default_root_dir>/checkpoints
     assert not (tmp_path / "wandb").exists()
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # trainer.plugins in the config

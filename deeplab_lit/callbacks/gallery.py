@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from deeplab_lit.callbacks.crf import DenseCRFCallback
-from deeplab_lit.crf import CRFParams
+from deeplab_lit.crf import CRFParams, dense_crf
 from deeplab_lit.normalization import Normalization
 from deeplab_lit.visualize import confusion_matrix_figure, figure_to_array, overlay, side_by_side
 
@@ -101,7 +101,6 @@ class PredictionGallery(Callback):
         self.palette = None if palette is None else np.asarray(palette, dtype=np.uint8)
         self.normalization = normalization
         self.class_names: list[str] = []
-        self.ignore_index = 255
         self._runs = 0  # validation runs seen (sanity checks excluded); saved in checkpoints
         self._active = False
         self._seen = 0
@@ -126,8 +125,6 @@ class PredictionGallery(Callback):
         self.palette = np.asarray(self.palette, dtype=np.uint8)
         if self.palette.ndim != 2 or self.palette.shape[1] != 3 or len(self.palette) < 256:
             raise ValueError(f"PredictionGallery palette must be (256, 3) colours, got {self.palette.shape}")
-        hparams = getattr(pl_module, "hparams", {})
-        self.ignore_index = int(hparams.get("ignore_index", getattr(datamodule, "ignore_index", 255)))
         self.class_names = list(
             getattr(pl_module, "class_names", None) or getattr(datamodule, "class_names", None) or []
         )
@@ -178,8 +175,6 @@ class PredictionGallery(Callback):
             images = self.normalization.denormalize(batch["image"][picks])
             refined = None
             if self._use_crf:
-                from deeplab_lit.crf import dense_crf
-
                 probs = logits.float().softmax(dim=1)
                 refined = dense_crf(probs, images, self.crf_params, self.crf_backend).argmax(dim=1).cpu()
         names = batch.get("name")
@@ -198,8 +193,9 @@ class PredictionGallery(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the panels, the IoU table and the confusion matrix.
 
-        Lightning calls callbacks' ``on_validation_epoch_end`` before the module's, which computes the
-        scores and resets the confusion matrix, so the matrix read here is the full validation one.
+        Lightning calls callbacks' ``on_validation_epoch_end`` before the module's (see
+        ``_on_evaluation_epoch_end`` in its evaluation loop), and the module's computes the scores and
+        resets the confusion matrix, so the matrix read here is the whole validation set's.
         """
         if not self._active:
             return

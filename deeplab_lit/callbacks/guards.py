@@ -32,6 +32,8 @@ class NonFiniteLossGuard(Callback):
     The step is Lightning's ``global_step`` when the loss was computed (the number of optimizer steps
     done before it, as in the logged curves). The bad step's parameters update never happens; BatchNorm
     running statistics of that forward pass may already hold NaN, but no checkpoint is written after it.
+    Under ``precision: 16-mixed`` the loss checked is the scaled one (NaN and inf stay NaN and inf; the
+    non-finite *gradients* that the gradient scaler skips on its own are not this guard's business).
 
     Args:
         check_every_n_steps: Read the device-side flag every N training steps (and always before a
@@ -100,7 +102,7 @@ class NonFiniteLossGuard(Callback):
         late = trainer.global_step - step
         raise NonFiniteLossError(
             f"Training loss is {value} at global step {step}: training stopped"
-            + (f" (noticed {late} steps later: check_every_n_steps={self.check_every_n_steps})" * bool(late))
+            + (f" (seen {late} step(s) later, check_every_n_steps={self.check_every_n_steps})" * bool(late))
             + ". No checkpoint was written after that step; "
             + (f"the last good one is {kept}. " if kept else "none had been written yet. ")
             + "Resume from it with a lower learning rate (model.init_args.lr), check the data of that step, "
