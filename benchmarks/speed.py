@@ -624,7 +624,7 @@ def data_section(s: Settings, step_rates: dict[str, float], targets: list[Target
     if step_rates:
         fastest = max(step_rates, key=step_rates.get)
         targets.append(
-            Target(f"data loading vs training step ({fastest})", rate / step_rates[fastest], 3.0, fastest)
+            Target("data loading vs the faster training step", rate / step_rates[fastest], 3.0, fastest)
         )
     print("\n".join(lines), flush=True)
     return [*lines, ""]

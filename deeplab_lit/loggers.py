@@ -93,6 +93,9 @@ class WandbLogger(_LightningWandbLogger):
     ) -> None:
         self.offline, reason = resolve_offline(offline)
         save_dir = "." if save_dir is None else os.fspath(save_dir)
+        # LightningCLI resolves **kwargs down to wandb.init's signature and passes every unset one as None
+        # (mode=None, resume=None...), which would override Lightning's and ours: keep only those given.
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
         if self.offline:
             kwargs.setdefault("mode", "offline")  # wandb.init's own argument: no global WANDB_MODE change
             runs = os.path.join(save_dir, "wandb", "offline-run-*")

@@ -123,6 +123,18 @@ def test_no_api_key_means_offline_with_a_sync_hint(tmp_path, monkeypatch, caplog
     assert logger._wandb_init["project"] == "deeplab-lit" and logger._wandb_init["name"] == "v3-voc"
 
 
+def test_the_cli_built_logger_goes_offline_without_a_key(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    cli = main(tiny_quickstart(tmp_path)[1:], run=False)  # as configured, not run
+    init = cli.trainer.logger._wandb_init
+    assert init["mode"] == "offline" and init["resume"] == "allow" and init["name"] == "quickstart"
+    assert init["dir"] == str(tmp_path)  # save_dir defaults to trainer.default_root_dir
+
+
 def test_api_key_or_explicit_mode_decides(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

@@ -19,14 +19,16 @@ the previous ``last.ckpt`` intact. Lightning's own ``TorchCheckpointIO`` is atom
 temporary folder is on the checkpoint's file system (fsspec writes to ``tempfile.mkstemp()`` and moves the
 file, which becomes a copy across devices), and it holds the serialised checkpoint in memory twice.
 
-What is exact (tests/test_resume.py): a run killed at any moment and resumed with ``--ckpt_path last``
-from a checkpoint written at the end of an epoch finishes with the same step count and the same metrics
-as an uninterrupted run, provided augmentation runs in the main process or in non-persistent workers.
-What is not: DataLoader workers with ``persistent_workers=True`` keep their augmentation state in other
-processes, which no checkpoint can reach; and a checkpoint written in the middle of an epoch (with
-``val_check_interval`` or ``every_n_train_steps``) resumes with the right step count, schedule and
+What is exact (tests/test_resume.py): a run SIGKILLed at any moment and resumed with ``--ckpt_path last``
+from a checkpoint written at the end of an epoch finishes with the same step count, weights and metrics
+as an uninterrupted run, on the CPU with ``deterministic: true`` and augmentation in the main process
+(``num_workers=0``). Lightning first repeats the validation that wrote the checkpoint (same figures,
+logged once more). What is not exact: DataLoader workers with ``persistent_workers=True`` (the
+datamodules' choice whenever ``num_workers > 0``) keep their augmentation state in other processes, which
+no checkpoint reaches; and a checkpoint written in the middle of an epoch (``val_check_interval`` or
+``every_n_train_steps``, as in the paper configs) resumes with the right step count, schedule and
 optimiser state, but Lightning starts that epoch's data loader afresh (it warns about a non-resumable
-loader), so the remaining steps of that epoch see a different draw of images.
+loader), so the rest of that epoch sees a new shuffle: statistically the same training, not the same bits.
 """
 
 from __future__ import annotations
