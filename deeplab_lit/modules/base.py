@@ -106,8 +106,9 @@ class SegmentationModule(LightningModule):
         class_names: Names for per-class metrics; defaults to ``class_0..``. Linked from the data by the CLI.
         channels_last: Keep the network's weights in channels-last (NHWC) memory format; the first
             convolution then turns each batch into it too, and every feature map stays in it. Faster
-            convolutions with mixed precision on GPUs (tensor cores) and with oneDNN on CPUs; results
-            equal the default format's to float rounding. See ``benchmarks/speed.py``.
+            convolutions with mixed precision on GPUs (tensor cores) and with oneDNN on CPUs (ResNet
+            backbones; about neutral for the depthwise MobileNetV2/Xception-65); results equal the default
+            format's to float rounding. ``benchmarks/speed.py --ablations`` measures it on your machine.
         compile: ``torch.compile`` the network's parts in place (backbone, head, decoder, aux head;
             ``nn.Module.compile``, so checkpoint keys are unchanged). The first steps are slow while it
             compiles, and evaluation on images of varying sizes recompiles (then goes dynamic); needs a
