@@ -6,6 +6,11 @@ the first batch that needs it, reused by every later call with the same size, re
 child process never uses its parent's workers) and shut down at interpreter exit. With one worker, or one
 image, the work runs in this process and no pool is started.
 
+A worker never outlives its parent: a watchdog thread in each worker exits it once the parent is gone,
+even when the parent was killed with SIGKILL and had no chance to shut the pool down. Workers ignore
+SIGINT (Ctrl+C reaches the whole process group; the parent alone decides what to do) and take the
+default action on SIGTERM, whatever handlers the parent had installed before forking.
+
 Workers are forked on Linux: they start at once, and they only run numpy and pydensecrf (never torch,
 CUDA or OpenMP), so a parent holding CUDA contexts or thread pools is no danger to them. Elsewhere, and
 whenever :data:`MP_CONTEXT` is set to ``"spawn"`` or ``"forkserver"``, each worker imports
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -29,6 +36,8 @@ from deeplab_lit.crf.params import CRFParams
 
 #: How the pool's workers are started (a ``multiprocessing`` start method).
 MP_CONTEXT = "fork" if sys.platform.startswith("linux") else "spawn"
+#: Seconds between a worker's checks that its parent is still alive.
+PARENT_CHECK_INTERVAL = 0.5
 
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
@@ -130,9 +139,30 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
             _pool.shutdown(wait=True, cancel_futures=True)
             _pool = None
         if _pool is None:
-            _pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context(MP_CONTEXT))
+            _pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=get_context(MP_CONTEXT),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
+            )
             _pool_workers = workers
         return _pool
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Reset inherited signal handlers and start the orphan watchdog (runs once in each worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(parent_pid,), name="crf-orphan-watchdog", daemon=True
+    ).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Exit this worker as soon as its parent process is gone (re-parented workers see another ppid)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL)
+    os._exit(1)
 
 
 def shutdown_pool() -> None:

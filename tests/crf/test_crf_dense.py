@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -129,6 +133,46 @@ def test_a_forked_child_does_not_inherit_the_pool():
     finally:
         backend_module.shutdown_pool()
     assert forgotten is True
+
+
+_PARENT_SCRIPT = """
+import sys, time
+from deeplab_lit.crf import dense_crf
+from deeplab_lit.crf import pydensecrf_backend as backend
+from deeplab_lit.crf.synthetic import synthetic_scene
+_, images, probs = synthetic_scene(2, 3, 12, 14, seed=6)
+dense_crf(probs, images, backend="pydensecrf", num_workers=2)
+print(*backend._pool._processes, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_exit_when_the_parent_is_killed():
+    pytest.importorskip("pydensecrf.densecrf")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT_SCRIPT], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), f"orphaned CRF workers still running: {workers}"
+    finally:
+        parent.kill()
+        for pid in filter(_alive, workers):  # leave no orphans behind when the test fails
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_auto_picks_pydensecrf_on_cpu_and_falls_back_with_one_warning(monkeypatch):
