@@ -23,6 +23,7 @@ from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
     IGNORE_INDEX,
     SegmentationTransform,
+    augmentation_seed,
     eval_transform,
     seed_worker,
     train_transform,
@@ -122,7 +123,7 @@ class SegmentationDataModule(LightningDataModule):
         """Build the datasets a stage needs (all labelled splits when ``stage`` is None)."""
         if stage in ("fit", None):
             # albumentations ignores torch's seed: derive the pipeline's from it, so seed_everything holds.
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = augmentation_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
             self.train_dataset = self.build_split("train", self.train_transform(seed))
             if len(self.train_dataset) < self.batch_size:
                 raise ValueError(

@@ -121,14 +121,28 @@ def eval_transform(normalization: Normalization = IMAGENET) -> SegmentationTrans
     return SegmentationTransform([], normalization, seed=0)
 
 
+def augmentation_seed(base: int) -> int:
+    """Seed of an augmentation stream: ``base`` mixed with this process's global (DDP) rank.
+
+    Under DDP every rank runs ``seed_everything`` with the same seed, so a seed drawn from torch alone
+    would give every rank the same scales, crops and flips (on different images). Mixing in the rank
+    Lightning assigned keeps ranks apart and a single-process run unchanged across rank counts.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank = int(getattr(rank_zero_only, "rank", 0) or 0)
+    return int(np.random.SeedSequence([base % 2**32, rank]).generate_state(1)[0])
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker its own augmentation stream.
 
     albumentations keeps its random state inside the pipeline, so forked workers would otherwise
     repeat one another's crops, and every epoch's fresh workers would repeat the last epoch's.
-    ``torch.initial_seed()`` differs per worker and per epoch and follows ``seed_everything``.
+    ``torch.initial_seed()`` differs per worker and per epoch and follows ``seed_everything``; the DDP
+    rank is mixed in by :func:`augmentation_seed`.
     """
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if isinstance(transform, SegmentationTransform):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+        transform.set_random_seed(augmentation_seed(torch.initial_seed()))

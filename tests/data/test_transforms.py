@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deeplab_lit.data.transforms import eval_transform, seed_worker, train_transform
+from deeplab_lit.data.transforms import augmentation_seed, eval_transform, seed_worker, train_transform
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
 
 
@@ -117,3 +117,18 @@ def test_random_scale_keeps_aspect_ratio_within_range():
         assert abs(cols - 2 * rows) <= 1  # one scale factor for both sides
         scales.append(rows / 20)
     assert 0.5 - 0.05 <= min(scales) and max(scales) <= 2.0 + 0.05 and max(scales) - min(scales) > 0.5
+
+
+def test_ddp_ranks_get_different_augmentation_seeds(monkeypatch):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    seeds = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        seeds[rank] = augmentation_seed(1234)
+        assert augmentation_seed(1234) == seeds[rank]  # deterministic per (seed, rank)
+    assert seeds[0] != seeds[1]
+    crops = {
+        r: train_transform(16, scale_range=(0.5, 2.0), seed=s)(*_sample(40, 40))[1] for r, s in seeds.items()
+    }
+    assert not torch.equal(crops[0], crops[1])
