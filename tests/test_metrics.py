@@ -39,6 +39,28 @@ def test_miou_matches_plain_confusion_matrix_over_batches_with_ignore():
     assert scores["iou"][5].item() == 0.0
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_confusion_matrix_is_exact_in_deterministic_mode_and_from_scores(deterministic):
+    gen = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 4, (3, 31, 29), generator=gen)
+    target[torch.rand(target.shape, generator=gen) < 0.3] = 255
+    scores = torch.randn(3, 4, 31, 29, generator=gen)
+    preds = scores.argmax(1)
+    keep = (target != 255).numpy()
+    expected = np.zeros((4, 4), dtype=np.int64)
+    np.add.at(expected, (target.numpy()[keep], preds.numpy()[keep]), 1)
+    from_labels, from_scores = SegmentationMetrics(4), SegmentationMetrics(4)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        from_labels.update(preds, target)
+        from_scores.update(scores, target)  # (N, C, H, W) scores: argmax taken
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    np.testing.assert_array_equal(from_labels.confmat.numpy(), expected)
+    np.testing.assert_array_equal(from_scores.confmat.numpy(), expected)
+
+
 def test_class_absent_from_both_is_left_out_of_the_mean():
     conf = torch.tensor([[5, 0, 0], [5, 5, 0], [0, 0, 0]])
     scores = scores_from_confusion(conf)
