@@ -56,7 +56,7 @@ class Normalization:
         if self.bgr:
             x = x.flip(-3)
         mean, std = self._stats(x)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)  # in place on the fresh float copy: one allocation per batch
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Recover uint8 RGB images ``(..., 3, H, W)`` from normalised model input."""

@@ -171,7 +171,9 @@ class SegmentationModule(LightningModule):
                 if isinstance(module, _BatchNorm):
                     module.requires_grad_(False)
             self.train(self.training)  # frozen BatchNorm starts in eval mode
-        self.metrics = nn.ModuleDict({stage: SegmentationMetrics(num_classes, ignore_index) for stage in STAGES})
+        self.metrics = nn.ModuleDict(
+            {stage: SegmentationMetrics(num_classes, ignore_index) for stage in STAGES}
+        )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
@@ -271,7 +273,9 @@ class SegmentationModule(LightningModule):
         loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams.ignore_index)
         preds = logits.argmax(dim=1)
         self.metrics[stage].update(preds, masks)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        self.log(
+            f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True
+        )
         return {"logits": logits, "preds": preds}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
@@ -302,10 +306,13 @@ class SegmentationModule(LightningModule):
     def _log_epoch_scores(self, stage: str) -> None:
         scores = self.metrics[stage].compute()
         self.log_dict(
-            {f"{stage}/{key}": scores[key] for key in ("mIoU", "pixel_acc", "mean_acc")}, prog_bar=stage == "val"
+            {f"{stage}/{key}": scores[key] for key in ("mIoU", "pixel_acc", "mean_acc")},
+            prog_bar=stage == "val",
         )
         per_class = {
-            f"{stage}/IoU/{name}": iou for name, iou in zip(self.class_names, scores["iou"]) if not iou.isnan()
+            f"{stage}/IoU/{name}": iou
+            for name, iou in zip(self.class_names, scores["iou"])
+            if not iou.isnan()
         }
         self.log_dict(per_class)
         self.metrics[stage].reset()
@@ -338,5 +345,7 @@ class SegmentationModule(LightningModule):
             **fast_sgd_options(backbone + head, fused_allowed),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=hp.poly_power)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            optimizer, total_iters=total_steps, power=hp.poly_power
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
