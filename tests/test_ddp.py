@@ -3,8 +3,8 @@
 ``fit`` runs with ``strategy: ddp`` in a subprocess (Lightning's DDP launcher re-executes the command
 once per extra process), then the last checkpoint is validated with two processes and with one. mIoU
 comes from one confusion matrix summed over the processes, so all three figures must be equal. The
-validation set has an even number of images: DistributedSampler pads an uneven one with repeated
-images, which would count twice.
+validation set has an odd number of images on purpose: Lightning's default DistributedSampler would pad
+it with a repeated image, counted twice; the datamodules' unrepeated evaluation sampler must not.
 
 ``trainer.sync_batchnorm`` cannot run here: torch's DDP refuses SyncBatchNorm on CPU modules ("SyncBatchNorm
 layers only work with GPU modules"). What can be checked on a CPU is the conversion Lightning applies
@@ -30,7 +30,7 @@ from deeplab_lit.data.synthetic import generate_synthetic
 from deeplab_lit.models import deeplab_v2, deeplab_v3, deeplab_v3plus
 
 REPO = Path(__file__).parents[1]
-NUM_TRAIN, NUM_VAL, BATCH = 8, 4, 2
+NUM_TRAIN, NUM_VAL, BATCH = 8, 5, 2
 
 
 def write_config(tmp_path: Path) -> Path:

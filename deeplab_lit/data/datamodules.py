@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
@@ -45,6 +46,22 @@ def default_num_workers() -> int:
     """``min(4, usable CPU cores)``."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(4, cores)
+
+
+def unrepeated_eval_sampler(dataset: Dataset) -> Sampler | None:
+    """Under DDP, a sampler that gives each process its share of ``dataset`` with no image twice.
+
+    Lightning's default DistributedSampler pads the last shard with repeated images so every process
+    has as many batches, and those repeats would be counted twice in the summed confusion matrix: a
+    mIoU that depends on the number of GPUs. Evaluation runs no per-step collective, so uneven shards
+    are safe. Lightning keeps any DistributedSampler it finds. Returns None (in-order sampling) when
+    not distributed.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 class SegmentationDataModule(LightningDataModule):
@@ -152,6 +169,7 @@ class SegmentationDataModule(LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=train,
+            sampler=None if train else unrepeated_eval_sampler(dataset),
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
