@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
 
-from deeplab_lit import DeepLabV2, DeepLabV3
+from deeplab_lit import DeepLabV2, DeepLabV3, DeepLabV3Plus
 from deeplab_lit.cli import main
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.heads import LargeFOVHead
@@ -325,6 +325,21 @@ def test_own_lightning_checkpoint_and_plain_state_dict_load(tmp_path):
     plus = deeplab_v3plus(num_classes=4, backbone="resnet18")
     with pytest.raises(ValueError, match=r"hold DeepLab v3 .*the model is DeepLab v3\+"):
         load_weights(plus, tmp_path / "run.ckpt")
+
+
+def test_narrow_v3plus_checkpoint_gives_its_width_to_the_module(tmp_path):
+    module = DeepLabV3Plus(num_classes=3, backbone="resnet18", channels=32).eval()
+    randomize(module.model)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    checkpoint["hyper_parameters"]["_class_path"] = "deeplab_lit.DeepLabV3Plus"
+    torch.save(checkpoint, tmp_path / "narrow.ckpt")
+    loaded = DeepLabV3Plus(num_classes=3, backbone="resnet18", weights=str(tmp_path / "narrow.ckpt")).eval()
+    assert loaded.hparams.channels == 32  # taken from the checkpoint, the default (256) was left alone
+    x = torch.randn(1, 3, 40, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), module.model(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"channels=64 \(the checkpoint needs 32\)"):
+        DeepLabV3Plus(num_classes=3, backbone="resnet18", channels=64, weights=str(tmp_path / "narrow.ckpt"))
 
 
 def test_module_checkpoint_records_normalization_and_drops_the_weights_path(kazuto_v2_small):

@@ -60,7 +60,7 @@ FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
 #: Architecture options a checkpoint can imply, in the order messages list them.
 OPTIONS: tuple[str, ...] = (
     "backbone", "style", "output_stride", "atrous_rates", "multi_grid", "msc_scales", "aux_head", "separable",
-    "largefov_rate",
+    "largefov_rate", "channels",
 )  # fmt: skip
 _RESNET_DEPTHS = {
     (2, 2, 2, 2, False): "resnet18",

@@ -300,6 +300,7 @@ def deeplab_v3plus(
     aux_head: bool = False,
     style: str = "torchvision",
     pretrained_backbone: bool | str = False,
+    channels: int = 256,
 ) -> Segmenter:
     """DeepLab v3+: the v3 encoder (ASPP, 256 ch, dropout 0.1) + the v3+ decoder (v3+ Sec. 3.1-3.2).
 
@@ -313,9 +314,14 @@ def deeplab_v3plus(
         aux_head: Add an auxiliary FCN head on layer3 (ResNets only).
         style: ResNet style.
         pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+        channels: Width of the ASPP and of the decoder's 3x3 convolutions (256 in the paper). At the
+            stride-4 resolution the decoder dominates the cost of a small backbone; a narrower one (e.g.
+            64) makes a cheap model for CPU experiments.
     """
     _check_num_classes(num_classes)
     _not_vgg(backbone, "deeplab_v3plus")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int (256 in the paper), got {channels!r}")
     check_backbone_options(backbone, output_stride, multi_grid, style)
     rates = _v3_rates(atrous_rates, output_stride)
     body = build_backbone(
@@ -325,6 +331,8 @@ def deeplab_v3plus(
         style=style,
         pretrained=pretrained_backbone,
     )
-    head = ASPP(body.out_channels, 256, rates, separable=separable, dropout=0.1)
-    decoder = DeepLabV3PlusDecoder(256, body.low_channels, num_classes, separable=separable)
+    head = ASPP(body.out_channels, channels, rates, separable=separable, dropout=0.1)
+    decoder = DeepLabV3PlusDecoder(
+        channels, body.low_channels, num_classes, channels=channels, separable=separable
+    )
     return Segmenter(body, head, decoder, aux_classifier=_aux_head(body, num_classes, aux_head))

@@ -157,6 +157,7 @@ class DeepLabV3Plus(SegmentationModule):
         separable: Atrous depthwise-separable convolutions in ASPP and decoder (Sec. 3.2).
         aux_head: Auxiliary FCN head on layer3 (ResNets).
         style: ``"torchvision"`` or ``"caffe"`` ResNet.
+        channels: ASPP and decoder width, 256 in the paper; narrower for cheap CPU runs (quickstart: 64).
         lr: 0.007 in the paper.
         weight_decay: 1e-4 (4e-5 for Xception in the paper).
         **kwargs: Shared options of :class:`SegmentationModule`.
@@ -172,6 +173,7 @@ class DeepLabV3Plus(SegmentationModule):
         separable: bool = False,
         aux_head: bool = False,
         style: str = "torchvision",
+        channels: int = 256,
         lr: float = 0.007,
         weight_decay: float = 1e-4,
         **kwargs: Any,
@@ -193,4 +195,5 @@ class DeepLabV3Plus(SegmentationModule):
             aux_head=hp.aux_head,
             style=hp.style,
             pretrained_backbone=hp.pretrained_backbone,
+            channels=hp.channels,
         )

@@ -36,6 +36,7 @@ def _check_output(model: nn.Module, num_classes: int) -> None:
         (deeplab_v3, {"backbone": "mobilenet_v2", "output_stride": 8, "multi_grid": None}),
         (deeplab_v3plus, {"backbone": "resnet18", "output_stride": 8}),
         (deeplab_v3plus, {"backbone": "mobilenet_v2", "separable": True}),
+        (deeplab_v3plus, {"backbone": "resnet18", "channels": 32}),
     ],
 )
 def test_builders_give_logits_at_input_size(builder, kwargs):
@@ -158,6 +159,21 @@ def test_builder_argument_errors():
         deeplab_v1(num_classes=2, largefov_rate=0)
     with pytest.raises(ValueError, match="'aux' output; mobilenet_v2 has none"):
         Segmenter(build_backbone("mobilenet_v2"), ASPPSum(320, 2, (1,)), aux_classifier=nn.Conv2d(8, 2, 1))
+
+
+def test_v3plus_channels_sets_aspp_and_decoder_width():
+    narrow = deeplab_v3plus(num_classes=3, backbone="resnet18", channels=32)
+    heads = [narrow.head, narrow.decoder]
+    widths = {m.out_channels for h in heads for m in h.modules() if isinstance(m, nn.Conv2d)} - {3}
+    assert widths == {32, 48}  # ASPP and decoder at 32; the 48-channel low-level projection stays
+    paper = deeplab_v3plus(num_classes=3, backbone="resnet18")
+
+    def head_params(m):
+        return sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in m.backbone.parameters())
+
+    assert head_params(narrow) < head_params(paper) / 10
+    with pytest.raises(ValueError, match=r"channels must be a positive int .* got 0"):
+        deeplab_v3plus(num_classes=3, backbone="resnet18", channels=0)
 
 
 def test_default_aspp_rates_follow_output_stride():
