@@ -408,7 +408,7 @@ class SyntheticDataModule(SegmentationDataModule):
         image_size: Image side in pixels.
         max_objects: Most shapes per image.
         object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
-        clutter: Background difficulty in [0, 1] (texture strength, number of distractors).
+        clutter: Background difficulty in [0, 1] (the number of distractors).
         seed: Seed of the data set.
 
     The other arguments are :class:`SegmentationDataModule`'s; the defaults here suit the 128 px

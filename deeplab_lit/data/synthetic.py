@@ -3,12 +3,16 @@
 Six classes: ``background`` and five shapes, ``disc``, ``square``, ``triangle``, ``ring`` and
 ``cross``. Each image holds 1..``max_objects`` shapes at log-uniform sizes (by default radii of 1/10
 to 1/3 of the image side; every shape has the area of the disc of that radius, so classes are
-balanced), rotated, each with a random colour and texture, so colour says nothing about the class.
-The background is textured (noise, stripes, gradients) with distractors of the background class:
-elongated ellipses, lines and jagged blobs. Later shapes occlude earlier ones. Like VOC, a thin void
+balanced), rotated, each painted a saturated colour of random hue (nearly flat: a faint gradient and
+a little noise), so colour says nothing about the class. The background is a noisy stripe texture of
+two near-grey colours, with distractors of the background class on it (``clutter``): elongated
+ellipses, lines and jagged blobs of any colour. Later shapes occlude earlier ones. Like VOC, a thin void
 band (255) runs along every object outline, unless ``void_border=False``.
 
-Telling a disc from a ring, or a square from a cross, needs shape and context, not one pixel's colour.
+Colour and texture tell objects from most of the background (deliberately easy, so that a small
+network trained from scratch on a CPU gets past the all-background phase within the quickstart's few
+hundred steps); telling a disc from a ring, a square from a cross, or a shape from a coloured
+distractor needs the shape over the object's whole extent, not one pixel's colour.
 
 Written as ``root/{JPEGImages,SegmentationClass,ImageSets/Segmentation}`` with a ``synthetic.json``
 manifest of the generation parameters. Generation is atomic (a temporary folder renamed into place)
@@ -18,6 +22,7 @@ image ``i`` of a split depends only on ``(seed, split, i)`` and the drawing para
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -33,7 +38,7 @@ from deeplab_lit.data.voc import voc_palette
 
 SYNTHETIC_CLASSES: list[str] = ["background", "disc", "square", "triangle", "ring", "cross"]
 MANIFEST = "synthetic.json"
-FORMAT_VERSION = 2  # bump when the drawing code changes, so old folders regenerate
+FORMAT_VERSION = 3  # bump when the drawing code changes, so old folders regenerate
 _SPLIT_CODES = {"train": 0, "val": 1}
 
 
@@ -48,21 +53,42 @@ def _random_colour(
     return tuple(int(c) for c in colour)
 
 
-def _texture(rng: np.random.Generator, size: int, base: tuple, other: tuple, strength: float) -> np.ndarray:
-    """Float ``(size, size, 3)`` texture: base colour blended with stripes or a gradient, plus noise."""
+def _vivid_colour(rng: np.random.Generator) -> tuple:
+    """Draw a saturated colour of random hue (the objects' paint)."""
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
+    return tuple(int(round(255 * c)) for c in rgb)
+
+
+def _grey(rng: np.random.Generator) -> tuple:
+    """Draw a near-grey colour (the background's paint): saturation below 0.15."""
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.15), rng.uniform(0.2, 0.9))
+    return tuple(int(round(255 * c)) for c in rgb)
+
+
+def _texture(
+    rng: np.random.Generator,
+    size: int,
+    base: tuple,
+    other: tuple,
+    strength: float,
+    noise: float,
+    stripes: bool,
+) -> np.ndarray:
+    """Float ``(size, size, 3)`` texture: ``base`` blended with ``other`` (stripes or gradient), plus noise.
+
+    ``strength`` in [0, 1] is the weight of ``other`` at its peak, ``noise`` the standard deviation of the
+    Gaussian pixel noise; ``stripes=False`` allows only a gradient (or a flat fill).
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     angle = rng.uniform(0, math.pi)
     coord = xx * math.cos(angle) + yy * math.sin(angle)
-    kind = rng.integers(0, 3)
-    if kind == 0:  # stripes
-        weight = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(2, 10) * coord + rng.uniform(0, 2 * math.pi))
-    elif kind == 1:  # gradient
+    if stripes:
+        weight = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(3, 12) * coord + rng.uniform(0, 2 * math.pi))
+    else:
         weight = (coord - coord.min()) / (np.ptp(coord) + 1e-6)
-    else:  # flat
-        weight = np.zeros_like(coord)
     weight = strength * weight[..., None]
     pixels = (1 - weight) * np.array(base, np.float32) + weight * np.array(other, np.float32)
-    return pixels + rng.normal(0, rng.uniform(3, 18), (size, size, 3)).astype(np.float32)
+    return pixels + rng.normal(0, noise, (size, size, 3)).astype(np.float32)
 
 
 #: Circumradius factors giving each polygon the disc's area pi r^2 (areas at circumradius r: square 2 r^2,
@@ -158,14 +184,15 @@ def render_sample(
 ) -> tuple:
     """Draw one image and its mask (object radii log-uniform in ``object_size`` x ``size``).
 
-    ``clutter`` in [0, 1] scales the background: texture strength and the number of distractors
-    (up to ``6 * clutter``); 0 gives flat noisy backgrounds.
+    ``clutter`` in [0, 1] scales the number of flat distractors on the background (up to
+    ``6 * clutter``).
 
     Returns:
         ``(image, mask)``: uint8 ``(size, size, 3)`` RGB and uint8 ``(size, size)`` class indices / 255.
     """
-    base = _random_colour(rng)
-    pixels = _texture(rng, size, base, _random_colour(rng), clutter * rng.uniform(0.2, 0.8))
+    pixels = _texture(
+        rng, size, _grey(rng), _grey(rng), rng.uniform(0.5, 1.0), rng.uniform(4, 14), stripes=True
+    )
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     _draw_distractors(rng, image, int(rng.integers(0, round(6 * clutter) + 1)))
     pixels = np.asarray(image).astype(np.float32)
@@ -179,8 +206,9 @@ def render_sample(
         )
         if not shape.any():
             continue
-        colour = _random_colour(rng, avoid=pixels[shape].mean(0))
-        fill = _texture(rng, size, colour, _random_colour(rng, avoid=np.array(colour)), rng.uniform(0.0, 0.5))
+        fill = _texture(
+            rng, size, _vivid_colour(rng), _vivid_colour(rng), rng.uniform(0.0, 0.3), 3.0, stripes=False
+        )
         pixels[shape] = fill[shape]
         mask[shape] = label
         if void_border:
@@ -237,7 +265,7 @@ def generate_synthetic(
         image_size: Side of the square images in pixels.
         max_objects: Most shapes per image (at least one).
         object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
-        clutter: Background difficulty in [0, 1]: texture strength and number of distractors.
+        clutter: Background difficulty in [0, 1]: the number of distractors.
         void_border: Draw a thin 255 (ignore) band along object outlines, as VOC does.
         seed: Seed of the whole data set.
 
