@@ -21,13 +21,16 @@ without it, the config's ``model.init_args.weights``) and writes ONNX with dynam
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.layer_sync import LayerSync
 
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
@@ -36,6 +39,19 @@ from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
 from deeplab_lit.models.weights import load_weights
 from deeplab_lit.modules.base import SegmentationModule
+
+
+def _is_layer_sync(plugin: Any) -> bool:
+    """Whether a config entry of ``trainer.plugins`` names a LayerSync plugin (a BatchNorm conversion)."""
+    class_path = plugin.get("class_path") if isinstance(plugin, Namespace) else None
+    if not class_path:
+        return isinstance(plugin, LayerSync)
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):  # jsonargparse reports a bad class_path itself
+        return False
+    return isinstance(cls, type) and issubclass(cls, LayerSync)
 
 
 class DeepLabCLI(LightningCLI):
@@ -58,8 +74,21 @@ class DeepLabCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """Default ``checkpoint.dirpath`` and loggers' unset ``save_dir`` to ``trainer.default_root_dir``."""
+        """Default ``checkpoint.dirpath`` and loggers' unset ``save_dir`` to ``trainer.default_root_dir``.
+
+        With ``trainer.sync_batchnorm: true`` and no LayerSync plugin given, install
+        :class:`~deeplab_lit.callbacks.SyncBatchNorm` (Lightning's default conversion drops the activation
+        of timm's fused BatchNorm + ReLU layers, used by the Xception-65 backbone).
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("sync_batchnorm"):
+            plugins = config.trainer.plugins
+            listed = plugins if isinstance(plugins, list) else ([] if plugins is None else [plugins])
+            if not any(_is_layer_sync(plugin) for plugin in listed):
+                listed.append(
+                    Namespace(class_path="deeplab_lit.callbacks.SyncBatchNorm", init_args=Namespace())
+                )
+                config.trainer.plugins = listed
         root = config.trainer.default_root_dir or os.getcwd()
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")

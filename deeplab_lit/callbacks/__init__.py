@@ -1,10 +1,11 @@
-"""Lightning callbacks: cross-cutting work around the training loop (dense CRF, prediction writing)."""
+"""Lightning callbacks and plugins: dense CRF, predictions, checkpoints, synchronised BatchNorm."""
 
 from deeplab_lit.callbacks.crf import DenseCRFCallback
 from deeplab_lit.callbacks.gallery import PredictionGallery
 from deeplab_lit.callbacks.guards import NonFiniteLossError, NonFiniteLossGuard
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import AtomicCheckpointIO, BestAndLastCheckpoint, RandomStateCheckpoint
+from deeplab_lit.callbacks.sync_batchnorm import SyncBatchNorm
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -15,4 +16,5 @@ __all__ = [
     "PredictionGallery",
     "PredictionWriter",
     "RandomStateCheckpoint",
+    "SyncBatchNorm",
 ]
