@@ -42,15 +42,9 @@ FORMAT_VERSION = 3  # bump when the drawing code changes, so old folders regener
 _SPLIT_CODES = {"train": 0, "val": 1}
 
 
-def _random_colour(
-    rng: np.random.Generator, avoid: np.ndarray | None = None, min_dist: float = 90.0
-) -> tuple:
-    """Draw a random RGB colour, at least ``min_dist`` away from ``avoid`` when possible."""
-    for _ in range(20):
-        colour = rng.integers(0, 256, 3)
-        if avoid is None or np.linalg.norm(colour - avoid) >= min_dist:
-            break
-    return tuple(int(c) for c in colour)
+def _random_colour(rng: np.random.Generator) -> tuple:
+    """Draw a uniformly random RGB colour (the distractors' paint)."""
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
 
 
 def _vivid_colour(rng: np.random.Generator) -> tuple:
