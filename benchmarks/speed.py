@@ -225,16 +225,29 @@ class Recipe:
     drop_aux: bool = False  # inference: do not compute torchvision's aux head (ours never does)
 
 
-def train_recipes(s: Settings, ablations: bool) -> dict[str, Recipe]:
-    ours = Recipe("ours: channels-last, fused SGD" + (", AMP" if s.cuda else ""), True, s.cuda, True)
-    recipes = {"ours": ours, "plain": Recipe("plain (fp32, default SGD)")}
+def _recipe_table(
+    s: Settings,
+    ours: Recipe,
+    plain_label: str,
+    tricks_label: str,
+    without: dict[str, Recipe],
+    ablations: bool,
+) -> dict[str, Recipe]:
+    """Contenders of one table: ours, the reference plain (+AMP on CUDA), with our tricks, and ablations."""
+    recipes = {"ours": ours, "plain": Recipe(plain_label)}
     if s.cuda:
         recipes["amp"] = Recipe("+AMP", amp=True)
-    recipes["tricks"] = replace(ours, label="+same tricks as ours")
-    if ablations:
-        recipes["ours-no-cl"] = replace(ours, label="ours, no channels-last", channels_last=False)
-        recipes["ours-no-fused"] = replace(ours, label="ours, default SGD", fast_sgd=False)
-    return recipes
+    recipes["tricks"] = replace(ours, label=tricks_label)
+    return {**recipes, **without} if ablations else recipes
+
+
+def train_recipes(s: Settings, ablations: bool) -> dict[str, Recipe]:
+    ours = Recipe("ours: channels-last, fused SGD" + (", AMP" if s.cuda else ""), True, s.cuda, True)
+    without = {
+        "ours-no-cl": replace(ours, label="ours, no channels-last", channels_last=False),
+        "ours-no-fused": replace(ours, label="ours, default SGD", fast_sgd=False),
+    }
+    return _recipe_table(s, ours, "plain (fp32, default SGD)", "+same tricks as ours", without, ablations)
 
 
 def infer_recipes(s: Settings, ablations: bool) -> dict[str, Recipe]:
@@ -242,14 +255,13 @@ def infer_recipes(s: Settings, ablations: bool) -> dict[str, Recipe]:
         "ours: BN folded, channels-last, inference_mode" + (", AMP" if s.cuda else ""),
         channels_last=True, amp=s.cuda, fold_bn=True, inference_mode=True, drop_aux=True,
     )  # fmt: skip
-    recipes = {"ours": ours, "plain": Recipe("plain (fp32, no_grad)")}
-    if s.cuda:
-        recipes["amp"] = Recipe("+AMP", amp=True)
-    recipes["tricks"] = replace(ours, label="+same tricks as ours (aux head off)")
-    if ablations:
-        recipes["ours-no-fold"] = replace(ours, label="ours, BN not folded", fold_bn=False)
-        recipes["ours-no-cl"] = replace(ours, label="ours, no channels-last", channels_last=False)
-    return recipes
+    without = {
+        "ours-no-fold": replace(ours, label="ours, BN not folded", fold_bn=False),
+        "ours-no-cl": replace(ours, label="ours, no channels-last", channels_last=False),
+    }
+    return _recipe_table(
+        s, ours, "plain (fp32, no_grad)", "+same tricks as ours (aux head off)", without, ablations
+    )
 
 
 # ----------------------------------------------------------------------------------------- runners
