@@ -64,7 +64,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.fusion import count_batchnorms, fuse_conv_bn
-from deeplab_lit.modules.base import fast_sgd_options
+from deeplab_lit.modules.base import COMPILE_MODES, compile_in_place, compile_mode, fast_sgd_options
 
 CL = torch.channels_last
 NUM_CLASSES = 21
@@ -101,6 +101,7 @@ class Settings:
     ablations: bool
     threads: int
     profile: bool = False
+    compile: str | None = None
 
     @property
     def cuda(self) -> bool:
@@ -223,6 +224,7 @@ class Recipe:
     fold_bn: bool = False
     inference_mode: bool = False
     drop_aux: bool = False  # inference: do not compute torchvision's aux head (ours never does)
+    compile: str | None = None  # ours only: torch.compile mode of the module's `compile` option
 
 
 def _recipe_table(
@@ -238,6 +240,8 @@ def _recipe_table(
     if s.cuda:
         recipes["amp"] = Recipe("+AMP", amp=True)
     recipes["tricks"] = replace(ours, label=tricks_label)
+    if s.compile:
+        recipes["ours-compiled"] = replace(ours, label=f"ours + compile: {s.compile}", compile=s.compile)
     return {**recipes, **without} if ablations else recipes
 
 
@@ -302,6 +306,8 @@ class TrainRunner(Runner):
         self.model = model.to(s.device).train()
         if recipe.channels_last:
             self.model.to(memory_format=CL)
+        if recipe.compile:
+            compile_in_place(self.model, compile_mode(recipe.compile))
         params = [p for p in self.model.parameters() if p.requires_grad]
         options = fast_sgd_options(params) if recipe.fast_sgd else {}
         self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, **options)
@@ -336,6 +342,8 @@ class InferRunner(Runner):
         self.batchnorms_left = count_batchnorms(self.model)
         if recipe.channels_last:
             self.model.to(memory_format=CL)
+        if recipe.compile:
+            compile_in_place(self.model, compile_mode(recipe.compile))
         self.images = torch.randn(batch, 3, *hw, device=s.device)
         self.dtype = s.autocast_dtype if recipe.amp else None
 
@@ -808,6 +816,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="rows 'ours, no X' in the DeepLabV3 tables (default: on for cuda, off for the slow cpu steps)",
     )
     parser.add_argument("--profile", action="store_true", help="profile every pair, not only missed targets")
+    parser.add_argument(
+        "--compile", choices=COMPILE_MODES, help="add a row 'ours + compile: MODE' (the module's option)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -819,7 +830,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             values[key] = [tuple(hw) for hw in given] if key == "infer_sizes" else given
     settings = Settings(
         device=args.device, quick=args.quick, amp_dtype=args.amp_dtype, memory=not args.no_memory,
-        ablations=ablations, threads=args.threads, profile=args.profile, **values,
+        ablations=ablations, threads=args.threads, profile=args.profile, compile=args.compile, **values,
     )  # fmt: skip
     settings.sections = args.sections  # type: ignore[attr-defined]
     settings.out = args.out  # type: ignore[attr-defined]

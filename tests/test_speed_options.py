@@ -175,6 +175,13 @@ def test_compile_option_keeps_state_dict_keys():
     assert compiled.model.head._compiled_call_impl is not None
 
 
+def test_compile_takes_a_torch_compile_mode_by_name_and_rejects_others():
+    compiled = small_module(compile="max-autotune-no-cudagraphs")
+    assert compiled.model.backbone._compiled_call_impl is not None
+    with pytest.raises(ValueError, match=r"compile must be true, false or one of .*got 'fastest'"):
+        small_module(compile="fastest")
+
+
 def _can_compile() -> bool:
     return torch._dynamo.is_dynamo_supported() and shutil.which("gcc") is not None
 

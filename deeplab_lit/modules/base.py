@@ -64,17 +64,28 @@ def fast_sgd_options(params: list[Tensor], fused_allowed: bool = True) -> dict[s
     return {}
 
 
-def compile_in_place(model: nn.Module) -> None:
+#: ``torch.compile`` modes the ``compile`` option accepts by name (``True`` means torch's default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_in_place(model: nn.Module, mode: str | None = None) -> None:
     """``torch.compile`` in place the parts (backbone, head, decoder, aux head) of each :class:`Segmenter`.
 
     ``nn.Module.compile`` compiles a module's ``__call__`` in place, so state-dict keys stay unchanged.
     The parts, rather than the whole network, are compiled because training calls ``forward_train``,
-    which a compiled ``__call__`` would not cover.
+    which a compiled ``__call__`` would not cover. ``mode`` is ``torch.compile``'s (None: its default).
     """
     for module in model.modules():
         if isinstance(module, Segmenter):
             for part in module.children():
-                part.compile()
+                part.compile(mode=mode)
+
+
+def compile_mode(option: bool | str) -> str | None:
+    """Return the ``torch.compile`` mode of a ``compile`` option (None: torch's default); error if unknown."""
+    if isinstance(option, str) and option not in COMPILE_MODES:
+        raise ValueError(f"compile must be true, false or one of {COMPILE_MODES}, got {option!r}")
+    return option if isinstance(option, str) and option != "default" else None
 
 
 class SegmentationModule(LightningModule):
@@ -110,9 +121,11 @@ class SegmentationModule(LightningModule):
             backbones; about neutral for the depthwise MobileNetV2/Xception-65); results equal the default
             format's to float rounding. ``benchmarks/speed.py --ablations`` measures it on your machine.
         compile: ``torch.compile`` the network's parts in place (backbone, head, decoder, aux head;
-            ``nn.Module.compile``, so checkpoint keys are unchanged). The first steps are slow while it
+            ``nn.Module.compile``, so checkpoint keys are unchanged): ``true`` for torch's default mode,
+            or a mode by name, e.g. ``reduce-overhead`` (CUDA graphs: removes the per-kernel launch cost
+            that dominates small GPU batches) or ``max-autotune``. The first steps are slow while it
             compiles, and evaluation on images of varying sizes recompiles (then goes dynamic); needs a
-            C compiler on CPUs. Off by default.
+            C compiler on CPUs. Off by default; ``benchmarks/speed.py --compile MODE`` measures it.
         fuse_bn_for_inference: In ``predict`` only, run a copy of the network with every BatchNorm folded
             into the preceding convolution (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`): same
             outputs to 1e-5, fewer memory passes. Training, validation and test use the network as is,
@@ -140,7 +153,7 @@ class SegmentationModule(LightningModule):
         inference: InferenceConfig = InferenceConfig(),
         class_names: list[str] | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         fuse_bn_for_inference: bool = True,
     ) -> None:
         super().__init__()
@@ -150,6 +163,7 @@ class SegmentationModule(LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+        compile_mode(compile)  # a mode name that torch.compile would reject fails here, before building
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.inference_config = inference
@@ -177,7 +191,7 @@ class SegmentationModule(LightningModule):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
-            compile_in_place(self.model)
+            compile_in_place(self.model, compile_mode(compile))
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
         self._folded: dict[str, nn.Module] = {}
 
@@ -297,7 +311,7 @@ class SegmentationModule(LightningModule):
         if self.hparams.get("fuse_bn_for_inference"):
             self._folded["model"] = fuse_conv_bn(self.model)
             if self.hparams.get("compile"):
-                compile_in_place(self._folded["model"])
+                compile_in_place(self._folded["model"], compile_mode(self.hparams["compile"]))
 
     def on_predict_end(self) -> None:
         """Drop the folded copy."""
