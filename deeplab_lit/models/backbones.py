@@ -233,6 +233,11 @@ class XceptionBackbone(Backbone):
         self.body = timm.create_model(
             "xception65", output_stride=output_stride, num_classes=0, global_pool=""
         )
+        if not hasattr(self.body, "forward_intermediates"):
+            raise ImportError(
+                f"the xception65 backbone needs timm >= 1.0.31 (XceptionAligned.forward_intermediates); "
+                f"timm {timm.__version__} is installed: pip install -U 'timm>=1.0.31'"
+            )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return ``{"low": stride-4 entry-flow features, "out": exit-flow features}`` of ``x``."""

@@ -66,6 +66,19 @@ def fast_sgd_options(params: list[Tensor], fused_allowed: bool = True) -> dict[s
 
 #: ``torch.compile`` modes the ``compile`` option accepts by name (``True`` means torch's default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes that replay CUDA graphs, whose outputs the next replay overwrites.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _begin_cudagraph_step(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: a new call of the whole network starts a new CUDA-graph step.
+
+    Without it, the outputs one compiled part (e.g. the backbone) gave in the previous call would count
+    as still in use when the next call replays its graph, and torch stops with "accessing tensor output
+    of CUDAGraphs that has been overwritten". Within one call (every part, every MSC scale) nothing is
+    overwritten.
+    """
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def compile_in_place(model: nn.Module, mode: str | None = None) -> None:
@@ -73,12 +86,15 @@ def compile_in_place(model: nn.Module, mode: str | None = None) -> None:
 
     ``nn.Module.compile`` compiles a module's ``__call__`` in place, so state-dict keys stay unchanged.
     The parts, rather than the whole network, are compiled because training calls ``forward_train``,
-    which a compiled ``__call__`` would not cover. ``mode`` is ``torch.compile``'s (None: its default).
+    which a compiled ``__call__`` would not cover. ``mode`` is ``torch.compile``'s (None: its default);
+    with a CUDA-graph mode each call of ``model`` itself begins a new graph step.
     """
     for module in model.modules():
         if isinstance(module, Segmenter):
             for part in module.children():
                 part.compile(mode=mode)
+    if mode in CUDA_GRAPH_MODES:
+        model.register_forward_pre_hook(_begin_cudagraph_step)
 
 
 def compile_mode(option: bool | str) -> str | None:

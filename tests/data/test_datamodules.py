@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,14 @@ def test_runs_inside_a_lightning_trainer(tmp_path):
     assert (tmp_path / "syn" / "synthetic.json").is_file() and model.seen == [(2, 32, 32)]
     (prediction,) = trainer.predict(model, datamodule=dm)
     assert prediction.shape == (1, 20, 28)
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpus", "expected"), [(2, 0, 2), (16, 0, 12), (16, 1, 12), (16, 2, 8), (64, 8, 8), (4, 8, 1)]
+)
+def test_default_workers_share_the_cores_among_the_gpus(monkeypatch, cores, gpus, expected):
+    from deeplab_lit.data.datamodules import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert default_num_workers() == expected
