@@ -246,7 +246,9 @@ def _recipe_table(
 
 
 def train_recipes(s: Settings, ablations: bool) -> dict[str, Recipe]:
-    ours = Recipe("ours: channels-last, fused SGD" + (", AMP" if s.cuda else ""), True, s.cuda, True)
+    loss_scaling = s.cuda and s.amp_dtype == "float16"  # then foreach, not fused (see fast_sgd_options)
+    step = "foreach SGD" if loss_scaling else "fused SGD"
+    ours = Recipe(f"ours: channels-last, {step}" + (", AMP" if s.cuda else ""), True, s.cuda, True)
     without = {
         "ours-no-cl": replace(ours, label="ours, no channels-last", channels_last=False),
         "ours-no-fused": replace(ours, label="ours, default SGD", fast_sgd=False),
@@ -308,13 +310,14 @@ class TrainRunner(Runner):
             self.model.to(memory_format=CL)
         if recipe.compile:
             compile_in_place(self.model, compile_mode(recipe.compile))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        options = fast_sgd_options(params) if recipe.fast_sgd else {}
-        self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, **options)
         self.images = torch.randn(batch, 3, *hw, device=s.device)
         self.masks = random_masks(batch, *hw, s.device)
         self.dtype = s.autocast_dtype if recipe.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # as the module: no fused step under fp16 loss scaling (see fast_sgd_options)
+        options = fast_sgd_options(params, fused_allowed=self.scaler is None) if recipe.fast_sgd else {}
+        self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, **options)
 
     def step(self) -> None:
         context = torch.autocast(self.device, self.dtype) if self.dtype else contextlib.nullcontext()

@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
@@ -160,6 +161,28 @@ def test_optimizer_uses_the_fused_sgd_step(tmp_path):
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["fused"] is True
     assert not torch.equal(module.model.head.project[0].weight, before)  # the fused step did update
+
+
+def test_fp16_loss_scaling_steps_with_foreach_sgd_not_the_fused_one(tmp_path):
+    # GradScaler starts at 2**16, so the first steps overflow and are skipped; torch's fused SGD then
+    # leaves uninitialised momentum buffers behind (the bug fast_sgd_options documents) and the weights
+    # turn NaN a step later where that memory held garbage (on GPUs, reused allocator blocks; fresh CPU
+    # pages are often zero, so the NaN check alone would not catch it here).
+    torch.manual_seed(0)
+    module = DeepLabV1(num_classes=3, backbone="resnet18", output_stride=16, lr=0.07)
+    images = torch.randn(2, 3, 32, 32) + torch.arange(2).view(2, 1, 1, 1)
+    batches = [{"image": images, "mask": torch.randint(0, 3, (2, 32, 32))}] * 8
+    trainer = Trainer(
+        accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+        # what 16-mixed is on a GPU (Lightning gives the CPU no GradScaler by itself)
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.precision_plugin.scaler.get_scale() < 2**16  # some steps were skipped
+    bad = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, f"non-finite weights after fp16 training: {bad[:3]}"
+    assert not trainer.optimizers[0].defaults.get("fused")
 
 
 def test_fast_sgd_options_fall_back_when_fusing_is_not_allowed():

@@ -48,8 +48,11 @@ def fast_sgd_options(params: list[Tensor], fused_allowed: bool = True) -> dict[s
 
     ``{"fused": True}`` (one kernel for all parameters) when torch has a fused SGD for every parameter's
     device (CPU and CUDA do), else ``{"foreach": True}`` (multi-tensor kernels) where available, else ``{}``
-    (a loop over the parameters). A fused step unscales fp16 gradients itself, which Lightning cannot
-    combine with gradient clipping: pass ``fused_allowed=False`` then.
+    (a loop over the parameters). Pass ``fused_allowed=False`` under fp16 loss scaling (``16-mixed``):
+    torch's fused SGD allocates its momentum buffers uninitialised (``empty_like``) on its first call even
+    when the GradScaler skips that step for overflowing gradients - which it does for the first steps of
+    nearly every run, its initial scale being 2**16 - and the next step then reads that garbage: the
+    weights turn NaN a few steps in (seen on an H100 and reproduced on the CPU; torch 2.11 and 2.14).
     """
     from torch.utils._foreach_utils import (
         _get_foreach_kernels_supported_devices,
@@ -365,8 +368,8 @@ class SegmentationModule(LightningModule):
                 (backbone if id(param) in backbone_ids else head).append(param)
         hp = self.hparams
         groups = [{"params": backbone, "lr": hp.lr}, {"params": head, "lr": hp.lr * hp.head_lr_mult}]
-        clipping = bool(self.trainer.gradient_clip_val)  # with fp16 loss scaling, clipping needs unfused
-        fused_allowed = not (clipping and str(self.trainer.precision) == "16-mixed")
+        # fp16 loss scaling skips steps, which the fused SGD mishandles (see fast_sgd_options): foreach then.
+        fused_allowed = str(self.trainer.precision) not in ("16-mixed", "16")
         optimizer = torch.optim.SGD(
             [g for g in groups if g["params"]],
             lr=hp.lr,
