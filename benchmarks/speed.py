@@ -570,11 +570,14 @@ def pair_section(kind: str, pair: str, s: Settings, hw: tuple[int, int], targets
     return table
 
 
-def make_fake_voc(root: Path, count: int, seed: int = 0) -> float:
+def make_fake_voc(root: Path, count: int, split_length: int | None = None, seed: int = 0) -> float:
     """Write a VOC 2012 layout of ``count`` photo-like 500x375 JPEGs (every 4th 375x500) with palette masks.
 
     Images are smooth random fields plus noise, so their JPEGs have realistic sizes (noise alone would
-    compress far worse and decode slower than photographs). Returns the mean JPEG size in KiB.
+    compress far worse and decode slower than photographs). The train split cycles through them up to
+    ``split_length`` entries, so that one epoch covers every timed batch: epoch ends drain the workers'
+    queues, which a real epoch (VOC train_aug: 10,582 images) does once in 1,300 batches, not every few
+    dozen. Returns the mean JPEG size in KiB.
     """
     from deeplab_lit.data.voc import voc_palette
 
@@ -596,7 +599,8 @@ def make_fake_voc(root: Path, count: int, seed: int = 0) -> float:
         mask.putpalette(voc_palette().tobytes())
         mask.save(voc / "SegmentationClass" / f"{image_id}.png")
     splits = voc / "ImageSets" / "Segmentation"
-    (splits / "train.txt").write_text("".join(f"{i}\n" for i in ids))
+    train = [ids[i % count] for i in range(max(count, split_length or 0))]
+    (splits / "train.txt").write_text("".join(f"{i}\n" for i in train))
     (splits / "val.txt").write_text("".join(f"{i}\n" for i in ids[:2]))
     return statistics.mean(sizes) / 1024
 
@@ -606,7 +610,8 @@ def data_section(s: Settings, step_rates: dict[str, float], targets: list[Target
 
     with tempfile.TemporaryDirectory(prefix="speed-voc-") as folder:
         log(f"[data] writing {s.data_images} fake VOC images ...")
-        kib = make_fake_voc(Path(folder), s.data_images)
+        timed_images = (s.rounds + 1) * s.data_batches * s.train_batch
+        kib = make_fake_voc(Path(folder), s.data_images, split_length=timed_images + s.train_batch)
         datamodule = VOCDataModule(
             folder, train_split="train", batch_size=s.train_batch, crop_size=s.train_size
         )
@@ -633,7 +638,8 @@ def data_section(s: Settings, step_rates: dict[str, float], targets: list[Target
         "### Data pipeline",
         "",
         f"VOCDataModule training loader on {s.data_images} generated VOC-layout JPEGs (500x375 and 375x500, "
-        f"mean {kib:.0f} KiB; decode, random scale 0.5-2, pad, crop {s.train_size}, flip, normalise), "
+        f"mean {kib:.0f} KiB; one epoch spans every timed batch; decode, random scale 0.5-2, pad, "
+        f"crop {s.train_size}, flip, normalise), "
         f"batch {s.train_batch}, default workers ({workers}), pin_memory={pinned}; {s.rounds} rounds of "
         f"{s.data_batches} batches after the first. The loader runs alone here; the model's rate is "
         "from the training tables above.",
