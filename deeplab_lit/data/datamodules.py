@@ -81,6 +81,8 @@ class SegmentationDataModule(LightningDataModule):
         val_batch_size: Validation/test/predict batch size. Evaluation uses whole images, whose sizes
             differ in VOC, so 1 unless every image has the same size.
         pin_memory: Pin host memory for faster copies to the GPU (only used when CUDA is available).
+        persistent_workers: Keep the worker processes alive between epochs (no start-up cost at every
+            epoch and validation); off frees their memory between epochs. Ignored with ``num_workers: 0``.
         predict_path: Image file, folder or glob that ``predict`` runs over.
         normalization: Input normalisation (ImageNet statistics by default; ``CAFFE_BGR`` for Caffe weights).
     """
@@ -100,6 +102,7 @@ class SegmentationDataModule(LightningDataModule):
         num_workers: int | None = None,
         val_batch_size: int = 1,
         pin_memory: bool = True,
+        persistent_workers: bool = True,
         predict_path: str | None = None,
         normalization: Normalization = IMAGENET,
     ):
@@ -117,6 +120,7 @@ class SegmentationDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.val_batch_size = val_batch_size
         self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.predict_path = predict_path
         self.normalization = normalization
         self.train_transform(seed=0)  # check crop_size and scale_range now, not at setup
@@ -179,7 +183,7 @@ class SegmentationDataModule(LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
             worker_init_fn=seed_worker,
         )
 
@@ -226,6 +230,7 @@ class VOCDataModule(SegmentationDataModule):
         num_workers: int | None = None,
         val_batch_size: int = 1,
         pin_memory: bool = True,
+        persistent_workers: bool = True,
         predict_path: str | None = None,
         normalization: Normalization = IMAGENET,
     ):
@@ -238,6 +243,7 @@ class VOCDataModule(SegmentationDataModule):
             num_workers,
             val_batch_size,
             pin_memory,
+            persistent_workers,
             predict_path,
             normalization,
         )
@@ -288,6 +294,7 @@ class CityscapesDataModule(SegmentationDataModule):
         num_workers: int | None = None,
         val_batch_size: int = 1,
         pin_memory: bool = True,
+        persistent_workers: bool = True,
         predict_path: str | None = None,
         normalization: Normalization = IMAGENET,
     ):
@@ -298,6 +305,7 @@ class CityscapesDataModule(SegmentationDataModule):
             num_workers,
             val_batch_size,
             pin_memory,
+            persistent_workers,
             predict_path,
             normalization,
         )
@@ -352,6 +360,7 @@ class FolderDataModule(SegmentationDataModule):
         num_workers: int | None = None,
         val_batch_size: int = 1,
         pin_memory: bool = True,
+        persistent_workers: bool = True,
         predict_path: str | None = None,
         normalization: Normalization = IMAGENET,
     ):
@@ -370,6 +379,7 @@ class FolderDataModule(SegmentationDataModule):
             num_workers,
             val_batch_size,
             pin_memory,
+            persistent_workers,
             predict_path,
             normalization,
         )
@@ -437,6 +447,7 @@ class SyntheticDataModule(SegmentationDataModule):
         num_workers: int | None = None,
         val_batch_size: int = 16,
         pin_memory: bool = True,
+        persistent_workers: bool = True,
         predict_path: str | None = None,
         normalization: Normalization = IMAGENET,
     ):
@@ -447,6 +458,7 @@ class SyntheticDataModule(SegmentationDataModule):
             num_workers,
             val_batch_size,
             pin_memory,
+            persistent_workers,
             predict_path,
             normalization,
         )

@@ -177,13 +177,21 @@ def test_normalization_reaches_the_batches(tmp_path):
 def test_loader_defaults_and_hparams(tmp_path):
     make_voc(tmp_path)
     dm = VOCDataModule(str(tmp_path), train_split="train", batch_size=3)
-    assert dm.num_workers >= 1  # None -> min(4, cores)
+    assert dm.num_workers >= 1  # None -> the cores per GPU
     assert dm.hparams["batch_size"] == 3 and dm.hparams["root"] == str(tmp_path)
     with pytest.raises(ValueError, match="batch_size"):
         VOCDataModule(str(tmp_path), batch_size=0)
     with pytest.raises(RuntimeError, match=r"setup\('fit'\) must run"):
         dm.train_dataloader()
     assert issubclass(VOCDataModule, SegmentationDataModule)
+    dm.setup("fit")
+    assert dm.train_dataloader().persistent_workers  # on by default with workers
+    for workers, persistent in ((1, False), (0, True)):
+        other = VOCDataModule(
+            str(tmp_path), "train", batch_size=2, num_workers=workers, persistent_workers=persistent
+        )
+        other.setup("fit")
+        assert other.train_dataloader().persistent_workers is False, (workers, persistent)
 
 
 @pytest.mark.parametrize("cls", [VOCDataModule, CityscapesDataModule, FolderDataModule, SyntheticDataModule])
