@@ -45,9 +45,9 @@ from deeplab_lit.normalization import IMAGENET, Normalization
 def default_num_workers() -> int:
     """Return the usable CPU cores shared among the node's GPUs (one training process each), 1 to 12.
 
-    On a GPU the augmentation of 500x375 JPEGs runs at about 75 images/s per worker (BENCHMARKS.md,
-    H100 machine with 16 cores) while a ResNet-50 DeepLab trains at 150-220 images/s: a fixed small
-    number of workers would starve it. On a CPU-only machine the step is far slower than one worker.
+    On the H100 machine of BENCHMARKS.md (16 cores) the old default of 4 workers delivered 292 augmented
+    500x375 VOC images/s while ResNet-50 DeepLabs train at 150-220 images/s: too little headroom. On a
+    CPU-only machine the training step is far slower than even one worker.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     processes = max(1, torch.cuda.device_count())
