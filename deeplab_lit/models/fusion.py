@@ -31,7 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from deeplab_lit.models.backbones import ResNetBackbone
-from deeplab_lit.models.heads import ASPPPooling
+from deeplab_lit.models.heads import ASPPPooling, AtrousDepthwiseConv2d
 
 #: Module types whose forward applies ``conv`` then ``bn`` directly, as (conv attribute, bn attribute) pairs.
 FUSABLE_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
@@ -45,6 +45,8 @@ FUSABLE_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
 
 #: ``nn.Sequential`` subclasses with their own ``forward`` that still run their children in order.
 SEQUENTIAL_FORWARD: tuple[type[nn.Module], ...] = (ASPPPooling,)
+#: Convolution classes a BatchNorm folds into (torch's fuse keeps the class, so its forward too).
+FOLDABLE_CONVS: tuple[type[nn.Conv2d], ...] = (nn.Conv2d, AtrousDepthwiseConv2d)
 
 
 def _runs_in_order(module: nn.Module) -> bool:
@@ -56,7 +58,7 @@ def _runs_in_order(module: nn.Module) -> bool:
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
-        type(conv) is nn.Conv2d
+        type(conv) in FOLDABLE_CONVS
         and isinstance(bn, _BatchNorm)
         and bn.track_running_stats
         and bn.running_mean is not None

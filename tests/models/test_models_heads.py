@@ -8,6 +8,7 @@ from torchvision.models.segmentation.fcn import FCNHead as TorchvisionFCNHead
 from deeplab_lit.models.heads import (
     ASPP,
     ASPPSum,
+    AtrousDepthwiseConv2d,
     ConvClassifier,
     DeepLabV3Head,
     DeepLabV3PlusDecoder,
@@ -89,6 +90,26 @@ def test_separable_aspp_is_depthwise():
     assert _depthwise_convs(plain) == []
     assert sum(p.numel() for p in aspp.parameters()) < sum(p.numel() for p in plain.parameters())
     assert aspp.eval()(torch.randn(1, 32, 9, 11)).shape == (1, 16, 9, 11)
+
+
+@pytest.mark.parametrize("dilation", [2, 6])
+def test_atrous_depthwise_conv_equals_nn_conv2d_and_leaves_channels_last_on_the_cpu_for_large_rates(dilation):
+    torch.manual_seed(0)
+    ours = AtrousDepthwiseConv2d(8, 8, 3, padding=dilation, dilation=dilation, groups=8, bias=False)
+    plain = nn.Conv2d(8, 8, 3, padding=dilation, dilation=dilation, groups=8, bias=False)
+    plain.load_state_dict(ours.state_dict())  # same parameters and keys
+    for module in (ours, plain):
+        module.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 13, 17).to(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ours(xa), plain(xb)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad)
+    # oneDNN's channels-last kernel is ~10x slower at large rates: those run channels-first
+    assert out.is_contiguous(memory_format=torch.channels_last) == (dilation < 4)
 
 
 def test_decoder_upsamples_to_the_skip_size():
