@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from deeplab_lit import DeepLabV1, DeepLabV3Plus
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.fusion import count_batchnorms, fuse_conv_bn
-from deeplab_lit.modules.base import fast_sgd_options
+from deeplab_lit.modules.base import _begin_cudagraph_step, fast_sgd_options
 
 CL = torch.channels_last
 
@@ -201,6 +201,11 @@ def test_compile_option_keeps_state_dict_keys():
 def test_compile_takes_a_torch_compile_mode_by_name_and_rejects_others():
     compiled = small_module(compile="max-autotune-no-cudagraphs")
     assert compiled.model.backbone._compiled_call_impl is not None
+    assert not compiled.model._forward_pre_hooks  # no CUDA graphs, no graph steps to mark
+    # CUDA-graph modes: every call of the whole network begins a new graph step, or the parts' graphs
+    # would overwrite outputs still in use (seen on an H100 before the hook existed)
+    graphed = small_module(compile="reduce-overhead")
+    assert list(graphed.model._forward_pre_hooks.values()) == [_begin_cudagraph_step]
     with pytest.raises(ValueError, match=r"compile must be true, false or one of .*got 'fastest'"):
         small_module(compile="fastest")
 
