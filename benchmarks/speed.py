@@ -605,6 +605,13 @@ def make_fake_voc(root: Path, count: int, split_length: int | None = None, seed:
     return statistics.mean(sizes) / 1024
 
 
+#: Loader variants of the data section: row label -> ``normalize_on_device``.
+LOADER_VARIANTS = {
+    "data loader (normalised in the workers, default)": False,
+    "data loader, normalize_on_device (uint8 batches; normalised after the transfer, not counted)": True,
+}
+
+
 def data_section(s: Settings, step_rates: dict[str, float], targets: list[Target]) -> list[str]:
     from deeplab_lit.data.datamodules import VOCDataModule
 
@@ -612,42 +619,50 @@ def data_section(s: Settings, step_rates: dict[str, float], targets: list[Target
         log(f"[data] writing {s.data_images} fake VOC images ...")
         timed_images = (s.rounds + 1) * s.data_batches * s.train_batch
         kib = make_fake_voc(Path(folder), s.data_images, split_length=timed_images + s.train_batch)
-        datamodule = VOCDataModule(
-            folder, train_split="train", batch_size=s.train_batch, crop_size=s.train_size
-        )
-        datamodule.setup("fit")
-        loader = datamodule.train_dataloader()
-        iterator = iter(loader)
-        next(iterator)  # workers started, first batch out
-        rates = []
-        for index in range(s.rounds):
-            start, count = time.perf_counter(), 0
-            while count < s.data_batches:
-                try:
-                    next(iterator)
-                except StopIteration:
-                    iterator = iter(loader)
-                    continue
-                count += 1
-            rates.append(count * s.train_batch / (time.perf_counter() - start))
-            log(f"  data round {index + 1}/{s.rounds}: {rates[-1]:.1f} img/s")
-        workers, pinned = loader.num_workers, loader.pin_memory
-        del iterator, loader
-    rate = statistics.median(rates)
+        loaders, iterators = {}, {}
+        for label, on_device in LOADER_VARIANTS.items():
+            datamodule = VOCDataModule(
+                folder, train_split="train", batch_size=s.train_batch, crop_size=s.train_size,
+                normalize_on_device=on_device,
+            )  # fmt: skip
+            datamodule.setup("fit")
+            loaders[label] = datamodule.train_dataloader()
+            iterators[label] = iter(loaders[label])
+            next(iterators[label])  # workers started, first batch out
+        rates: dict[str, list[float]] = {label: [] for label in loaders}
+        for index in range(s.rounds):  # alternating, as the model tables
+            for label in list(loaders) if index % 2 == 0 else list(loaders)[::-1]:
+                start, count = time.perf_counter(), 0
+                while count < s.data_batches:
+                    try:
+                        next(iterators[label])
+                    except StopIteration:
+                        iterators[label] = iter(loaders[label])
+                        continue
+                    count += 1
+                rates[label].append(count * s.train_batch / (time.perf_counter() - start))
+            log(f"  data round {index + 1}/{s.rounds}: " + ", ".join(f"{r[-1]:.1f}" for r in rates.values()))
+        some_loader = next(iter(loaders.values()))
+        workers, pinned = some_loader.num_workers, some_loader.pin_memory
+        del iterators, loaders, some_loader
+    default_label = next(iter(LOADER_VARIANTS))
+    rate = statistics.median(rates[default_label])
     lines = [
         "### Data pipeline",
         "",
         f"VOCDataModule training loader on {s.data_images} generated VOC-layout JPEGs (500x375 and 375x500, "
         f"mean {kib:.0f} KiB; one epoch spans every timed batch; decode, random scale 0.5-2, pad, "
         f"crop {s.train_size}, flip, normalise), "
-        f"batch {s.train_batch}, default workers ({workers}), pin_memory={pinned}; {s.rounds} rounds of "
-        f"{s.data_batches} batches after the first. The loader runs alone here; the model's rate is "
-        "from the training tables above.",
+        f"batch {s.train_batch}, default workers ({workers}), pin_memory={pinned}; {s.rounds} alternating "
+        f"rounds of {s.data_batches} batches after the first. The loaders run alone here; the model's rate "
+        "is from the training tables above.",
         "",
         "| | images/s | loader / step |",
         "|---|---:|---:|",
-        f"| data loader | {rate:.1f} (range {min(rates):.1f}-{max(rates):.1f}) | |",
     ]
+    for label, values in rates.items():
+        median = statistics.median(values)
+        lines.append(f"| {label} | {median:.1f} (range {min(values):.1f}-{max(values):.1f}) | |")
     for name, step_rate in step_rates.items():
         lines.append(f"| training step, {name} | {step_rate:.2f} | {rate / step_rate:.1f}x |")
     if step_rates:

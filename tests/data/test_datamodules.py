@@ -275,3 +275,31 @@ def test_default_workers_share_the_cores_among_the_gpus(monkeypatch, cores, gpus
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert default_num_workers() == expected
+
+
+def test_normalize_on_device_hands_over_uint8_and_the_model_sees_the_same_batches(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from deeplab_lit import DeepLabV1
+
+    common = dict(
+        root=str(tmp_path / "syn"), num_train=4, num_val=3, image_size=32, batch_size=2, crop_size=24,
+        num_workers=0, val_batch_size=1,
+    )  # fmt: skip
+    plain, on_device = SyntheticDataModule(**common), SyntheticDataModule(**common, normalize_on_device=True)
+    plain.prepare_data()
+    batches = []
+    for dm in (plain, on_device):
+        torch.manual_seed(0)  # same augmentation seed (drawn from torch at setup) and the same shuffle
+        dm.setup("fit")
+        batches.append(next(iter(dm.train_dataloader())))
+    assert batches[1]["image"].dtype == torch.uint8 and batches[1]["image"].is_contiguous()
+    moved = on_device.on_after_batch_transfer(batches[1], 0)
+    torch.testing.assert_close(moved["image"], batches[0]["image"], rtol=0, atol=0)
+    assert torch.equal(moved["mask"], batches[0]["mask"])
+    # Through a Trainer (the hook runs after the transfer): the same validation scores, exactly.
+    module = DeepLabV1(num_classes=6, backbone="resnet18", output_stride=16)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (expected,) = trainer.validate(module, datamodule=plain)
+    (result,) = trainer.validate(module, datamodule=on_device)
+    assert result == expected
