@@ -83,7 +83,8 @@ class SegmentationTransform:
         return pixels, None if mask is None else out["mask"].long()
 
     def __repr__(self) -> str:
-        return f"SegmentationTransform({self.pipeline.transforms}, {self.normalization})"
+        steps, normalization = self.pipeline.transforms, self.normalization
+        return f"SegmentationTransform({steps}, {normalization}, normalize={self.normalize})"
 
 
 def train_transform(
