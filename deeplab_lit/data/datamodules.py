@@ -43,15 +43,16 @@ from deeplab_lit.normalization import IMAGENET, Normalization
 
 
 def default_num_workers() -> int:
-    """Return the usable CPU cores shared among the node's GPUs (one training process each), 1 to 12.
+    """Return the usable CPU cores shared among the node's GPUs (one process each), 1 to 12; no GPU: <= 4.
 
-    On the H100 machine of BENCHMARKS.md (16 cores) the old default of 4 workers delivered 292 augmented
-    500x375 VOC images/s while ResNet-50 DeepLabs train at 150-220 images/s: too little headroom. On a
-    CPU-only machine the training step is far slower than even one worker.
+    On the H100 machine of BENCHMARKS.md (16 cores) 4 workers delivered 292 augmented 500x375 VOC
+    images/s while ResNet-50 DeepLabs train at 150-220 images/s: too little headroom. On a CPU-only
+    machine the training step is far slower than even one worker, and more workers would only hold
+    memory, so at most 4 there.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = max(1, torch.cuda.device_count())
-    return max(1, min(12, cores // processes))
+    gpus = torch.cuda.device_count()
+    return max(1, min(12, cores // gpus)) if gpus else min(4, cores)
 
 
 def unrepeated_eval_sampler(dataset: Dataset) -> Sampler | None:
@@ -77,7 +78,7 @@ class SegmentationDataModule(LightningDataModule):
         batch_size: Training batch size (per device).
         crop_size: Side of the square training crop.
         scale_range: Random scale range of training augmentation (aspect ratio kept).
-        num_workers: DataLoader worker processes; None: :func:`default_num_workers` (CPU cores per GPU).
+        num_workers: DataLoader worker processes; None: :func:`default_num_workers` (cores per GPU).
         val_batch_size: Validation/test/predict batch size. Evaluation uses whole images, whose sizes
             differ in VOC, so 1 unless every image has the same size.
         pin_memory: Pin host memory for faster copies to the GPU (only used when CUDA is available).
