@@ -31,16 +31,16 @@ def _init_classifier(conv: nn.Conv2d) -> nn.Conv2d:
 class AtrousDepthwiseConv2d(nn.Conv2d):
     """Depthwise dilated 3x3 convolution that runs channels-first on the CPU.
 
-    oneDNN's channels-last kernel for depthwise convolutions with large dilations is pathologically slow
-    on the CPU: at 2048 channels on a 32x32 map, rate 6 takes 141 ms against 14 ms channels-first
-    (rate 2 is fast either way; 2-core VM, BENCHMARKS.md). So on the CPU, for rates of 4 and more, the
-    input is made channels-first for this one convolution (the following 1x1 convolution returns to the
-    network's format). Same parameters and state-dict keys as ``nn.Conv2d``; identical results.
+    oneDNN's channels-last kernel for depthwise convolutions falls off a cliff above rate 4 on the CPU:
+    at 2048 channels on a 32x24 map it takes 1.5 ms at rate 4 but 75 ms at rate 5 (70 at 6), against
+    16-20 ms channels-first at any rate (2-core VM). So on the CPU, for rates of 5 and more, the input is
+    made channels-first for this one convolution (the following 1x1 convolution returns to the network's
+    format). Same parameters and state-dict keys as ``nn.Conv2d``; identical results.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve, channels-first on the CPU when the dilation is large."""
-        if x.device.type == "cpu" and max(self.dilation) >= 4:
+        if x.device.type == "cpu" and max(self.dilation) >= 5:
             # clone, not contiguous(): a (C, 1, 3, 3) channels-last weight already counts as contiguous,
             # and oneDNN would follow its strides back to the channels-last kernel
             weight = self.weight.clone(memory_format=torch.contiguous_format)

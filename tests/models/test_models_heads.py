@@ -92,7 +92,7 @@ def test_separable_aspp_is_depthwise():
     assert aspp.eval()(torch.randn(1, 32, 9, 11)).shape == (1, 16, 9, 11)
 
 
-@pytest.mark.parametrize("dilation", [2, 6])
+@pytest.mark.parametrize("dilation", [4, 5, 12])
 def test_atrous_depthwise_conv_equals_nn_conv2d_and_leaves_channels_last_on_the_cpu_for_large_rates(dilation):
     torch.manual_seed(0)
     ours = AtrousDepthwiseConv2d(8, 8, 3, padding=dilation, dilation=dilation, groups=8, bias=False)
@@ -108,8 +108,8 @@ def test_atrous_depthwise_conv_equals_nn_conv2d_and_leaves_channels_last_on_the_
     expected.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(ours.weight.grad, plain.weight.grad)
-    # oneDNN's channels-last kernel is ~10x slower at large rates: those run channels-first
-    assert out.is_contiguous(memory_format=torch.channels_last) == (dilation < 4)
+    # oneDNN's channels-last kernel is fast up to rate 4 and ~4x slower than channels-first above it
+    assert out.is_contiguous(memory_format=torch.channels_last) == (dilation <= 4)
 
 
 def test_decoder_upsamples_to_the_skip_size():
