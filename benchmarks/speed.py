@@ -282,6 +282,14 @@ def random_masks(batch: int, height: int, width: int, device: str) -> Tensor:
     return masks
 
 
+def apply_layout_and_compile(model: nn.Module, recipe: Recipe) -> None:
+    """Channels-last weights and ``torch.compile`` in place, as the module's options do (in that order)."""
+    if recipe.channels_last:
+        model.to(memory_format=CL)
+    if recipe.compile:
+        compile_in_place(model, compile_mode(recipe.compile))
+
+
 class Runner:
     """One contender: a model, its input and a ``step``; ``run(n)`` times n steps in seconds."""
 
@@ -306,10 +314,7 @@ class TrainRunner(Runner):
     ):
         self.device, self.batch, self.library = s.device, batch, library
         self.model = model.to(s.device).train()
-        if recipe.channels_last:
-            self.model.to(memory_format=CL)
-        if recipe.compile:
-            compile_in_place(self.model, compile_mode(recipe.compile))
+        apply_layout_and_compile(self.model, recipe)
         self.images = torch.randn(batch, 3, *hw, device=s.device)
         self.masks = random_masks(batch, *hw, s.device)
         self.dtype = s.autocast_dtype if recipe.amp else None
@@ -343,10 +348,7 @@ class InferRunner(Runner):
             model.aux_classifier = None
         self.model = fuse_conv_bn(model) if recipe.fold_bn else model
         self.batchnorms_left = count_batchnorms(self.model)
-        if recipe.channels_last:
-            self.model.to(memory_format=CL)
-        if recipe.compile:
-            compile_in_place(self.model, compile_mode(recipe.compile))
+        apply_layout_and_compile(self.model, recipe)
         self.images = torch.randn(batch, 3, *hw, device=s.device)
         self.dtype = s.autocast_dtype if recipe.amp else None
 
