@@ -3,6 +3,12 @@
 Every file a data set touches is read here, so that a missing, truncated or corrupt file stops with
 one message that names it. Truncated JPEGs are errors: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``
 is deliberately left False (a half-decoded image would silently train on grey pixels).
+
+Images become 8-bit RGB the way an image viewer shows them, whatever the camera or scanner wrote
+(:func:`pixels_to_rgb`): grayscale is repeated over three channels, 16-bit grayscale is scaled to 8 bits
+(``round(v / 257)``, so 65535 -> 255: a plain ``convert("RGB")`` clips every value above 255 to white),
+palette, CMYK, YCbCr, Lab and 1-bit images are converted by Pillow, and transparent pixels are composited
+over :data:`TRANSPARENT_BACKGROUND`. Float images have no defined value range and are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +28,19 @@ from deeplab_lit.data.transforms import IGNORE_INDEX, SegmentationTransform, eva
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: Pillow modes that hold one class index per pixel.
 _INDEX_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
+#: Colour that transparent pixels are composited over: white, what a web page or a document shows under a
+#: transparent PNG (viewers that draw a checkerboard have no single colour to match). The colour stored
+#: under a fully transparent pixel is arbitrary (often black) and never meant to be seen, so it is not used.
+TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+#: Pillow modes of 16-bit grayscale (PNG, TIFF, PGM); mode "I" is read as 16-bit too, see pixels_to_rgb.
+_GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+#: Modes with an alpha channel (``"RGBa"`` is premultiplied; Pillow un-multiplies it when converting).
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
+#: Modes that Pillow converts to RGB exactly, as viewers show them (CMYK without colour management).
+_RGB_CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB")
+#: EXIF tag of the orientation, and its values that turn the image by 90 degrees (swap width and height).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -32,6 +51,13 @@ def _open(path: str | Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+    except PermissionError:
+        raise  # "Permission denied: <path>" is the right message; it is no decoding problem
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"Could not read image file {path}: {err} If you trust the file, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS."
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:  # Pillow raises all three for bad data
         raise ValueError(
             f"Could not decode image file {path}: {err}. The file is truncated, corrupt or not an image; "
@@ -40,27 +66,109 @@ def _open(path: str | Path) -> Image.Image:
     return image
 
 
-def read_image(path: str | Path, *, exif_transpose: bool = False) -> np.ndarray:
-    """Read an image file as RGB pixels.
+def _gray16_to_rgb(image: Image.Image, path: str | Path) -> np.ndarray:
+    """16-bit grayscale -> 8-bit RGB by ``round(v / 257)``, the scaling that maps 0..65535 onto 0..255.
+
+    Mode ``"I"`` (32-bit integers) is how Pillow opens 16-bit PGM files (and 16-bit PNGs in old releases);
+    its values are taken as 16-bit data, and values outside 0..65535 are an error rather than a guess.
+    """
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"Image file {path} has mode {image.mode!r} with values {values.min()}..{values.max()}; expected "
+            "16-bit data (0..65535). Rescale it to 8 or 16 bits per channel and save it again."
+        )
+    gray = ((values + 128) // 257).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _composite(image: Image.Image) -> np.ndarray:
+    """RGB of ``image`` over :data:`TRANSPARENT_BACKGROUND`, by its alpha (rounded to the nearest value)."""
+    rgba = np.asarray(image.convert("RGBA")).astype(np.uint16)
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    background = np.asarray(TRANSPARENT_BACKGROUND, dtype=np.uint16)
+    return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def pixels_to_rgb(image: Image.Image, path: str | Path = "<image>") -> np.ndarray:
+    """Convert a decoded ``image`` to 8-bit RGB, the way an image viewer shows it.
+
+    - 16-bit grayscale (``I;16*``, and ``I`` holding 16-bit values): ``round(v / 257)`` on every channel.
+    - Alpha (RGBA, LA, PA) or a transparent colour (``transparency`` of P, L and RGB files): composited
+      over :data:`TRANSPARENT_BACKGROUND`.
+    - RGB, grayscale, 1-bit, palette, CMYK, YCbCr, Lab: Pillow's conversion (CMYK without an ICC profile).
 
     Args:
-        path: Image file (any format Pillow decodes: JPEG, PNG, ...).
-        exif_transpose: Rotate the pixels as the EXIF orientation tag says (photos from phones).
-            Off for data sets, whose masks were drawn on the stored pixel grid.
+        image: A decoded Pillow image.
+        path: The file it came from, named in errors.
 
     Returns:
-        ``uint8`` array ``(H, W, 3)`` in RGB order.
+        ``uint8`` array ``(H, W, 3)``, a writable copy.
+
+    Raises:
+        ValueError: a mode that has no defined mapping to colours (float ``"F"``, 32-bit values, ...).
+    """
+    mode = image.mode
+    if mode in _GRAY16_MODES:
+        return _gray16_to_rgb(image, path)
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        return _composite(image)
+    if mode in _RGB_CONVERTIBLE_MODES:
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+    reason = (
+        "floating-point pixels have no defined range (0..1? 0..255? physical units?)"
+        if mode == "F"
+        else "it has no defined mapping to RGB colours"
+    )
+    raise ValueError(
+        f"Image file {path} has the unsupported mode {mode!r}: {reason}. Supported: 8- and 16-bit "
+        "grayscale, RGB, with or without alpha, palette, CMYK, YCbCr, Lab and 1-bit. Convert it to one "
+        "of these (e.g. 8-bit RGB) and save it again."
+    )
+
+
+def exif_orientation(path: str | Path) -> int:
+    """EXIF orientation tag of an image file: 1 (as stored) to 8; 1 when it has none or it is unreadable."""
+    try:
+        with Image.open(path) as image:
+            value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _exif_transposed(image: Image.Image, path: str | Path) -> Image.Image:
+    """``image`` turned as its EXIF orientation says, or one ValueError naming the file."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:  # malformed EXIF blocks
+        raise ValueError(
+            f"Could not apply the EXIF orientation of image file {path}: {err}. Its EXIF block is corrupt; "
+            "strip it (e.g. `exiftool -all= FILE`) or save the image again."
+        ) from err
+
+
+def read_image(path: str | Path, *, exif_transpose: bool = False) -> np.ndarray:
+    """Read an image file as 8-bit RGB pixels, the way a viewer shows them (see :func:`pixels_to_rgb`).
+
+    Args:
+        path: Image file (any format Pillow decodes: JPEG, PNG, TIFF, ...).
+        exif_transpose: Turn the pixels as the EXIF orientation tag says (photos from phones), as every
+            viewer does; ``predict`` does. Off for data sets, whose masks are drawn on the stored pixel
+            grid (:class:`SegmentationDataset` explains a mask that fits only the turned image).
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)`` in RGB order, a writable copy (``torch.from_numpy`` warns otherwise).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file cannot be decoded (truncated, corrupt, not an image).
+        ValueError: the file cannot be decoded (truncated, corrupt, not an image), its EXIF block is
+            corrupt, or its pixel mode has no defined mapping to colours.
     """
     image = _open(path)
     if exif_transpose:
-        image = ImageOps.exif_transpose(image)
-    return np.array(
-        image.convert("RGB"), dtype=np.uint8
-    )  # a writable copy (torch.from_numpy warns otherwise)
+        image = _exif_transposed(image, path)
+    return pixels_to_rgb(image, path)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -159,12 +267,40 @@ def _check_mask_values(mask: np.ndarray, num_classes: int, path: Path) -> None:
         )
 
 
+def mask_size_mismatch(
+    image_path: Path, image_size: tuple[int, ...], mask_path: Path, mask_size: tuple[int, ...]
+) -> str:
+    """Explain a mask whose ``(H, W)`` differs from its image's stored ``(H, W)``.
+
+    When the image carries an EXIF orientation that turns it by 90 degrees and the mask fits the turned
+    size, the mask was drawn on the image as a viewer shows it; the message says so and how to fix it.
+    """
+    message = (
+        f"Mask {mask_path} is {mask_size[1]}x{mask_size[0]} (WxH) but its image {image_path} is "
+        f"{image_size[1]}x{image_size[0]}; a mask must have its image's size"
+    )
+    orientation = exif_orientation(image_path)
+    if orientation in _EXIF_QUARTER_TURNS and tuple(mask_size) == tuple(image_size[::-1]):
+        message += (
+            f". The image carries EXIF orientation {orientation} (viewers show it turned by 90 degrees) and "
+            "the mask fits the turned image: it was drawn on the image as viewers show it. Data sets are "
+            "read on the stored pixel grid, without EXIF turns; store the image turned (e.g. "
+            "`PIL.ImageOps.exif_transpose(Image.open(f)).save(f)`, or `exiftran -ai f` for JPEGs, lossless)"
+        )
+    return message
+
+
 class SegmentationDataset(Dataset):
     """Pairs of image and mask files, decoded, checked and transformed.
 
     Items are ``{"image": float32 (3, H, W) normalised, "mask": int64 (H, W) with 255 = ignore,
     "name": str}``. Every file is checked for existence at construction (so a bad list fails before
     training starts); each mask is checked against its image's size and the class range when read.
+
+    Images are read on their stored pixel grid, ignoring any EXIF orientation tag: annotations of the
+    public data sets are drawn on that grid. A mask that fits only the image as turned by its EXIF tag
+    (width and height swapped) is an error that says so; a 180-degree or mirroring tag cannot be told
+    from the sizes, and such images are read as stored.
 
     Args:
         images: Image files.
@@ -231,10 +367,7 @@ class SegmentationDataset(Dataset):
         image = read_image(image_path)
         mask = self.load_mask(mask_path)
         if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
-                f"{image.shape[1]}x{image.shape[0]}; a mask must have its image's size"
-            )
+            raise ValueError(mask_size_mismatch(image_path, image.shape[:2], mask_path, mask.shape))
         if self.label_map is not None:
             mask = self._mapped(mask, mask_path)
         _check_mask_values(mask, self.num_classes, mask_path)
@@ -257,6 +390,14 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
 class ImageFileDataset(Dataset):
     """Images without masks, for ``predict``: ``{"image", "name", "path"}`` items.
 
+    Images are turned as their EXIF orientation says, so they are segmented, and their masks written,
+    the way viewers show them. A file that cannot be read (corrupt, truncated, unsupported mode, gone)
+    does not raise here: its item is ``{"image": None, "name", "path", "error": <the reason>}``, and the
+    predict loader's collate (``deeplab_lit.data.datamodules.eval_collate``) moves it to the batch's
+    ``"skipped"`` list, where :class:`~deeplab_lit.callbacks.PredictionWriter` warns about it and lists it
+    at the end (or stops, with ``skip_unreadable=False``). A folder of photos with one bad file is thus
+    still predicted; the decision to stop is taken in the main process, where it can name the file.
+
     Args:
         path: An image file, a folder of images, or a glob (see :func:`list_images`).
         transform: Evaluation transform (whole image, normalised); default ImageNet normalisation.
@@ -272,5 +413,9 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
-        image, _ = self.transform(read_image(path, exif_transpose=True), None)
+        try:
+            pixels = read_image(path, exif_transpose=True)
+        except (OSError, ValueError) as err:  # FileNotFoundError and PermissionError are OSErrors
+            return {"image": None, "name": self.names[index], "path": str(path), "error": str(err)}
+        image, _ = self.transform(pixels, None)
         return {"image": image, "name": self.names[index], "path": str(path)}
