@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 from torch import Tensor
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from deeplab_lit.normalization import IMAGENET, Normalization
 
@@ -151,9 +152,31 @@ def seed_worker(worker_id: int) -> None:
     albumentations keeps its random state inside the pipeline, so forked workers would otherwise
     repeat one another's crops, and every epoch's fresh workers would repeat the last epoch's.
     ``torch.initial_seed()`` differs per worker and per epoch and follows ``seed_everything``; the DDP
-    rank is mixed in by :func:`augmentation_seed`.
+    rank is mixed in by :func:`augmentation_seed`. Every transform of the worker's dataset is reseeded,
+    also those inside a ``ConcatDataset`` (Cityscapes ``trainval``), nested ones and ``Subset`` s: a
+    transform shared by several parts once, distinct transforms each with their own seed.
     """
     info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if isinstance(transform, SegmentationTransform):
-        transform.set_random_seed(augmentation_seed(torch.initial_seed()))
+    if info is None:
+        return
+    seed = augmentation_seed(torch.initial_seed())
+    for index, transform in enumerate(_dataset_transforms(info.dataset)):
+        # index 0 keeps the single-dataset seed; the others draw from (seed, index), apart from every worker's
+        part_seed = seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        transform.set_random_seed(part_seed)
+
+
+def _dataset_transforms(dataset: Dataset) -> list[SegmentationTransform]:
+    """List the distinct :class:`SegmentationTransform` s of ``dataset`` and the datasets it wraps."""
+    found: dict[int, SegmentationTransform] = {}
+    pending = [dataset]
+    while pending:
+        current = pending.pop(0)
+        transform = getattr(current, "transform", None)
+        if isinstance(transform, SegmentationTransform):
+            found.setdefault(id(transform), transform)
+        if isinstance(current, ConcatDataset):
+            pending.extend(current.datasets)
+        elif isinstance(current, Subset):
+            pending.append(current.dataset)
+    return list(found.values())
