@@ -26,6 +26,10 @@ from deeplab_lit.models.imagenet import load_imagenet_weights
 RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES: tuple[str, ...] = (*RESNETS, "vgg16", "mobilenet_v2", "xception65")
 STYLES: tuple[str, ...] = ("torchvision", "caffe")
+#: Blocks in each ResNet's last stage (layer4), where multi-grid applies.
+LAYER4_BLOCKS: dict[str, int] = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "resnet101": 3}
+#: DeepLab v3's multi-grid unit rates (Sec. 3.2, 4.1: "Multi_Grid = (1, 2, 4)").
+PAPER_MULTI_GRID: tuple[int, ...] = (1, 2, 4)
 OUTPUT_STRIDES: dict[str, tuple[int, ...]] = {
     **dict.fromkeys(RESNETS, (8, 16, 32)),
     "vgg16": (8,),
@@ -79,6 +83,10 @@ class ResNetBackbone(Backbone):
 
     Multi-grid (DeepLab v3 Sec. 3.2): block ``i`` of ``layer4`` gets 3x3 dilation
     ``base_rate * multi_grid[i]``, where ``base_rate`` is layer4's rate (1, 2, 4 at output stride 32, 16, 8).
+    The paper's grid (1, 2, 4) is defined for the three blocks of ResNet-50/101 (and 34); on ResNet-18,
+    whose layer4 has two blocks, it is truncated to the blocks there are, (1, 2), so that the paper's
+    default works on every ResNet. Any other grid must give exactly one rate per block
+    (:func:`resolve_multi_grid`).
     """
 
     def __init__(
@@ -100,11 +108,7 @@ class ResNetBackbone(Backbone):
             resnet.layer3,
             resnet.layer4,
         )
-        if multi_grid is not None and len(multi_grid) != len(self.layer4):
-            raise ValueError(
-                f"multi_grid must give one rate per layer4 block ({len(self.layer4)} for {name}), "
-                f"got {tuple(multi_grid)}; e.g. multi_grid={(1, 2, 4)[: len(self.layer4)]}, or None"
-            )
+        multi_grid = resolve_multi_grid(name, multi_grid)
         if style == "caffe":
             self.maxpool.ceil_mode = True
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
@@ -245,6 +249,29 @@ class XceptionBackbone(Backbone):
         return {"low": low, "out": out}
 
 
+def resolve_multi_grid(name: str, multi_grid: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Return the layer4 multi-grid that ResNet ``name`` is built with (DeepLab v3 Sec. 3.2).
+
+    The paper's (1, 2, 4) is truncated to the blocks the ResNet has ((1, 2) on ResNet-18); any other grid
+    must give one rate per block. Other backbones have no layer4: their grid is left as given (None).
+
+    Raises:
+        ValueError: a grid other than the paper's whose length is not layer4's block count.
+    """
+    if multi_grid is None or name not in RESNETS:
+        return None if multi_grid is None else tuple(multi_grid)
+    grid, blocks = tuple(multi_grid), LAYER4_BLOCKS[name]
+    if grid == PAPER_MULTI_GRID and blocks < len(grid):
+        return grid[:blocks]
+    if len(grid) != blocks:
+        paper = "the paper's" + ("" if blocks == len(PAPER_MULTI_GRID) else f", truncated to {blocks} blocks")
+        raise ValueError(
+            f"multi_grid must give one rate per layer4 block ({blocks} for {name}), got {grid}; e.g. "
+            f"multi_grid={PAPER_MULTI_GRID[:blocks]} ({paper}), or None"
+        )
+    return grid
+
+
 def check_backbone_options(
     name: str, output_stride: int, multi_grid: Sequence[int] | None = None, style: str = "torchvision"
 ) -> None:
@@ -268,6 +295,7 @@ def check_backbone_options(
             )
         if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in multi_grid):
             raise ValueError(f"multi_grid must hold positive integers, got {tuple(multi_grid)}")
+        resolve_multi_grid(name, multi_grid)
 
 
 def build_backbone(
@@ -283,7 +311,8 @@ def build_backbone(
     Args:
         name: One of :data:`BACKBONES`.
         output_stride: Input size / ``"out"`` size: 8, 16 or 32 (32 = no dilation); VGG-16 allows only 8.
-        multi_grid: ResNets only: per-block rate multipliers of layer4 (DeepLab v3 Sec. 3.2), e.g. (1, 2, 4).
+        multi_grid: ResNets only: per-block rate multipliers of layer4 (DeepLab v3 Sec. 3.2), e.g. (1, 2, 4),
+            the paper's, which ResNet-18 (two blocks) takes as (1, 2); see :func:`resolve_multi_grid`.
         style: ResNets only: ``"torchvision"`` or ``"caffe"`` (see :class:`ResNetBackbone`).
         pretrained: False for random initialisation, True for the default ImageNet weights, or a string:
             a torchvision weights name (``"IMAGENET1K_V2"``), a timm tag for xception65 (``"tf_in1k"``),

@@ -267,9 +267,10 @@ def deeplab_v3(
         backbone: Any backbone but vgg16.
         output_stride: 16 (train) or 8 (the paper's best evaluation setting).
         atrous_rates: ASPP rates; None = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
-        multi_grid: ResNet layer4 multi-grid (1, 2, 4) of the paper; None for no multi-grid (torchvision's
-            layout, needed to match torchvision's deeplabv3 weights). Other backbones have no layer4:
-            pass None for them (anything else raises ValueError).
+        multi_grid: ResNet layer4 multi-grid (1, 2, 4) of the paper, truncated to the blocks there are
+            ((1, 2) on ResNet-18, whose layer4 has two blocks; any other grid gives one rate per block);
+            None for no multi-grid (torchvision's layout, needed to match torchvision's deeplabv3
+            weights). Other backbones have no layer4: pass None for them (anything else raises ValueError).
         aux_head: Add torchvision's auxiliary FCN head on layer3 (ResNets only).
         style: ResNet style.
         pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
@@ -309,7 +310,8 @@ def deeplab_v3plus(
         backbone: Any backbone but vgg16 (xception65 in the paper).
         output_stride: 16 or 8.
         atrous_rates: ASPP rates; None = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
-        multi_grid: ResNets only, e.g. (1, 2, 4); None = no multi-grid.
+        multi_grid: ResNets only, e.g. (1, 2, 4) (ResNet-18: truncated to (1, 2), see ``deeplab_v3``);
+            None = no multi-grid.
         separable: Atrous depthwise-separable convolutions in the ASPP branches and the decoder.
         aux_head: Add an auxiliary FCN head on layer3 (ResNets only).
         style: ResNet style.

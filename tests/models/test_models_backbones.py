@@ -5,7 +5,13 @@ import torch
 import torchvision
 from torch import nn
 
-from deeplab_lit.models.backbones import BACKBONES, build_backbone
+from deeplab_lit.models.backbones import BACKBONES, build_backbone, resolve_multi_grid
+
+
+def _structure(backbone: nn.Module) -> list[tuple]:
+    return [
+        (n, m.stride, m.dilation, m.padding) for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d)
+    ]
 
 
 def _sizes(feats: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -159,11 +165,28 @@ def test_multi_grid_rates():
         assert b8.eval()(torch.randn(1, 3, 33, 33))["out"].shape[-2:] == (5, 5)
 
 
+def test_paper_multi_grid_is_truncated_to_resnet18s_two_blocks():
+    """The default (1, 2, 4) builds on ResNet-18 as (1, 2); ResNet-34 has three blocks and keeps all three."""
+    paper, two = (
+        build_backbone("resnet18", multi_grid=(1, 2, 4)),
+        build_backbone("resnet18", multi_grid=(1, 2)),
+    )
+    assert [blk.conv2.dilation[0] for blk in paper.layer4] == [2, 4]  # OS 16: layer4 rate 2 times (1, 2)
+    assert _structure(paper) == _structure(two)
+    r34 = build_backbone("resnet34", multi_grid=(1, 2, 4))
+    assert [blk.conv2.dilation[0] for blk in r34.layer4] == [2, 4, 8]
+    assert (
+        resolve_multi_grid("resnet18", [1, 2, 4]) == (1, 2) and resolve_multi_grid("resnet50", None) is None
+    )
+
+
 def test_multi_grid_errors():
-    with pytest.raises(ValueError, match=r"one rate per layer4 block \(3 for resnet34\)"):
+    with pytest.raises(ValueError, match=r"one rate per layer4 block \(3 for resnet34\).*\(1, 2, 4\)"):
         build_backbone("resnet34", multi_grid=(1, 2))
-    with pytest.raises(ValueError, match=r"\(2 for resnet18\).*multi_grid=\(1, 2\)"):
-        build_backbone("resnet18", multi_grid=(1, 2, 4))
+    with pytest.raises(ValueError, match=r"\(2 for resnet18\).*multi_grid=\(1, 2\) \(the paper's, truncated"):
+        build_backbone("resnet18", multi_grid=(1, 3, 5))  # only the paper's grid is truncated
+    with pytest.raises(ValueError, match=r"\(3 for resnet50\), got \(1, 2, 4, 8\)"):
+        build_backbone("resnet50", multi_grid=(1, 2, 4, 8))
     with pytest.raises(ValueError, match="mobilenet_v2"):
         build_backbone("mobilenet_v2", multi_grid=(1, 2, 4))
     with pytest.raises(ValueError, match="positive integers"):

@@ -33,6 +33,7 @@ def _check_output(model: nn.Module, num_classes: int) -> None:
         (deeplab_v2, {"backbone": "resnet18"}),
         (deeplab_v2, {"backbone": "mobilenet_v2", "output_stride": 16, "msc_scales": (1.0, 0.75)}),
         (deeplab_v3, {"backbone": "resnet18", "multi_grid": (1, 2), "aux_head": True}),
+        (deeplab_v3, {"backbone": "resnet18"}),  # the paper's default multi-grid, truncated to 2 blocks
         (deeplab_v3, {"backbone": "mobilenet_v2", "output_stride": 8, "multi_grid": None}),
         (deeplab_v3plus, {"backbone": "resnet18", "output_stride": 8}),
         (deeplab_v3plus, {"backbone": "mobilenet_v2", "separable": True}),
