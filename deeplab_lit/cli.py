@@ -21,6 +21,8 @@ without it, the config's ``model.init_args.weights``) and writes ONNX with dynam
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -28,10 +30,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.layer_sync import LayerSync
+from lightning.pytorch.utilities import rank_zero_info
 
+from deeplab_lit.callbacks.interrupt import InterruptCheckpoint
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
 from deeplab_lit.data.datamodules import SegmentationDataModule
@@ -39,6 +43,8 @@ from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
 from deeplab_lit.models.weights import load_weights
 from deeplab_lit.modules.base import SegmentationModule
+from deeplab_lit.modules.restore import class_defaults, read_training_checkpoint, reconcile_model
+from deeplab_lit.paths import check_writable
 
 
 def _is_layer_sync(plugin: Any) -> bool:
@@ -61,6 +67,7 @@ class DeepLabCLI(LightningCLI):
         """Link data -> model arguments and add the always-on checkpoint callback."""
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")  # signals -> last.ckpt
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/mIoU",
@@ -73,12 +80,46 @@ class DeepLabCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args``; with a checkpoint and no config, take model and data classes from the checkpoint.
+
+        ``predict --ckpt_path best.ckpt --data.init_args.predict_path photos/`` then needs no config: the
+        model and the datamodule it was trained with (class and options, data root not read) come from
+        the file, and the options on the command line are applied over them.
+        """
+        self.config = parser.parse_args(with_checkpoint_classes(list(args)))
+
+    def _parse_ckpt_path(self) -> None:
+        """Reconcile ``--ckpt_path``'s hyper-parameters with the user's (:mod:`deeplab_lit.modules.restore`).
+
+        Overrides a private LightningCLI method (called from ``LightningCLI.__init__``; checked against
+        lightning 2.6, hence the upper bound in pyproject.toml) because it merges the checkpoint's
+        hyper-parameters over the user's options: an evaluation option given on the command line did
+        nothing, and another model class silently evaluated the checkpoint's.
+        """
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        path = _checkpoint_file(config) if config is not None else None
+        if path is None:
+            return
+        saved = read_training_checkpoint(path)
+        model = config.get("model")
+        given_class = model.get("class_path") if model is not None else None
+        given = plain(model.get("init_args")) if model is not None else {}
+        class_path, init_args, taken = reconcile_model(saved, given_class, given or {})
+        if taken:
+            rank_zero_info(f"Options taken from the checkpoint {path}: {taken}")
+        self._checkpoint = saved
+        update = {"model": {"class_path": class_path, "init_args": init_args}}
+        self.config = self.parser.parse_object({subcommand: update}, self.config)
+
     def before_instantiate_classes(self) -> None:
         """Default ``checkpoint.dirpath`` and loggers' unset ``save_dir`` to ``trainer.default_root_dir``.
 
         With ``trainer.sync_batchnorm: true`` and no LayerSync plugin given, install
         :class:`~deeplab_lit.callbacks.SyncBatchNorm` (Lightning's default conversion drops the activation
-        of timm's fused BatchNorm + ReLU layers, used by the Xception-65 backbone).
+        of timm's fused BatchNorm + ReLU layers, used by the Xception-65 backbone). Remember the class
+        count the user gave, to check it against the data's once both exist.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("sync_batchnorm"):
@@ -97,70 +138,190 @@ class DeepLabCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir is None:
                 init_args.save_dir = root
+        self._given_num_classes = config.model.init_args.get("num_classes")
+
+    def instantiate_classes(self) -> None:
+        """Instantiate, then check the class count: data, command line and checkpoint must agree."""
+        super().instantiate_classes()
+        data_classes = getattr(self.datamodule, "num_classes", None)
+        if data_classes is None:
+            return
+        default = class_defaults(type(self.model)).get("num_classes")
+        given = self._given_num_classes
+        if given is not None and given != default and given != data_classes:
+            raise ValueError(
+                f"model.init_args.num_classes={given} was given but the data module "
+                f"{type(self.datamodule).__name__} has {data_classes} classes "
+                f"({self.datamodule.class_names}); the class count comes from the data: drop the option, "
+                "or use data with that many classes"
+            )
+        saved = getattr(self, "_checkpoint", None)
+        saved_classes = saved.hparams.get("num_classes") if saved is not None else None
+        if saved_classes is not None and saved_classes != data_classes:
+            raise ValueError(
+                f"Checkpoint {saved.path} has {saved_classes} classes but the data module "
+                f"{type(self.datamodule).__name__} has {data_classes}. --ckpt_path restores a run as it was; "
+                f"to fine-tune on these {data_classes} classes, start from its weights instead: "
+                f"--model.init_args.weights {saved.path} --model.init_args.reinit_classifier true"
+            )
+
+    def before_fit(self) -> None:
+        """Check that the checkpoint folder and the loggers' folders can be written, before training."""
+        config = self.config[self.subcommand]
+        check_writable(config.checkpoint.dirpath, "checkpoints", "--checkpoint.dirpath")
+        for logger in self.trainer.loggers:
+            save_dir = getattr(logger, "save_dir", None)
+            if save_dir:
+                check_writable(save_dir, f"the {type(logger).__name__} files", "the logger's save_dir")
 
     def before_predict(self) -> None:
-        """Keep no logits in memory by default: the PredictionWriter writes every mask to disk."""
+        """Check the output folder; keep no logits in memory by default (the writer writes every mask)."""
+        output = self.config[self.subcommand].prediction.output_dir
+        check_writable(output, "predicted masks", "--prediction.output_dir")
         if self.config_init["predict"].get("return_predictions") is None:
             self.config_init["predict"]["return_predictions"] = False
 
 
-class ExportCLI(DeepLabCLI):
-    """``python -m deeplab_lit export``: the config's model, optionally a checkpoint, written as ONNX."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--ckpt_path``, ``--output``, ``--exporter`` and ``--opset`` to the training options."""
-        super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to export")
-        parser.add_argument("--output", type=str, default="model.onnx", help="ONNX file to write")
-        parser.add_argument("--exporter", type=str, default="dynamo", help=f"One of {EXPORTERS}")
-        parser.add_argument("--opset", type=int | None, default=None, help="ONNX opset (None: default)")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse ``args`` (the words after ``export``) alone, never mixed with ``sys.argv``."""
-        self.config = parser.parse_args(args)
-
-    def export(self) -> Path:
-        """Load ``--ckpt_path`` into the model and write ``--output``; the path written."""
-        module, config = self.model, self.config
-        normalization = module.normalization
-        if config.ckpt_path:
-            info = load_weights(module.model, config.ckpt_path, num_classes=module.hparams.num_classes)
-            normalization = info.normalization or normalization
-        normalization = normalization or getattr(self.datamodule, "normalization", None)
-        metadata = {
-            "num_classes": str(module.hparams.num_classes),
-            "class_names": json.dumps(module.class_names),
-            "normalization": json.dumps(normalization.to_dict() if normalization else None),
-            "source": str(config.ckpt_path or module.hparams.get("weights")),
-        }
-        path = export_onnx(module.model, config.output, exporter=config.exporter, opset=config.opset,
-                           metadata=metadata)  # fmt: skip
-        print(f"Wrote {path}: input 'image' (N, 3, H, W) normalised as {normalization}, output 'logits'")
-        return path
+def plain(value: Any) -> Any:
+    """``value`` as plain Python (dicts, lists, scalars): parsed namespaces and dataclasses alike."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
-def main(args: list[str] | None = None, run: bool = True) -> DeepLabCLI:
-    """Run the CLI (``args=None`` reads ``sys.argv``); returns it so tests can inspect trainer and model."""
+def _checkpoint_file(config: Namespace) -> Path | None:
+    """Return the file ``ckpt_path`` names (``last``: the run's ``last.ckpt`` if it exists), else None."""
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        root = config.trainer.get("default_root_dir") or os.getcwd()
+        folder = config.get("checkpoint", Namespace()).get("dirpath") or os.path.join(root, "checkpoints")
+        last = Path(folder) / "last.ckpt"
+        return last if last.is_file() else None
+    if ckpt_path in ("best", "hpc", "registry"):
+        return None
+    return Path(ckpt_path)
+
+
+def _option_value(words: list[str], name: str) -> str | None:
+    """Return the value of ``--name X`` or ``--name=X`` in ``words`` (the last one), None if absent."""
+    found = None
+    for index, word in enumerate(words):
+        if word == f"--{name}" and index + 1 < len(words):
+            found = words[index + 1]
+        elif word.startswith(f"--{name}="):
+            found = word.split("=", 1)[1]
+    return found
+
+
+def _gives(words: list[str], group: str) -> bool:
+    return any(w == f"--{group}" or w.startswith((f"--{group}=", f"--{group}.class_path")) for w in words)
+
+
+def with_checkpoint_classes(words: list[str]) -> list[str]:
+    """Insert the checkpoint's model and data classes when a subcommand has ``--ckpt_path`` and no config.
+
+    Only when neither ``--config`` nor the group itself (``--model``/``--data``) is given; the user's
+    words follow the inserted ones, so they still override. Unreadable checkpoints are left alone here
+    and reported by :meth:`DeepLabCLI._parse_ckpt_path`.
+    """
+    subcommand = next((i for i, w in enumerate(words) if not w.startswith("-")), None)
+    if subcommand is None:
+        return words
+    rest = words[subcommand + 1 :]
+    ckpt_path = _option_value(rest, "ckpt_path")
+    if not ckpt_path or _option_value(rest, "config") or "-c" in rest or not Path(ckpt_path).is_file():
+        return words
+    try:
+        saved = read_training_checkpoint(ckpt_path)
+    except (OSError, ValueError):
+        return words
+    inserted = []
+    if not _gives(rest, "model"):
+        inserted.append(f"--model={saved.model_class}")
+    if not _gives(rest, "data") and saved.data_class:
+        data = {"class_path": saved.data_class, "init_args": plain(saved.data_hparams)}
+        inserted.append(f"--data={json.dumps(data)}")
+    return [*words[: subcommand + 1], *inserted, *rest]
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _export_parser() -> ArgumentParser:
+    """Build ``export``'s own parser: the model (from a checkpoint or a config) and the export options.
+
+    Training configs are accepted with ``--config`` (their ``model`` section is used; ``data``,
+    ``trainer`` and the rest are read and ignored), so no data set and no trainer are built.
+    """
+    parser = ArgumentParser(
+        prog="python -m deeplab_lit export",
+        description="Write a DeepLab network as ONNX (dynamic batch, height, width), checked in onnxruntime.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="A training config (its model section)")
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint of a deeplab_lit run")
+    parser.add_argument("--output", type=str, default="model.onnx", help="ONNX file to write")
+    parser.add_argument("--exporter", type=str, default="dynamo", help=f"One of {EXPORTERS}")
+    parser.add_argument("--opset", type=int | None, default=None, help="ONNX opset (None: default)")
+    parser.add_subclass_arguments(SegmentationModule, "model", required=False, fail_untyped=False)
+    for ignored in ("data", "trainer", "checkpoint", "prediction", "seed_everything"):
+        parser.add_argument(f"--{ignored}", type=Any, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def export(words: list[str]) -> Path:
+    """``python -m deeplab_lit export``: build the network, load ``--ckpt_path``, write ``--output``."""
+    parser = _export_parser()
+    config = parser.parse_args(words)
+    check_writable(config.output, "the ONNX file", "--output", is_file=True)
+    if config.exporter not in EXPORTERS:
+        parser.error(f"--exporter must be one of {EXPORTERS}, got {config.exporter!r}")
+    model = config.get("model")
+    if config.ckpt_path:
+        saved = read_training_checkpoint(config.ckpt_path)
+        given_class = model.class_path if model is not None else None
+        class_path, init_args, _ = reconcile_model(
+            saved, given_class, plain(model.init_args) if model else {}
+        )
+        config = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}}, config)
+    elif model is None:
+        parser.error("export needs a model: --ckpt_path of a deeplab_lit run, or a --config with a model")
+    module = parser.instantiate_classes(config).model
+    normalization = module.normalization
+    if config.ckpt_path:
+        info = load_weights(module.model, config.ckpt_path, num_classes=module.hparams.num_classes)
+        normalization = info.normalization or normalization
+    metadata = {
+        "num_classes": str(module.hparams.num_classes),
+        "class_names": json.dumps(module.class_names),
+        "normalization": json.dumps(normalization.to_dict() if normalization else None),
+        "source": str(config.ckpt_path or module.hparams.get("weights")),
+    }
+    path = export_onnx(module.model, config.output, exporter=config.exporter, opset=config.opset,
+                       metadata=metadata)  # fmt: skip
+    print(f"Wrote {path}: input 'image' (N, 3, H, W) normalised as {normalization}, output 'logits'")
+    return path
+
+
+def main(args: list[str] | None = None, run: bool = True) -> DeepLabCLI | Path | None:
+    """Run the CLI (``args=None`` reads ``sys.argv``); returns it so tests can inspect trainer and model.
+
+    ``export`` returns the ONNX file's path (``run=False``: None).
+    """
     words = sys.argv[1:] if args is None else list(args)
     if words[:1] == ["export"]:
-        cli = ExportCLI(
-            SegmentationModule,
-            SegmentationDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=words[1:],
-            run=False,
-            save_config_callback=None,
-        )
-        if run:
-            cli.export()
-        return cli
+        return export(words[1:]) if run else None
     return DeepLabCLI(
         SegmentationModule,
         SegmentationDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=words,
         run=run,
         save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},

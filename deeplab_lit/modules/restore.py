@@ -1,0 +1,177 @@
+"""Where a training checkpoint (``--ckpt_path``) and the user's options meet.
+
+The rule, for ``fit``/``validate``/``test``/``predict``/``export`` with ``--ckpt_path``:
+
+- The network's **architecture** comes from the checkpoint: the version class and the options that shape
+  its tensors or their meaning (:data:`ARCHITECTURE`: backbone, output stride, ASPP rates, multi-grid, MSC,
+  class count, ...). An architecture option the user set (in a config or on the command line) to another
+  value than the checkpoint's is an error naming both values; one left at its default takes the
+  checkpoint's. The architecture conflicts are judged by the same function as ``weights:``
+  (:func:`deeplab_lit.models.weights.resolve_options`).
+- **Everything else** (evaluation-time inference: TTA, sliding window; CRF; BatchNorm folding; compile;
+  channels-last; the training recipe) is the user's where the user set it, else the checkpoint's.
+- ``weights`` and ``pretrained_backbone`` are ignored: the checkpoint's tensors replace whatever they would
+  load, and nothing is downloaded for them.
+
+Lightning's own ``LightningCLI`` merges the checkpoint's hyper-parameters *over* the user's options, so an
+evaluation option given on the command line silently did nothing; the CLI uses :func:`reconcile_model`
+instead (see :mod:`deeplab_lit.cli`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint
+from deeplab_lit.models.weights import resolve_options
+
+#: Options that decide the network's structure; a checkpoint's values win, a contradiction is an error.
+ARCHITECTURE: tuple[str, ...] = ("num_classes", *OPTIONS)
+#: Options that would load other weights before the checkpoint's replace them: ignored with a checkpoint.
+SUPERSEDED: dict[str, Any] = {"weights": None, "pretrained_backbone": False}
+#: Keys Lightning and LightningCLI add to the saved hyper-parameters that are no ``__init__`` arguments.
+_BOOKKEEPING = ("_class_path", "_instantiator")
+
+
+@dataclass
+class TrainingCheckpoint:
+    """The parts of a Lightning checkpoint written by this project that the command line needs.
+
+    Attributes:
+        path: The file.
+        model_class: ``class_path`` of the LightningModule that wrote it (e.g. ``deeplab_lit.DeepLabV3``).
+        hparams: Its ``__init__`` arguments as saved (bookkeeping keys removed).
+        data_class: ``class_path`` of the datamodule it was trained with, None if not recorded.
+        data_hparams: That datamodule's ``__init__`` arguments.
+    """
+
+    path: Path
+    model_class: str
+    hparams: dict[str, Any]
+    data_class: str | None = None
+    data_hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def class_defaults(cls: type) -> dict[str, Any]:
+    """Return the default of every ``__init__`` argument of ``cls`` and its bases (subclasses win)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            defaults.update({p.name: p.default for p in parameters if p.default is not p.empty})
+    return defaults
+
+
+def import_class(class_path: str) -> type:
+    """Import ``"package.module.Name"``; ImportError/AttributeError name the path."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
+    """Read the hyper-parameters of a Lightning checkpoint of this project (tensors memory-mapped, not read).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is unreadable, needs unsafe unpickling, or is no Lightning checkpoint of a
+            ``deeplab_lit`` module (a plain or published state dict: the message says to use ``weights:``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} (--ckpt_path) does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} holds Python objects that only a full unpickling could read, "
+            f"which can run arbitrary code; it is not loaded ({err})."
+        ) from err
+    except Exception as err:  # torch/zip raise many types for a truncated or foreign file
+        raise ValueError(
+            f"Checkpoint {str(path)!r} could not be read: {err}. The file is truncated, corrupt or not a "
+            "PyTorch checkpoint."
+        ) from err
+    hparams = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
+    if not isinstance(raw, Mapping) or "pytorch-lightning_version" not in raw or not hparams:
+        raise ValueError(
+            f"{str(path)!r} is not a training checkpoint of this project (no Lightning state or "
+            "hyper-parameters): --ckpt_path takes the .ckpt files a deeplab_lit run writes. To start from "
+            "plain or published weights (a state dict, torchvision's or kazuto1011's files), pass them as "
+            f"--model.init_args.weights {path} (and --model.init_args.reinit_classifier true for another "
+            "class count)."
+        )
+    hparams = dict(hparams)
+    if not isinstance(hparams.get("_class_path"), str):
+        raise ValueError(
+            f"Checkpoint {str(path)!r} does not record which module wrote it (no '_class_path' in its "
+            "hyper-parameters: it was not written through the deeplab_lit command line). Load it in Python "
+            "with DeepLabVx.load_from_checkpoint, or pass it as --model.init_args.weights."
+        )
+    data = dict(raw.get("datamodule_hyper_parameters") or {})
+    return TrainingCheckpoint(
+        path,
+        hparams.pop("_class_path"),
+        {k: v for k, v in hparams.items() if k not in _BOOKKEEPING},
+        data.pop("_class_path", None),
+        {k: v for k, v in data.items() if k not in _BOOKKEEPING},
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    as_plain = lambda v: tuple(v) if isinstance(v, list | tuple) else v  # noqa: E731
+    return as_plain(a) == as_plain(b)
+
+
+def reconcile_model(
+    saved: TrainingCheckpoint, given_class: str | None, given: Mapping[str, Any]
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Combine a checkpoint's hyper-parameters with the user's model options by the module docstring's rule.
+
+    Args:
+        saved: The checkpoint, from :func:`read_training_checkpoint`.
+        given_class: The model ``class_path`` the user gave (None: take the checkpoint's).
+        given: The user's model ``init_args`` (config and command line merged; unset ones at their default).
+
+    Returns:
+        ``(class_path, init_args, taken)``: the class to build, every init argument to build it with, and
+        the options that were taken from the checkpoint instead of a default (for an info line).
+
+    Raises:
+        ValueError: another version class, or an architecture option that contradicts the checkpoint.
+    """
+    saved_class = import_class(saved.model_class)
+    if given_class is not None and import_class(given_class) is not saved_class:
+        given_name = given_class.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"Checkpoint {str(saved.path)!r} holds a {saved_class.__name__} but the model given is "
+            f"{given_name} (model.class_path in the config or --model). The checkpoint decides the version: "
+            f"drop the model option or give {saved_class.__name__}. To start a {given_name} from its "
+            f"weights, use --model.init_args.weights {saved.path} with "
+            "--model.init_args.reinit_classifier true instead of --ckpt_path."
+        )
+    defaults = class_defaults(saved_class)
+    given = {k: v for k, v in given.items() if k in defaults}
+    architecture = {k: saved.hparams[k] for k in ARCHITECTURE if k in saved.hparams}
+    checkpoint = _as_checkpoint(saved, architecture)
+    taken = resolve_options(checkpoint, {**defaults, **given}, defaults)
+    init_args = {**defaults, **saved.hparams}
+    for name, value in given.items():
+        if name not in architecture and not _same(value, defaults.get(name)):
+            init_args[name] = value  # the user's evaluation / recipe option wins over the saved one
+    init_args.update(SUPERSEDED)
+    return f"{saved_class.__module__}.{saved_class.__name__}", init_args, taken
+
+
+def _as_checkpoint(saved: TrainingCheckpoint, architecture: dict[str, Any]) -> Checkpoint:
+    """Return the checkpoint as :func:`resolve_options` takes it: its architecture options, no tensors."""
+    name = saved.model_class.rsplit(".", 1)[-1]
+    return Checkpoint(str(saved.path), "deeplab_lit", f"deeplab_lit {name} checkpoint", {},
+                      options=architecture, num_classes=saved.hparams.get("num_classes"))  # fmt: skip
