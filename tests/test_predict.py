@@ -13,7 +13,7 @@ from torch import nn
 
 from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.callbacks import PredictionWriter
-from deeplab_lit.callbacks.prediction_writer import save_palette_png
+from deeplab_lit.callbacks.prediction_writer import UnreadableImageWarning, save_palette_png
 from deeplab_lit.cli import main
 from deeplab_lit.data import SyntheticDataModule
 from deeplab_lit.data.images import read_image, read_mask
@@ -68,16 +68,74 @@ def test_palette_png_round_trips_every_label(tmp_path):
     assert Image.open(path).convert("RGB").getpixel((15, 0)) == tuple(voc_palette()[15])
 
 
-def test_empty_folder_and_undecodable_image_each_stop_with_the_path(tmp_path):
+def test_empty_folder_and_undecodable_image_with_skip_unreadable_false_each_stop_with_the_path(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"No images found in folder .*empty"):
         main(predict_args(tmp_path, empty, tmp_path / "out"))
-    broken = tmp_path / "broken"
+    broken, out = tmp_path / "broken", tmp_path / "out"
     write_photos(broken)
-    (broken / "street.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ValueError, match=r"Could not decode image file .*street\.jpg"):
-        main(predict_args(tmp_path, broken, tmp_path / "out"))
+    (broken / "room.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(
+        ValueError, match=r"(?s)Could not decode image file .*room\.jpg.*skip_unreadable is false"
+    ):
+        main([*predict_args(tmp_path, broken, out), "--prediction.skip_unreadable=false"])
+    assert (out / "beach.png").is_file() and not (out / "street.png").exists()  # stopped at room, in order
+
+
+def _writer(cli) -> PredictionWriter:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter))
+
+
+def test_unreadable_images_are_skipped_with_a_warning_each_and_listed_at_the_end(tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("c", "d"):  # one size, so that a batch of two stacks
+        Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)).save(photos / f"{name}.jpg")
+    (photos / "a_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "b_empty.png").write_bytes(b"")
+    whole = (photos / "c.jpg").read_bytes()
+    (photos / "e_cut.jpg").write_bytes(whole[: len(whole) // 2])
+    bad = ("a_broken.jpg", "b_empty.png", "e_cut.jpg")  # batches [a, b] and [e]: nothing readable in them
+    with pytest.warns(UnreadableImageWarning) as caught:
+        cli = main([*predict_args(tmp_path, photos, out), "--data.init_args.val_batch_size=2"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, UnreadableImageWarning)]
+    for name in bad:
+        assert any(m.startswith("predict skips") and name in m for m in messages), name
+    summary = [m for m in messages if m.startswith("predict skipped 3 unreadable image(s)")]
+    assert len(summary) == 1 and all(name in summary[0] for name in bad)
+    assert [Path(path).name for path, _ in _writer(cli).skipped] == list(bad)
+    assert sorted(p.name for p in out.iterdir()) == ["c.png", "c_overlay.jpg", "d.png", "d_overlay.jpg"]
+    assert Image.open(out / "d.png").size == (45, 37)
+
+
+def test_predict_batch_of_different_sizes_names_the_files_and_the_remedy(tmp_path):
+    photos = tmp_path / "photos"
+    write_photos(photos)
+    with pytest.raises(ValueError, match=r"Cannot batch 2 predict images .*beach\.jpg \(45x37\), .*room\.jpg "
+                       r"\(61x33\)\..*val_batch_size: 1"):  # fmt: skip
+        main([*predict_args(tmp_path, photos, tmp_path / "out"), "--data.init_args.val_batch_size=2"])
+
+
+def test_a_photo_with_exif_orientation_is_segmented_and_written_as_viewers_show_it(tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to display", as phones held upright write
+    pixels = np.random.default_rng(1).integers(0, 256, (29, 45, 3), dtype=np.uint8)  # stored 45 wide, 29 high
+    Image.fromarray(pixels).save(photos / "phone.jpg", exif=exif, quality=95)
+    cli = main(predict_args(tmp_path, photos, out))
+    assert Image.open(out / "phone.png").size == (29, 45)  # displayed: 29 wide, 45 high
+    assert Image.open(out / "phone_overlay.jpg").size == (29, 45)
+    shown = np.ascontiguousarray(np.rot90(read_image(photos / "phone.jpg"), k=-1))  # stored grid, turned
+    with torch.no_grad():
+        image = torch.from_numpy(shown).permute(2, 0, 1)[None]
+        logits = cli.model.eval()(cli.datamodule.normalization.normalize(image))[0]
+    top2 = logits.topk(2, dim=0).values
+    decided = (top2[0] - top2[1] > 1e-3).numpy()
+    assert decided.mean() > 0.9
+    assert np.array_equal(read_mask(out / "phone.png")[decided], logits.argmax(0).numpy()[decided])
 
 
 def tiny_module_and_data(tmp_path: Path) -> tuple[DeepLabV3Plus, SyntheticDataModule]:

@@ -9,13 +9,14 @@ link ``data.num_classes`` to the model), exposes ``ignore_index`` (255), its ``n
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
@@ -69,6 +70,57 @@ def unrepeated_eval_sampler(dataset: Dataset) -> Sampler | None:
     if torch.distributed.get_world_size() == 1:
         return None
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+#: Side of the image tensor of a predict batch whose every file was unreadable: ``(0, 3, 32, 32)``, large
+#: enough for every inference mode (multi-scale at 0.25 still leaves 8 pixels), and no image to run.
+_EMPTY_BATCH_SIDE = 32
+
+
+def _check_one_size(items: list[dict], stage: str) -> None:
+    """Raise one ValueError naming every image and its size when ``items`` differ in size."""
+    sizes = [tuple(item["image"].shape[-2:]) for item in items]
+    if len(set(sizes)) <= 1:
+        return
+    listed = ", ".join(
+        f"{item.get('path', item.get('name'))} ({w}x{h})" for item, (h, w) in zip(items, sizes, strict=True)
+    )
+    raise ValueError(
+        f"Cannot batch {len(items)} {stage} images of different sizes (WxH): {listed}. Evaluation and "
+        "predict run on whole images, and a batch is one tensor, so a batch size above 1 needs images of "
+        "one size. Set `val_batch_size: 1` (--data.init_args.val_batch_size=1)."
+    )
+
+
+def eval_collate(items: list[dict], stage: str = "validate") -> dict:
+    """Collate whole images for validate/test/predict, with clear errors instead of torch's raw ones.
+
+    Images of different sizes raise one ValueError naming each image, its size and the remedy
+    (``val_batch_size: 1``), where torch would say "stack expects each tensor to be equal size".
+    Predict items that could not be read (``"image": None``, see
+    :class:`~deeplab_lit.data.images.ImageFileDataset`) leave the batch and are listed under
+    ``batch["skipped"]`` as ``{"path", "error"}`` dicts; every predict batch has that key. A batch whose
+    every file was unreadable has an image tensor of zero images, ``(0, 3, 32, 32)``, and empty name and
+    path lists: it runs through the model and writes nothing.
+
+    Args:
+        items: Dataset items of one batch.
+        stage: ``"validate"``, ``"test"`` or ``"predict"``, named in the error.
+
+    Returns:
+        The collated batch.
+    """
+    readable = [item for item in items if item["image"] is not None]
+    skipped = [{"path": item["path"], "error": item["error"]} for item in items if item["image"] is None]
+    _check_one_size(readable, stage)
+    if readable:
+        batch = default_collate(readable)
+    else:
+        side = _EMPTY_BATCH_SIDE
+        batch = {"image": torch.zeros(0, 3, side, side), "name": [], "path": []}
+    if stage == "predict":
+        batch["skipped"] = skipped
+    return batch
 
 
 class SegmentationDataModule(LightningDataModule):
@@ -199,6 +251,7 @@ class SegmentationDataModule(LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             worker_init_fn=seed_worker,
+            collate_fn=None if train else partial(eval_collate, stage=stage),
         )
 
     def train_dataloader(self) -> DataLoader:
