@@ -2,10 +2,13 @@
 a non-finite loss stops the run and keeps the last good checkpoint."""
 
 import contextlib
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.callbacks import (
     AtomicCheckpointIO,
     BestAndLastCheckpoint,
+    CheckpointWriteError,
     NonFiniteLossError,
     NonFiniteLossGuard,
 )
@@ -229,9 +233,66 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     )  # fmt: skip
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at global step 3\b") as error:
         trainer.fit(module, DataLoader(PoisonedSegmentation(poisoned=3), batch_size=1))
-    assert "last.ckpt" in str(error.value)
+    assert f"Resume from it (--ckpt_path {tmp_path / 'last.ckpt'})" in str(error.value)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["last.ckpt", "stepstep=1.ckpt", "stepstep=2.ckpt", "stepstep=3.ckpt"]
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # the state before the bad step, which never updated the weights
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+class NaNAtStep(LightningModule):
+    """One weight; the loss is NaN from optimizer step ``bad_step`` on."""
+
+    def __init__(self, bad_step: int):
+        super().__init__()
+        self.weight, self.bad_step = torch.nn.Parameter(torch.zeros(1)), bad_step
+
+    def training_step(self, batch, batch_idx):
+        loss = (self.weight - 1).pow(2).sum()
+        return loss * float("nan") if self.global_step >= self.bad_step else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_non_finite_loss_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[NonFiniteLossGuard()])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="at global step 2") as error:
+        trainer.fit(NaNAtStep(bad_step=2), DataLoader(torch.zeros(8, 1), batch_size=1))
+    message = str(error.value)
+    assert "nothing to resume" in message and "start again with a lower learning rate" in message
+    assert "Resume from it" not in message
+
+
+# ------------------------------------------------------------------------------------ full disk
+def test_full_disk_names_the_path_free_space_and_size_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch
+):
+    """The temporary file is opened on /dev/full, whose writes fail with ENOSPC in the kernel, so torch.save
+    fails exactly as on a full disk (an ``inline_container.cc`` RuntimeError over the OSError)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_on_full_disk(*args, **kwargs):
+        handle, name = real_mkstemp(*args, **kwargs)  # the real temporary file, to be cleaned up
+        os.close(handle)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_on_full_disk)
+    with pytest.raises(CheckpointWriteError) as error:
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(2**20)}, path)  # 4 MiB of tensors
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC
+    assert f"Cannot write checkpoint {path}: No space left on device" in message
+    assert re.search(r"\d+\.\d [KMGT]?B free in ", message) and "needs about 4.0 MB" in message
+    assert "The previous last.ckpt is intact" in message and "inline_container" not in message
+    monkeypatch.undo()
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # the temporary file is gone

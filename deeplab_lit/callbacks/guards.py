@@ -100,11 +100,18 @@ class NonFiniteLossGuard(Callback):
         callback = trainer.checkpoint_callback
         kept = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         late = trainer.global_step - step
+        remedies = (
+            "a lower learning rate (model.init_args.lr) or clipped gradients (trainer.gradient_clip_val)"
+        )
         raise NonFiniteLossError(
             f"Training loss is {value} at global step {step}: training stopped"
             + (f" (seen {late} step(s) later, check_every_n_steps={self.check_every_n_steps})" * bool(late))
             + ". No checkpoint was written after that step; "
-            + (f"the last good one is {kept}. " if kept else "none had been written yet. ")
-            + "Resume from it with a lower learning rate (model.init_args.lr), check the data of that step, "
-            "or clip gradients (trainer.gradient_clip_val)."
+            + (
+                f"the last good one is {kept}. Resume from it (--ckpt_path {kept}) with {remedies}, "
+                if kept
+                else f"none had been written before it, so there is nothing to resume: start again with "
+                f"{remedies}, "
+            )
+            + "and check the data of that step."
         )

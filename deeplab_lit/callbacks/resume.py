@@ -34,8 +34,10 @@ loader), so the rest of that epoch sees a new shuffle: statistically the same tr
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 
@@ -72,6 +75,40 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     def _refresh_last(self, trainer: Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved this step
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """Return the ``last*.ckpt`` files for ``ckpt_path="last"``; raise if no checkpoint callback has any.
+
+        Lightning calls this private method only to resolve ``ckpt_path="last"`` (checked up to 2.6) and,
+        when it finds nothing, warns and trains from scratch with a hint about ``save_last`` that does
+        not apply here. A user who asked to resume wants to hear that there is nothing to resume.
+        """
+        found = super()._find_last_checkpoints(trainer)
+        if found or _other_last_checkpoints(trainer, self):
+            return found
+        folder = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+        remedy = (
+            "To start a fresh run, drop --ckpt_path; to resume another run, give its checkpoint file "
+            "(--ckpt_path path/to/last.ckpt) or set trainer.default_root_dir to its folder."
+            if trainer.state.fn == TrainerFn.FITTING
+            else "Give a checkpoint file instead (--ckpt_path path/to/file.ckpt)."
+        )
+        raise FileNotFoundError(
+            f"--ckpt_path last: there is no {self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION} (nor "
+            f"{self.CHECKPOINT_NAME_LAST}-v<n>{self.FILE_EXTENSION}) in {folder}: no earlier run "
+            f"wrote one there. {remedy}"
+        )
+
+
+def _other_last_checkpoints(trainer: Trainer, this: ModelCheckpoint) -> bool:
+    """Whether another checkpoint callback offers a file for ``ckpt_path="last"`` (as Lightning counts)."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, OnExceptionCheckpoint) and os.path.exists(callback.ckpt_path):
+            return True
+        if isinstance(callback, ModelCheckpoint) and callback is not this:
+            if ModelCheckpoint._find_last_checkpoints(callback, trainer):
+                return True
+    return False
 
 
 class RandomStateCheckpoint(Callback):
@@ -229,11 +266,72 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(stream.fileno())
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; match a normally created file
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
+            full = _disk_full(error)
+            if full is not None:
+                raise CheckpointWriteError(full.errno, _disk_full_message(target, checkpoint, full)) from None
             raise
         _fsync_folder(target.parent)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written because its disk (or quota) is full; the previous file is intact."""
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """Return the "no space left" (or quota) ``OSError`` in ``error`` or the exceptions behind it.
+
+    ``torch.save`` reports a failed write as a ``RuntimeError`` from ``inline_container.cc`` raised while
+    handling the ``OSError`` (and closing the file raises that ``OSError`` again), so the chain is walked.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return current
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def _disk_full_message(target: Path, checkpoint: dict[str, Any], error: OSError) -> str:
+    """One message naming the file, the free space and the checkpoint's approximate size."""
+    free = shutil.disk_usage(target.parent).free  # after the partial temporary file was removed
+    kept = f"The previous {target.name} is intact." if target.exists() else f"No {target.name} was written."
+    needed = _human(_tensor_bytes(checkpoint))
+    return (
+        f"Cannot write checkpoint {target}: {error.strerror or 'disk full'} ({_human(free)} free in "
+        f"{target.parent}; the checkpoint needs about {needed}). {kept} Free some space or write the "
+        "checkpoints to another disk (checkpoint.dirpath)."
+    )
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint (its size on disk, less a little metadata)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _human(size: float) -> str:
+    """``1536`` -> ``1.5 KB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
 
 
 def _umask() -> int:

@@ -1,0 +1,260 @@
+"""Interruptions end in a resumable checkpoint: SIGINT, SIGTERM and SIGUSR1 sent to a real ``fit`` process.
+
+The child runs the real quickstart config (its AtomicCheckpointIO, guards and RNG checkpointing included)
+on tiny synthetic data, 4 steps per epoch. A :class:`BlockAt` callback stops it at a chosen point (a
+training step, a validation batch, the sanity check) and waits there until the test has signalled it, so
+the signal lands at a known step however slow the machine is.
+"""
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from deeplab_lit.callbacks import AtomicCheckpointIO, InterruptCheckpoint, TrainingInterrupted
+from deeplab_lit.cli import main
+
+REPO = Path(__file__).parents[1]
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+STEPS_PER_EPOCH = 4  # num_train=8, batch_size=2
+
+
+class BlockAt(Callback):
+    """Once, at ``where`` (``training`` step ``step``, ``validation`` at ``step``, ``sanity``): write
+    ``marker`` and wait until the test deletes it (at most 120 s)."""
+
+    def __init__(self, marker: str, where: str = "training", step: int = 0):
+        self.marker, self.where, self.step, self.done = Path(marker), where, step, False
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if self.where == "training" and trainer.global_step == self.step:
+            self._block()
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs):
+        if self.where == "sanity" and trainer.sanity_checking:
+            self._block()
+        elif self.where == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:
+            self._block()
+
+    def _block(self):
+        if self.done:
+            return
+        self.done = True
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while self.marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class StartStep(Callback):
+    """Remember the global step at which training (re)started."""
+
+    def on_train_start(self, trainer, *args):
+        self.step = trainer.global_step
+
+
+def fit_args(root: Path, data: Path, epochs: int = 3) -> list[str]:
+    """The quickstart config shrunk to seconds on a CPU (as tests/test_resume.py)."""
+    return ["fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
+            "--model.init_args.backbone=resnet18", f"--data.init_args.root={data}",
+            "--data.init_args.num_train=8", "--data.init_args.num_val=4", "--data.init_args.image_size=32",
+            "--data.init_args.crop_size=24", "--data.init_args.batch_size=2",
+            "--data.init_args.val_batch_size=2", "--data.init_args.num_workers=0"]  # fmt: skip
+
+
+def block_args(marker: Path, where: str, step: int = 0) -> list[str]:
+    return ["--trainer.callbacks+=test_interrupt.BlockAt", f"--trainer.callbacks.marker={marker}",
+            f"--trainer.callbacks.where={where}", f"--trainer.callbacks.step={step}"]  # fmt: skip
+
+
+def signal_child(args: list[str], tmp_path: Path, marker: Path, signums: list[int]) -> tuple[int, str]:
+    """Run ``python -m deeplab_lit *args``; when it blocks at ``marker``, send ``signums`` one by one
+    (each after the child said it received the previous one), let it go on and return its exit code and
+    output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}  # fmt: skip
+    log = tmp_path / "child.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "deeplab_lit", *args], cwd=tmp_path, env=env,
+                                   stdout=out, stderr=out, start_new_session=True)  # fmt: skip
+        try:
+            wait_for(lambda: marker.exists() or process.poll() is not None, "the child to block")
+            assert process.poll() is None, log.read_text()[-3000:]
+            for count, signum in enumerate(signums, 1):
+                process.send_signal(signum)
+                wait_for(lambda c=count: taken(log) >= c or process.poll() is not None, "the child to react")
+            marker.unlink(missing_ok=True)
+            code = process.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log.read_text()
+
+
+def taken(log: Path) -> int:
+    """How many signals the child has said it received."""
+    text = log.read_text()
+    return len(re.findall(r"Received SIG\w+: stopping", text)) + text.count("Second Ctrl-C")
+
+
+def wait_for(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def test_ctrl_c_mid_epoch_saves_last_ckpt_and_fit_ckpt_path_last_resumes_there(tmp_path):
+    data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
+    step = STEPS_PER_EPOCH + 1  # the first step of epoch 1: last.ckpt is the end of epoch 0
+    code, output = signal_child([*fit_args(root, data), *block_args(marker, "training", step)], tmp_path,
+                                marker, [signal.SIGINT])  # fmt: skip
+    assert code == 128 + signal.SIGINT, output[-3000:]
+    folder = root / "checkpoints"
+    last = load(folder / "last.ckpt")
+    assert last["global_step"] == step  # mid-epoch, after the step the signal arrived in
+    epoch_end = [load(p)["global_step"] for p in folder.glob("epoch*.ckpt")]
+    assert epoch_end == [STEPS_PER_EPOCH]  # the validation-time checkpoint of epoch 0 is older
+    assert last["callbacks"]["InterruptCheckpoint"]["signal"] == "SIGINT"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert str(folder / "last.ckpt") in output
+    assert "-m deeplab_lit fit --config" in output and output.rstrip().count("--ckpt_path last") >= 1
+
+    resumed = main(
+        [*fit_args(root, data), "--ckpt_path", "last", "--trainer.callbacks+=test_interrupt.StartStep"]
+    )
+    start = next(c for c in resumed.trainer.callbacks if isinstance(c, StartStep))
+    assert start.step == step
+    assert resumed.trainer.global_step == 3 * STEPS_PER_EPOCH
+    assert "val/mIoU" in resumed.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    "signum, where, step, saved_step",
+    [
+        (signal.SIGTERM, "validation", STEPS_PER_EPOCH, STEPS_PER_EPOCH),  # cut short; not repeated
+        (getattr(signal, "SIGUSR1", signal.SIGTERM), "training", STEPS_PER_EPOCH + 2, STEPS_PER_EPOCH + 2),
+    ],
+    ids=["sigterm-during-validation", "sigusr1-during-training"],
+)
+def test_scheduler_signals_save_a_resumable_last_ckpt(signum, where, step, saved_step, tmp_path):
+    data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
+    code, output = signal_child([*fit_args(root, data, epochs=2), *block_args(marker, where, step)], tmp_path,
+                                marker, [signum])  # fmt: skip
+    assert code == 128 + signum, output[-3000:]
+    last = load(root / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == saved_step
+    assert last["callbacks"]["InterruptCheckpoint"]["during"] == where
+    if where == "training":  # resuming from a training step: the SIGINT test
+        return
+    # cut short: its partial scores reached neither a log nor a top-k checkpoint, and resuming works
+    assert not list((root / "checkpoints").glob("epoch*.ckpt"))
+    assert "is not repeated when resuming" in output
+    resumed = main([*fit_args(root, data, epochs=2), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert "val/mIoU" in resumed.trainer.callback_metrics
+
+
+def test_second_ctrl_c_stops_at_once_without_touching_the_checkpoints(tmp_path):
+    data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
+    args = [*fit_args(root, data), *block_args(marker, "training", STEPS_PER_EPOCH + 1)]
+    code, output = signal_child(args, tmp_path, marker, [signal.SIGINT, signal.SIGINT])
+    assert code != 0, output[-3000:]
+    assert "Stopped at once" in output
+    assert load(root / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH  # epoch 0's, unchanged
+
+
+def test_signal_during_sanity_check_saves_nothing_and_resume_last_then_says_there_is_nothing(tmp_path):
+    data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
+    code, output = signal_child([*fit_args(root, data), *block_args(marker, "sanity")], tmp_path, marker,
+                                [signal.SIGTERM])  # fmt: skip
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "during the sanity check" in output and "no checkpoint written" in output
+    assert not list(root.rglob("*.ckpt"))
+    with pytest.raises(FileNotFoundError, match="no earlier run") as error:
+        main([*fit_args(root, data), "--ckpt_path", "last"])
+    assert str(root / "checkpoints") in str(error.value) and "drop --ckpt_path" in str(error.value)
+
+
+# ------------------------------------------------------------------------------------ in-process details
+class Tiny(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch.sum()).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", (self.weight - batch.sum()).pow(2).sum())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SignalSelfAt(Callback):
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)  # arrives inside this training step
+
+
+class RecordingIO(AtomicCheckpointIO):
+    def __init__(self):
+        super().__init__()
+        self.saved = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.saved.append((Path(path).name, checkpoint["global_step"]))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_interrupt_checkpoint_is_written_by_the_trainers_atomic_io_and_ctrl_c_works_after(tmp_path):
+    io = RecordingIO()
+    trainer = Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, plugins=[io],
+                      callbacks=[SignalSelfAt(step=6), InterruptCheckpoint(),
+                                 ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])  # fmt: skip
+    data = DataLoader(torch.arange(8.0).view(8, 1), batch_size=2)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(Tiny(), data, data)
+    assert stop.value.code == 128 + signal.SIGINT
+    assert io.saved[-1] == ("last.ckpt", 7)  # the interrupted step (7th) completed, then saved
+    assert load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 7
+    with pytest.raises(KeyboardInterrupt):  # after the fit, Ctrl-C is Python's again
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+
+def test_interrupt_checkpoint_keeps_an_earlier_runs_last_ckpt(tmp_path):
+    """A fresh run in a folder with another run's last.ckpt writes last-v1.ckpt, as ModelCheckpoint does."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"global_step": 99}, folder / "last.ckpt")
+    trainer = Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[SignalSelfAt(step=1, signum=signal.SIGTERM), InterruptCheckpoint(),
+                                 ModelCheckpoint(dirpath=folder, save_last=True)])  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        trainer.fit(Tiny(), DataLoader(torch.arange(8.0).view(8, 1), batch_size=2))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert load(folder / "last.ckpt")["global_step"] == 99
+    assert load(folder / "last-v1.ckpt")["global_step"] == 2
