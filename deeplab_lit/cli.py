@@ -43,7 +43,14 @@ from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
 from deeplab_lit.models.weights import load_weights
 from deeplab_lit.modules.base import SegmentationModule
-from deeplab_lit.modules.restore import class_defaults, read_training_checkpoint, reconcile_model
+from deeplab_lit.modules.restore import (
+    TrainingCheckpoint,
+    class_defaults,
+    import_class,
+    read_training_checkpoint,
+    reconcile_model,
+)
+from deeplab_lit.normalization import Normalization
 from deeplab_lit.paths import check_writable
 
 
@@ -253,6 +260,16 @@ def with_checkpoint_classes(words: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ export
+def _training_checkpoint_or_none(path: str) -> TrainingCheckpoint | None:
+    """Return the training checkpoint at ``path``, or None when it is a plain/published weights file."""
+    try:
+        return read_training_checkpoint(path)
+    except ValueError as err:
+        if "not a training checkpoint" in str(err):
+            return None
+        raise
+
+
 def _export_parser() -> ArgumentParser:
     """Build ``export``'s own parser: the model (from a checkpoint or a config) and the export options.
 
@@ -274,6 +291,16 @@ def _export_parser() -> ArgumentParser:
     return parser
 
 
+def _configured_normalization(data: Any) -> Normalization | None:
+    """Return the normalisation a config's data section sets (or its class's default), building nothing."""
+    if not isinstance(data, dict | Namespace) or not data.get("class_path"):
+        return None
+    value = plain(data.get("init_args") or {}).get("normalization")
+    if value is None:
+        value = class_defaults(import_class(data["class_path"])).get("normalization")
+    return value if isinstance(value, Normalization) else Normalization(**value) if value else None
+
+
 def export(words: list[str]) -> Path:
     """``python -m deeplab_lit export``: build the network, load ``--ckpt_path``, write ``--output``."""
     parser = _export_parser()
@@ -282,20 +309,23 @@ def export(words: list[str]) -> Path:
     if config.exporter not in EXPORTERS:
         parser.error(f"--exporter must be one of {EXPORTERS}, got {config.exporter!r}")
     model = config.get("model")
-    if config.ckpt_path:
-        saved = read_training_checkpoint(config.ckpt_path)
+    saved = _training_checkpoint_or_none(config.ckpt_path) if config.ckpt_path else None
+    if saved is not None:
         given_class = model.class_path if model is not None else None
-        class_path, init_args, _ = reconcile_model(
-            saved, given_class, plain(model.init_args) if model else {}
-        )
+        given = plain(model.init_args) if model is not None else {}
+        class_path, init_args, _ = reconcile_model(saved, given_class, given)
         config = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}}, config)
     elif model is None:
-        parser.error("export needs a model: --ckpt_path of a deeplab_lit run, or a --config with a model")
+        parser.error(
+            "export needs a model: --ckpt_path of a deeplab_lit run, or a --config (or --model) whose model "
+            "the file named by --ckpt_path fits (published and plain state dicts)"
+        )
     module = parser.instantiate_classes(config).model
     normalization = module.normalization
     if config.ckpt_path:
         info = load_weights(module.model, config.ckpt_path, num_classes=module.hparams.num_classes)
         normalization = info.normalization or normalization
+    normalization = normalization or _configured_normalization(config.get("data"))
     metadata = {
         "num_classes": str(module.hparams.num_classes),
         "class_names": json.dumps(module.class_names),

@@ -92,15 +92,15 @@ def test_unknown_exporter_is_refused(tmp_path):
         export_onnx(deeplab_v1(num_classes=2, backbone="resnet18"), tmp_path / "m.onnx", exporter="tensorrt")
 
 
-def test_export_subcommand_loads_the_checkpoint_and_records_normalization(tmp_path):
-    args = ["--config", str(QUICKSTART), f"--data.init_args.root={tmp_path / 'synthetic'}",
-            "--trainer.logger=false", "--exporter=torchscript"]  # fmt: skip
-    built = main(["export", *args, f"--output={tmp_path / 'unused.onnx'}"], run=False)
-    model = with_unit_logits(built.model.model)  # weights that differ from a freshly built model's
+def test_export_subcommand_loads_a_plain_state_dict_into_the_configs_model(tmp_path):
+    """Published and plain files go through the config's model (its class count and names)."""
+    names = ["background", "disc", "square", "triangle", "ring", "cross"]
+    model = with_unit_logits(deeplab_v3plus(num_classes=6, backbone="resnet18", channels=64))
     torch.save(model.state_dict(), tmp_path / "trained.pth")
-    main(["export", *args, f"--ckpt_path={tmp_path / 'trained.pth'}", f"--output={tmp_path / 'model.onnx'}"])
-    assert not (tmp_path / "unused.onnx").exists()
+    main(["export", "--config", str(QUICKSTART), "--exporter=torchscript", "--model.init_args.num_classes=6",
+          f"--model.init_args.class_names={json.dumps(names)}", f"--ckpt_path={tmp_path / 'trained.pth'}",
+          f"--output={tmp_path / 'model.onnx'}"])  # fmt: skip
     assert_matches_pytorch(model, tmp_path / "model.onnx")
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
-    assert json.loads(metadata["class_names"])[0] == "background" and metadata["num_classes"] == "6"
+    assert json.loads(metadata["class_names"]) == names and metadata["num_classes"] == "6"
     assert json.loads(metadata["normalization"])["std"] == [58.395, 57.12, 57.375]

@@ -47,14 +47,15 @@ class TrainingCheckpoint:
 
     Attributes:
         path: The file.
-        model_class: ``class_path`` of the LightningModule that wrote it (e.g. ``deeplab_lit.DeepLabV3``).
+        model_class: ``class_path`` of the LightningModule that wrote it (e.g. ``deeplab_lit.DeepLabV3``);
+            None for a checkpoint written through the Python API, which does not record it.
         hparams: Its ``__init__`` arguments as saved (bookkeeping keys removed).
         data_class: ``class_path`` of the datamodule it was trained with, None if not recorded.
         data_hparams: That datamodule's ``__init__`` arguments.
     """
 
     path: Path
-    model_class: str
+    model_class: str | None
     hparams: dict[str, Any]
     data_class: str | None = None
     data_hparams: dict[str, Any] = field(default_factory=dict)
@@ -109,16 +110,11 @@ def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
             "class count)."
         )
     hparams = dict(hparams)
-    if not isinstance(hparams.get("_class_path"), str):
-        raise ValueError(
-            f"Checkpoint {str(path)!r} does not record which module wrote it (no '_class_path' in its "
-            "hyper-parameters: it was not written through the deeplab_lit command line). Load it in Python "
-            "with DeepLabVx.load_from_checkpoint, or pass it as --model.init_args.weights."
-        )
     data = dict(raw.get("datamodule_hyper_parameters") or {})
+    model_class = hparams.pop("_class_path", None)  # LightningCLI records it; Python-API runs do not
     return TrainingCheckpoint(
         path,
-        hparams.pop("_class_path"),
+        model_class if isinstance(model_class, str) else None,
         {k: v for k, v in hparams.items() if k not in _BOOKKEEPING},
         data.pop("_class_path", None),
         {k: v for k, v in data.items() if k not in _BOOKKEEPING},
@@ -147,7 +143,13 @@ def reconcile_model(
     Raises:
         ValueError: another version class, or an architecture option that contradicts the checkpoint.
     """
-    saved_class = import_class(saved.model_class)
+    if saved.model_class is None and given_class is None:
+        raise ValueError(
+            f"Checkpoint {str(saved.path)!r} does not record which module wrote it (it was written through "
+            "the Python API, not the command line): name it with --model (e.g. --model "
+            "deeplab_lit.DeepLabV3) or a --config whose model section is the one it was trained with."
+        )
+    saved_class = import_class(saved.model_class or given_class)  # type: ignore[arg-type]
     if given_class is not None and import_class(given_class) is not saved_class:
         given_name = given_class.rsplit(".", 1)[-1]
         raise ValueError(
