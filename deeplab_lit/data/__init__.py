@@ -13,6 +13,7 @@ from deeplab_lit.data.datamodules import (
 )
 from deeplab_lit.data.folder import FolderDataset
 from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset, list_images, read_image, read_mask
+from deeplab_lit.data.preflight import PreflightError, check_splits
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import IGNORE_INDEX, SegmentationTransform, eval_transform, train_transform
 from deeplab_lit.data.voc import VOC_CLASSES, VOCSegmentationDataset, voc_palette
@@ -27,12 +28,14 @@ __all__ = [
     "FolderDataModule",
     "FolderDataset",
     "ImageFileDataset",
+    "PreflightError",
     "SegmentationDataModule",
     "SegmentationDataset",
     "SegmentationTransform",
     "SyntheticDataModule",
     "VOCDataModule",
     "VOCSegmentationDataset",
+    "check_splits",
     "cityscapes_palette",
     "eval_transform",
     "generate_synthetic",

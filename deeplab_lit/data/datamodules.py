@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, defaul
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
 from deeplab_lit.data.images import ImageFileDataset
+from deeplab_lit.data.preflight import check_equal_sizes, check_splits, process_group
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
     IGNORE_INDEX,
@@ -34,7 +36,6 @@ from deeplab_lit.data.voc import (
     TRAIN_SPLITS,
     VOC_CLASSES,
     VOCSegmentationDataset,
-    check_voc_root,
     download_voc_sbd,
     read_split,
     voc_palette,
@@ -143,6 +144,10 @@ class SegmentationDataModule(LightningDataModule):
             then yields uint8 images.
         predict_path: Image file, folder or glob that ``predict`` runs over.
         normalization: Input normalisation (ImageNet statistics by default; ``CAFFE_BGR`` for Caffe weights).
+        preflight: In ``setup``, read every image/mask pair of the splits the stage uses (fit: train and
+            val; validate: val; test: test) before the first step, and stop with one error listing every
+            bad file (see :mod:`deeplab_lit.data.preflight`); also refuses ``val_batch_size > 1`` when
+            the images differ in size. Results are cached, so only the first run on a data set pays.
     """
 
     #: Label of pixels that are ignored in the loss and the metrics.
@@ -164,6 +169,7 @@ class SegmentationDataModule(LightningDataModule):
         normalize_on_device: bool = False,
         predict_path: str | None = None,
         normalization: Normalization = IMAGENET,
+        preflight: bool = True,
     ):
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
@@ -183,6 +189,7 @@ class SegmentationDataModule(LightningDataModule):
         self.normalize_on_device = normalize_on_device
         self.predict_path = predict_path
         self.normalization = normalization
+        self.preflight = preflight
         self.train_transform(seed=0)  # check crop_size and scale_range now, not at setup
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -213,26 +220,49 @@ class SegmentationDataModule(LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets a stage needs (all labelled splits when ``stage`` is None)."""
+        """Build the datasets a stage needs (all labelled splits when ``stage`` is None); preflight them."""
+        splits: dict[str, Dataset] = {}
         if stage in ("fit", None):
             # albumentations ignores torch's seed: derive the pipeline's from it, so seed_everything holds.
             seed = augmentation_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-            self.train_dataset = self.build_split("train", self.train_transform(seed))
+            self.train_dataset = splits["train"] = self.build_split("train", self.train_transform(seed))
             if len(self.train_dataset) < self.batch_size:
                 raise ValueError(
                     f"The training split has {len(self.train_dataset)} images, fewer than batch_size="
                     f"{self.batch_size}; with drop_last no batch would be left. Lower batch_size."
                 )
         if stage in ("fit", "validate", None):
-            self.val_dataset = self.build_split("val", self.eval_transform())
+            self.val_dataset = splits["val"] = self.build_split("val", self.eval_transform())
         if stage in ("test", None):
-            self.test_dataset = self.build_split("test", self.eval_transform())
+            self.test_dataset = splits["test"] = self.build_split("test", self.eval_transform())
+        if splits and self.preflight:
+            self.run_preflight(splits)
         if stage == "predict":
             if self.predict_path is None:
                 raise ValueError(
                     "predict needs images: set the datamodule's predict_path to an image file, folder or glob"
                 )
             self.predict_dataset = ImageFileDataset(self.predict_path, self.eval_transform())
+
+    def run_preflight(self, splits: dict[str, Dataset]) -> None:
+        """Read every pair of ``splits`` (role -> dataset) as training will, and check ``val_batch_size``.
+
+        Under DDP each process reads its share and all of them raise the same error, or none; the cache
+        is written by each machine's local rank 0.
+
+        Raises:
+            PreflightError: some pairs are bad (all of them listed).
+            ValueError: ``val_batch_size > 1`` and the validation or test images differ in size.
+        """
+        rank, world, gather = process_group()
+        trainer = self.trainer
+        local_rank = trainer.local_rank if trainer is not None else int(os.environ.get("LOCAL_RANK", 0))
+        checks = check_splits(
+            splits, self.num_workers, rank=rank, world_size=world, gather=gather, write_cache=not local_rank
+        )
+        for role in ("val", "test"):
+            if role in checks:
+                check_equal_sizes(checks[role], self.val_batch_size)
 
     def _loader(
         self, dataset: Dataset | None, stage: str, batch_size: int, train: bool = False
@@ -287,8 +317,10 @@ class VOCDataModule(SegmentationDataModule):
             (1,464 images) or ``"trainval"``.
         val_split: A file name under ``ImageSets/Segmentation`` (``"val"``: 1,449 images); also used by test.
         download: Fetch VOC and SBD with torchvision's downloaders (in ``prepare_data``) if missing.
+        **kwargs: :class:`SegmentationDataModule`'s arguments.
 
-    The other arguments are :class:`SegmentationDataModule`'s.
+    ``root`` is checked by ``setup`` for the stages that read the splits (fit, validate, test), so that
+    ``predict`` runs on a machine without VOC.
     """
 
     def __init__(
@@ -297,39 +329,17 @@ class VOCDataModule(SegmentationDataModule):
         train_split: str = "train_aug",
         val_split: str = "val",
         download: bool = False,
-        batch_size: int = 8,
-        crop_size: int = 321,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        num_workers: int | None = None,
-        val_batch_size: int = 1,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        normalize_on_device: bool = False,
-        predict_path: str | None = None,
-        normalization: Normalization = IMAGENET,
+        **kwargs: Any,
     ):
         if train_split not in TRAIN_SPLITS:
             raise ValueError(f"train_split must be one of {', '.join(TRAIN_SPLITS)}; got {train_split!r}")
-        super().__init__(
-            batch_size,
-            crop_size,
-            scale_range,
-            num_workers,
-            val_batch_size,
-            pin_memory,
-            persistent_workers,
-            normalize_on_device,
-            predict_path,
-            normalization,
-        )
+        super().__init__(**kwargs)
         self.root = Path(root)
         self.train_split = train_split
         self.val_split = val_split
         self.download = download
         self.class_names = list(VOC_CLASSES)
         self.palette = voc_palette()
-        if not download:
-            check_voc_root(self.root)
 
     def prepare_data(self) -> None:
         """Download VOC (and SBD for ``train_aug``) when ``download=True``."""
@@ -353,8 +363,9 @@ class CityscapesDataModule(SegmentationDataModule):
         train_split: ``"train"``, ``"val"`` or ``"trainval"`` (train + val).
         val_split: Split used for validation.
         test_split: Split used by ``test``.
-
-    The other arguments are :class:`SegmentationDataModule`'s.
+        batch_size: Training batch size (per device).
+        crop_size: Side of the square training crop.
+        **kwargs: :class:`SegmentationDataModule`'s other arguments.
     """
 
     def __init__(
@@ -365,27 +376,9 @@ class CityscapesDataModule(SegmentationDataModule):
         test_split: str = "val",
         batch_size: int = 4,
         crop_size: int = 769,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        num_workers: int | None = None,
-        val_batch_size: int = 1,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        normalize_on_device: bool = False,
-        predict_path: str | None = None,
-        normalization: Normalization = IMAGENET,
+        **kwargs: Any,
     ):
-        super().__init__(
-            batch_size,
-            crop_size,
-            scale_range,
-            num_workers,
-            val_batch_size,
-            pin_memory,
-            persistent_workers,
-            normalize_on_device,
-            predict_path,
-            normalization,
-        )
+        super().__init__(batch_size=batch_size, crop_size=crop_size, **kwargs)
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.class_names = list(CITYSCAPES_CLASSES)
@@ -416,8 +409,7 @@ class FolderDataModule(SegmentationDataModule):
         test_list: Test stems list file.
         val_fraction: Fraction of images held out for validation when no lists are given.
         split_seed: Seed of that split.
-
-    The other arguments are :class:`SegmentationDataModule`'s.
+        **kwargs: :class:`SegmentationDataModule`'s arguments.
     """
 
     def __init__(
@@ -431,16 +423,7 @@ class FolderDataModule(SegmentationDataModule):
         test_list: str | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
-        batch_size: int = 8,
-        crop_size: int = 321,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        num_workers: int | None = None,
-        val_batch_size: int = 1,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        normalize_on_device: bool = False,
-        predict_path: str | None = None,
-        normalization: Normalization = IMAGENET,
+        **kwargs: Any,
     ):
         if not class_names or len(set(class_names)) != len(class_names) or len(class_names) > IGNORE_INDEX:
             raise ValueError(
@@ -450,18 +433,7 @@ class FolderDataModule(SegmentationDataModule):
             raise ValueError(
                 "Give both train_list and val_list, or neither (then val_fraction splits the folder)"
             )
-        super().__init__(
-            batch_size,
-            crop_size,
-            scale_range,
-            num_workers,
-            val_batch_size,
-            pin_memory,
-            persistent_workers,
-            normalize_on_device,
-            predict_path,
-            normalization,
-        )
+        super().__init__(**kwargs)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"Data set folder not found: {self.root}")
@@ -505,9 +477,10 @@ class SyntheticDataModule(SegmentationDataModule):
         object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
         clutter: Background difficulty in [0, 1] (the number of distractors).
         seed: Seed of the data set.
-
-    The other arguments are :class:`SegmentationDataModule`'s; the defaults here suit the 128 px
-    images (crop 128, batch 16; every image has one size, so ``val_batch_size`` is 16 too).
+        batch_size: Training batch size (per device).
+        crop_size: Side of the square training crop (the whole 128 px image).
+        val_batch_size: Evaluation batch size: every image has one size, so 16 too.
+        **kwargs: :class:`SegmentationDataModule`'s other arguments.
     """
 
     def __init__(
@@ -522,27 +495,10 @@ class SyntheticDataModule(SegmentationDataModule):
         seed: int = 0,
         batch_size: int = 16,
         crop_size: int = 128,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        num_workers: int | None = None,
         val_batch_size: int = 16,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        normalize_on_device: bool = False,
-        predict_path: str | None = None,
-        normalization: Normalization = IMAGENET,
+        **kwargs: Any,
     ):
-        super().__init__(
-            batch_size,
-            crop_size,
-            scale_range,
-            num_workers,
-            val_batch_size,
-            pin_memory,
-            persistent_workers,
-            normalize_on_device,
-            predict_path,
-            normalization,
-        )
+        super().__init__(batch_size=batch_size, crop_size=crop_size, val_batch_size=val_batch_size, **kwargs)
         self.root = Path(root)
         self.generation = {
             "num_train": num_train, "num_val": num_val, "image_size": image_size, "max_objects": max_objects,

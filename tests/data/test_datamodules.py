@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from fakes import VOC_TRAIN, VOC_VAL, make_cityscapes, make_folder_dataset, make_voc, make_voc_sbd
 from PIL import Image
 
@@ -20,6 +23,13 @@ from deeplab_lit.data import (
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
 
 SMALL = {"batch_size": 2, "crop_size": 24, "num_workers": 0}
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
+
+
+@pytest.fixture(autouse=True)
+def _preflight_cache(tmp_path, monkeypatch):
+    """The preflight caches into the test's folder, not the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def _check_train_batch(batch, batch_size, crop, num_classes):
@@ -61,8 +71,10 @@ def test_voc_datamodule_train_split(tmp_path):
 def test_voc_datamodule_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"train_split must be one of train_aug, train, trainval; got 'val'"):
         VOCDataModule(str(tmp_path), train_split="val")
-    with pytest.raises(FileNotFoundError, match=r"(?s)PASCAL VOC 2012 not found under .*download=True"):
-        VOCDataModule(str(tmp_path / "missing"))
+    missing = VOCDataModule(str(tmp_path / "missing"))  # the root is checked by the stages that read it
+    for stage in ("fit", "validate", "test"):
+        with pytest.raises(FileNotFoundError, match=r"(?s)PASCAL VOC 2012 not found under .*download=True"):
+            missing.setup(stage)
     make_voc(tmp_path)
     dm = VOCDataModule(str(tmp_path), **SMALL)  # train_aug without SBD: fails at setup, before training
     with pytest.raises(FileNotFoundError, match="needs the SBD"):
@@ -112,6 +124,9 @@ def test_folder_datamodule_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Data set folder not found: .*nope"):
         FolderDataModule(str(tmp_path / "nope"), ["bg", "fg"])
     dm = FolderDataModule(str(root), ["bg"], **SMALL)  # masks hold class 1, but only one class declared
+    with pytest.raises(ValueError, match=r"holds values \[1\].*expected 0\.\.0"):
+        dm.setup("validate")  # the preflight reads every mask
+    dm = FolderDataModule(str(root), ["bg"], **SMALL, preflight=False)
     dm.setup("validate")
     with pytest.raises(ValueError, match=r"holds values \[1\].*expected 0\.\.0"):
         next(iter(dm.val_dataloader()))
@@ -303,3 +318,56 @@ def test_normalize_on_device_hands_over_uint8_and_the_model_sees_the_same_batche
     (expected,) = trainer.validate(module, datamodule=plain)
     (result,) = trainer.validate(module, datamodule=on_device)
     assert result == expected
+
+
+def test_predict_needs_no_voc_on_the_machine(tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 28, 3), np.uint8)).save(photo)
+    dm = VOCDataModule(str(tmp_path / "no_voc_here"), predict_path=str(photo), num_workers=0)
+    dm.setup("predict")
+    (batch,) = list(dm.predict_dataloader())
+    assert batch["image"].shape == (1, 3, 20, 28)
+
+
+@pytest.mark.parametrize(
+    ("cls", "changed"),
+    [
+        (VOCDataModule, {}),
+        (CityscapesDataModule, {"batch_size": 4, "crop_size": 769}),
+        (FolderDataModule, {}),
+        (SyntheticDataModule, {"batch_size": 16, "crop_size": 128, "val_batch_size": 16}),
+    ],
+)
+def test_subclasses_declare_only_their_own_options_and_the_defaults_they_change(cls, changed, tmp_path):
+    """A loader option is declared once, in the base; the rest reaches it by keyword through **kwargs."""
+    base = inspect.signature(SegmentationDataModule.__init__).parameters
+    own = inspect.signature(cls.__init__).parameters
+    assert {name: p.default for name, p in own.items() if name in base and name != "self"} == changed
+    assert all(base[name].default != default for name, default in changed.items())
+    assert own["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    required = {"root": str(tmp_path)} | ({"class_names": ["bg", "fg"]} if cls is FolderDataModule else {})
+    dm = cls(**required, num_workers=1, pin_memory=False, persistent_workers=False, preflight=False)
+    assert (dm.num_workers, dm.pin_memory, dm.persistent_workers, dm.preflight) == (1, False, False, False)
+    assert (dm.batch_size, dm.crop_size) == (changed.get("batch_size", 8), changed.get("crop_size", 321))
+
+
+def test_help_and_print_config_show_every_option_through_the_subclasses(capsys):
+    from deeplab_lit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "v3.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["num_workers"] is None and data["persistent_workers"] is True and data["preflight"] is True
+    assert data["crop_size"] == 513 and data["train_split"] == "train_aug"  # the config's, the subclass's
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model=deeplab_lit.DeepLabV3", "--data=deeplab_lit.data.CityscapesDataModule",
+              "--data.root=x", "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert (data["crop_size"], data["batch_size"], data["val_batch_size"]) == (769, 4, 1)  # own, own, base
+    assert data["preflight"] is True and data["normalize_on_device"] is False
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data.help", "deeplab_lit.data.SyntheticDataModule"])
+    shown = capsys.readouterr().out
+    assert "--data.preflight" in shown and "--data.num_workers" in shown and "--data.num_train" in shown
