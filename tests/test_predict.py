@@ -110,12 +110,20 @@ def test_unreadable_images_are_skipped_with_a_warning_each_and_listed_at_the_end
     assert Image.open(out / "d.png").size == (45, 37)
 
 
-def test_predict_batch_of_different_sizes_names_the_files_and_the_remedy(tmp_path):
-    photos = tmp_path / "photos"
-    write_photos(photos)
-    with pytest.raises(ValueError, match=r"Cannot batch 2 predict images .*beach\.jpg \(45x37\), .*room\.jpg "
-                       r"\(61x33\)\..*val_batch_size: 1"):  # fmt: skip
-        main([*predict_args(tmp_path, photos, tmp_path / "out"), "--data.init_args.val_batch_size=2"])
+def test_predict_batches_a_folder_of_one_size_and_runs_mixed_sizes_one_at_a_time(tmp_path):
+    mixed, same = tmp_path / "mixed", tmp_path / "same"
+    write_photos(mixed)
+    same.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((30, 40, 3), 60 * index, dtype=np.uint8)).save(same / f"{index}.png")
+    batch_two = "--data.init_args.val_batch_size=2"
+    cli = main([*predict_args(tmp_path, mixed, tmp_path / "out_mixed"), batch_two])
+    assert cli.trainer.num_predict_batches == [3]  # three sizes: one image per batch, none refused
+    for name, size in SIZES.items():
+        assert np.array(Image.open(tmp_path / "out_mixed" / f"{name}.png")).shape == size
+    cli = main([*predict_args(tmp_path, same, tmp_path / "out_same"), batch_two])
+    assert cli.trainer.num_predict_batches == [2]  # one size: batches of two (2 + 1)
+    assert sorted(p.name for p in (tmp_path / "out_same").glob("*.png")) == ["0.png", "1.png", "2.png"]
 
 
 def test_a_photo_with_exif_orientation_is_segmented_and_written_as_viewers_show_it(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
@@ -297,8 +298,23 @@ class SegmentationDataModule(LightningDataModule):
         return self._loader(self.test_dataset, "test", self.val_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        """Whole images of ``predict_path``."""
-        return self._loader(self.predict_dataset, "predict", self.val_batch_size)
+        """Whole images of ``predict_path``: ``val_batch_size`` at a time if they share one size, else one.
+
+        Photos of one folder often differ in size and orientation, and a batch is one tensor; their sizes
+        are read from the file headers (cheap), so a mixed folder runs one image at a time with one info
+        line, instead of stopping at the first batch of two sizes.
+        """
+        batch_size = self.val_batch_size
+        dataset = self.predict_dataset
+        if batch_size > 1 and isinstance(dataset, ImageFileDataset):
+            sizes = {size for size in dataset.displayed_sizes() if size is not None}
+            if len(sizes) > 1:
+                rank_zero_info(
+                    f"Predicting one image at a time: the {len(dataset)} images of {self.predict_path} have "
+                    f"{len(sizes)} different sizes (val_batch_size={batch_size} needs one size per batch)"
+                )
+                batch_size = 1
+        return self._loader(dataset, "predict", batch_size)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """With ``normalize_on_device``, normalise the uint8 images now that they are on the device."""

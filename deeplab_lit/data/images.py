@@ -411,6 +411,23 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def displayed_sizes(self) -> list[tuple[int, int] | None]:
+        """``(height, width)`` of every image as viewers show it, from the file headers (no decoding).
+
+        None for a file whose header cannot be read (its item will be skipped or stop the run).
+        """
+        sizes: list[tuple[int, int] | None] = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+                    turned = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            except (OSError, ValueError, SyntaxError):
+                sizes.append(None)
+                continue
+            sizes.append((width, height) if turned else (height, width))
+        return sizes
+
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
