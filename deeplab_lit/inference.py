@@ -15,12 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Model = Callable[[Tensor], Tensor]
+
+#: Default :attr:`InferenceConfig.max_pixels` (see there for the measurement behind it).
+DEFAULT_MAX_PIXELS = 12_582_912
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,16 @@ class InferenceConfig:
         flip: Also average the horizontally mirrored input's logits.
         window: Sliding-window size ``(height, width)`` in pixels at each scale; ``None`` = whole image.
         overlap: Fraction of a window shared with its neighbour, in ``[0, 1)``.
+        max_pixels: Largest image (height x width, at each scale) run whole when ``window`` is None;
+            a larger one runs in automatic sliding windows of at most this many pixels (see
+            :func:`auto_window`), with ``overlap``, and one info line says so. ``None`` = always whole.
     """
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     window: tuple[int, int] | None = None
     overlap: float = 1 / 3
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not self.scales or any(s <= 0 for s in self.scales):
@@ -46,14 +54,54 @@ class InferenceConfig:
             raise ValueError(f"sliding window must be (height, width) in pixels, got {self.window}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"window overlap must be in [0, 1), got {self.overlap}")
+        if self.max_pixels is not None and (
+            isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1
+        ):
+            raise ValueError(
+                f"inference max_pixels must be a positive number of pixels (height x width) or None "
+                f"(never switch to sliding windows), got {self.max_pixels!r}"
+            )
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         if self.window is not None:
             object.__setattr__(self, "window", (int(self.window[0]), int(self.window[1])))
 
     @property
     def is_plain(self) -> bool:
-        """True when inference is a single forward pass on the whole image."""
+        """True when inference is one forward pass on the whole image (given it is within ``max_pixels``)."""
         return self.scales == (1.0,) and not self.flip and self.window is None
+
+    def window_for(self, height: int, width: int) -> tuple[int, int] | None:
+        """Return the sliding window for a ``height`` x ``width`` image (at one scale); None = whole image."""
+        if self.window is not None:
+            return self.window
+        if self.max_pixels is None or height * width <= self.max_pixels:
+            return None
+        return auto_window(height, width, max(1, self.max_pixels // 2))
+
+
+def auto_window(height: int, width: int, pixels: int) -> tuple[int, int]:
+    """Return the largest window of at most ``pixels`` pixels for a ``height`` x ``width`` image.
+
+    A square of side ``isqrt(pixels)``, clipped to the image; a side the image clips gives its
+    pixels to the other, so a wide panorama gets full-height windows rather than small squares.
+    """
+    win_h = min(height, max(1, math.isqrt(pixels)))
+    win_w = min(width, max(1, pixels // win_h))
+    win_h = min(height, max(1, pixels // win_w))
+    return win_h, win_w
+
+
+@cache
+def _announce_window(height: int, width: int, window: tuple[int, int], max_pixels: int) -> None:
+    """Say once per process and size that an image runs in automatic sliding windows."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(
+        f"Inference: a {width}x{height} image ({height * width / 1e6:.1f} MP) is over max_pixels = "
+        f"{max_pixels} ({max_pixels / 1e6:.1f} MP): it runs in sliding windows of {window[1]}x{window[0]} "
+        f"(width x height) to bound memory. Set model.init_args.inference.max_pixels: null for whole-image "
+        f"inference."
+    )
 
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -83,32 +131,51 @@ def sliding_window(model: Model, images: Tensor, window: tuple[int, int], overla
             logits[..., top : top + win_h, left : left + win_w] += tile
             counts[..., top : top + win_h, left : left + win_w] += 1
     assert logits is not None
-    return logits / counts
+    return logits.div_(counts)  # in place: no second full-size copy of the logits
 
 
 def segment(model: Model, images: Tensor, config: InferenceConfig | None = None) -> Tensor:
-    """Logits (N, C, H, W) for normalised images (N, 3, H, W) under ``config`` (plain by default)."""
+    """Logits (N, C, H, W) for normalised images (N, 3, H, W) under ``config`` (plain by default).
+
+    An image (at a scale) larger than ``config.max_pixels`` runs in automatic sliding windows
+    (:meth:`InferenceConfig.window_for`); at or below it, the result is exactly that of whole-image
+    inference. Views are summed in place, so TTA holds two full-size logit tensors at most.
+    """
     config = config or InferenceConfig()
-    if config.is_plain:
-        return model(images)
     height, width = images.shape[-2:]
-
-    def run(x: Tensor) -> Tensor:
-        return model(x) if config.window is None else sliding_window(model, x, config.window, config.overlap)
-
+    if config.is_plain and config.window_for(height, width) is None:
+        return model(images)
     total: Tensor | None = None
+    total_is_ours = False  # the first view may be the model's own output: never modify that in place
     for scale in config.scales:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         scaled = images if scale == 1.0 else F.interpolate(images, size, mode="bilinear", align_corners=False)
-        views = [run(scaled)]
+        views = [_run(model, scaled, config)]
         if config.flip:
-            views.append(run(scaled.flip(-1)).flip(-1))
+            views.append(_run(model, scaled.flip(-1), config).flip(-1))
         for logits in views:
             if logits.shape[-2:] != (height, width):
                 logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
-            total = logits if total is None else total + logits
+            if total is None:
+                total = logits
+            elif total_is_ours:
+                total.add_(logits)
+            else:
+                total, total_is_ours = total + logits, True
     assert total is not None
-    return total / (len(config.scales) * (2 if config.flip else 1))
+    count = len(config.scales) * (2 if config.flip else 1)
+    return total if count == 1 else total.div_(count)
+
+
+def _run(model: Model, images: Tensor, config: InferenceConfig) -> Tensor:
+    """Logits of ``images`` at their own size: whole, or in the window ``config`` gives for their size."""
+    height, width = images.shape[-2:]
+    window = config.window_for(height, width)
+    if window is None:
+        return model(images)
+    if config.window is None and config.max_pixels is not None:
+        _announce_window(height, width, window, config.max_pixels)
+    return sliding_window(model, images, window, config.overlap)
 
 
 def predict_labels(model: Model, images: Tensor, config: InferenceConfig | None = None) -> Tensor:
