@@ -146,20 +146,20 @@ def test_ctrl_c_mid_epoch_saves_last_ckpt_and_fit_ckpt_path_last_resumes_there(t
 
 
 @pytest.mark.parametrize(
-    "signum, where, step, saved_step",
+    "signum, where, step",
     [
-        (signal.SIGTERM, "validation", STEPS_PER_EPOCH, STEPS_PER_EPOCH),  # cut short; not repeated
-        (getattr(signal, "SIGUSR1", signal.SIGTERM), "training", STEPS_PER_EPOCH + 2, STEPS_PER_EPOCH + 2),
+        (signal.SIGTERM, "training", STEPS_PER_EPOCH + 2),
+        (getattr(signal, "SIGUSR1", signal.SIGINT), "validation", STEPS_PER_EPOCH),  # cut short, not repeated
     ],
-    ids=["sigterm-during-validation", "sigusr1-during-training"],
+    ids=["sigterm-during-training", "sigusr1-during-validation"],
 )
-def test_scheduler_signals_save_a_resumable_last_ckpt(signum, where, step, saved_step, tmp_path):
+def test_scheduler_signals_save_a_resumable_last_ckpt(signum, where, step, tmp_path):
     data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
     code, output = signal_child([*fit_args(root, data, epochs=2), *block_args(marker, where, step)], tmp_path,
                                 marker, [signum])  # fmt: skip
     assert code == 128 + signum, output[-3000:]
     last = load(root / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == saved_step
+    assert last["global_step"] == step
     assert last["callbacks"]["InterruptCheckpoint"]["during"] == where
     if where == "training":  # resuming from a training step: the SIGINT test
         return
@@ -171,28 +171,56 @@ def test_scheduler_signals_save_a_resumable_last_ckpt(signum, where, step, saved
     assert "val/mIoU" in resumed.trainer.callback_metrics
 
 
-def test_second_ctrl_c_stops_at_once_without_touching_the_checkpoints(tmp_path):
-    data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
-    args = [*fit_args(root, data), *block_args(marker, "training", STEPS_PER_EPOCH + 1)]
-    code, output = signal_child(args, tmp_path, marker, [signal.SIGINT, signal.SIGINT])
-    assert code != 0, output[-3000:]
-    assert "Stopped at once" in output
+# ------------------------------------------------------------------ in-process: signals sent to this process
+class SignalSelf(Callback):
+    """Send ``signals`` (names) to this process, one after the other, at ``where`` (as :class:`BlockAt`)."""
+
+    def __init__(self, signals: list[str], where: str = "training", step: int = 0):
+        self.signals, self.where, self.step = [getattr(signal, s) for s in signals], where, step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if self.where == "training" and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs):
+        if self.where == "sanity" and trainer.sanity_checking:
+            self._send()
+
+    def _send(self):
+        for signum in self.signals:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.1)  # the handler runs here
+
+
+def signal_self_args(signals: str, where: str, step: int = 0) -> list[str]:
+    return ["--trainer.callbacks+=test_interrupt.SignalSelf", f"--trainer.callbacks.signals={signals}",
+            f"--trainer.callbacks.where={where}", f"--trainer.callbacks.step={step}"]  # fmt: skip
+
+
+def test_second_ctrl_c_stops_at_once_without_touching_the_checkpoints(tmp_path, capsys):
+    data, root = tmp_path / "data", tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:  # Lightning's KeyboardInterrupt path: sys.exit(1)
+        main([*fit_args(root, data), *signal_self_args("[SIGINT, SIGINT]", "training", STEPS_PER_EPOCH + 1)])
+    assert stop.value.code != 0
+    assert "Stopped at once: no checkpoint written" in capsys.readouterr().err
     assert load(root / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH  # epoch 0's, unchanged
 
 
-def test_signal_during_sanity_check_saves_nothing_and_resume_last_then_says_there_is_nothing(tmp_path):
-    data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
-    code, output = signal_child([*fit_args(root, data), *block_args(marker, "sanity")], tmp_path, marker,
-                                [signal.SIGTERM])  # fmt: skip
-    assert code == 128 + signal.SIGTERM, output[-3000:]
-    assert "during the sanity check" in output and "no checkpoint written" in output
+def test_signal_during_sanity_check_saves_nothing_and_resume_last_then_says_there_is_nothing(
+    tmp_path, capsys
+):
+    data, root = tmp_path / "data", tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main([*fit_args(root, data), *signal_self_args("[SIGTERM]", "sanity")])
+    assert stop.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "during the sanity check" in err and "no checkpoint written" in err
     assert not list(root.rglob("*.ckpt"))
     with pytest.raises(FileNotFoundError, match="no earlier run") as error:
         main([*fit_args(root, data), "--ckpt_path", "last"])
     assert str(root / "checkpoints") in str(error.value) and "drop --ckpt_path" in str(error.value)
 
 
-# ------------------------------------------------------------------------------------ in-process details
 class Tiny(LightningModule):
     def __init__(self):
         super().__init__()
@@ -258,3 +286,21 @@ def test_interrupt_checkpoint_keeps_an_earlier_runs_last_ckpt(tmp_path):
     assert stop.value.code == 128 + signal.SIGTERM
     assert load(folder / "last.ckpt")["global_step"] == 99
     assert load(folder / "last-v1.ckpt")["global_step"] == 2
+
+
+class SignalAfterTheCheck(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # after InterruptCheckpoint's check of this step
+
+
+def test_sigterm_after_our_check_is_saved_when_lightnings_sigterm_exception_ends_the_run(tmp_path):
+    """Lightning's own handler makes its loop raise SIGTERMException (exit status 0) first: still saved."""
+    trainer = Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[InterruptCheckpoint(), SignalAfterTheCheck(),
+                                 ModelCheckpoint(dirpath=tmp_path, save_last=True)])  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        trainer.fit(Tiny(), DataLoader(torch.arange(8.0).view(8, 1), batch_size=2))
+    assert type(stop.value).__name__ == "SIGTERMException" and stop.value.code == 128 + signal.SIGTERM
+    assert load(tmp_path / "last.ckpt")["global_step"] == 3
