@@ -205,8 +205,13 @@ def cache_file(dataset: SegmentationDataset, folder: Path) -> Path:
     return folder / f"{key}.json"
 
 
-def _pair_key(probe: SegmentationDataset, index: int) -> str:
-    return f"{os.path.abspath(probe.images[index])}\t{os.path.abspath(probe.masks[index])}"
+def pair_keys(probe: SegmentationDataset) -> list[str]:
+    """Cache keys of every item: its image and mask paths, made absolute (cheaply: no normalisation)."""
+    cwd = os.getcwd()
+    return [
+        f"{os.path.join(cwd, image)}\t{os.path.join(cwd, mask)}"
+        for image, mask in zip(probe.images, probe.masks)
+    ]
 
 
 def load_cache(path: Path) -> dict[str, list[int]]:
@@ -244,7 +249,12 @@ def save_cache(path: Path, entries: dict[str, list[int]]) -> None:
 
 
 def _my_verdicts(
-    probes: list[SegmentationDataset], caches: list[dict], rank: int, world_size: int, num_workers: int
+    probes: list[SegmentationDataset],
+    keys: list[list[str]],
+    caches: list[dict],
+    rank: int,
+    world_size: int,
+    num_workers: int,
 ) -> list[Verdict]:
     """Verdicts of the pairs this process answers for (``index % world_size == rank``): cached or read."""
     verdicts: list[Verdict] = []
@@ -253,7 +263,7 @@ def _my_verdicts(
     for d, probe in enumerate(probes):
         for i in range(rank, len(probe), world_size):
             prints[d, i] = fingerprint(probe, i)
-            entry = caches[d].get(_pair_key(probe, i))
+            entry = caches[d].get(keys[d][i])
             if prints[d, i] is not None and entry is not None and entry[:4] == prints[d, i]:
                 verdicts.append((d, i, (entry[4], entry[5]), None, prints[d, i], True))
             else:
@@ -311,14 +321,15 @@ def check_splits(
     folder = cache_dir()
     files = [cache_file(probe, folder) for probe in probes]
     caches = [load_cache(path) for path in files]
-    verdicts = _my_verdicts(probes, caches, rank, world_size, num_workers)
+    keys = [pair_keys(probe) for probe in probes]
+    verdicts = _my_verdicts(probes, keys, caches, rank, world_size, num_workers)
     if world_size > 1:
         if gather is None:
             raise ValueError("check_splits needs gather to exchange verdicts when world_size > 1")
         verdicts = [v for part in gather(verdicts) for v in part]
     checks = _collect(splits, roles, probes, verdicts)
     if write_cache:
-        _update_caches(probes, files, caches, verdicts)
+        _update_caches(keys, files, caches, verdicts)
     _report(checks, time.perf_counter() - start, world_size)
     return checks
 
@@ -344,13 +355,13 @@ def _collect(
 
 
 def _update_caches(
-    probes: list[SegmentationDataset], files: list[Path], caches: list[dict], verdicts: list[Verdict]
+    keys: list[list[str]], files: list[Path], caches: list[dict], verdicts: list[Verdict]
 ) -> None:
     """Rewrite each split's cache with its good pairs (kept entries and new ones), if anything changed."""
-    fresh: list[dict[str, list[int]]] = [{} for _ in probes]
+    fresh: list[dict[str, list[int]]] = [{} for _ in keys]
     for d, i, size, problem, fp, _ in verdicts:
         if problem is None and fp is not None and size is not None:
-            fresh[d][_pair_key(probes[d], i)] = [*fp, *size]
+            fresh[d][keys[d][i]] = [*fp, *size]
     for path, old, new in zip(files, caches, fresh):
         if new != old:
             save_cache(path, new)

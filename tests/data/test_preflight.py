@@ -131,6 +131,11 @@ def test_cityscapes_masks_are_checked_after_the_label_map(tmp_path):
     root = make_cityscapes(tmp_path, {"train": 2, "val": 2})  # raw labelIds up to 33 map into 0..18
     dm = CityscapesDataModule(str(root), batch_size=2, crop_size=16, num_workers=0)
     dm.setup("fit")
+    trainval = CityscapesDataModule(str(root), "trainval", batch_size=2, crop_size=16, num_workers=0)
+    trainval.setup("fit")  # train = ConcatDataset(train, val): sizes in the concatenation's order
+    checks = pf.check_splits({"train": trainval.train_dataset}, num_workers=0)
+    masks = [m for part in trainval.train_dataset.datasets for m in part.masks]
+    assert checks["train"].sizes == [mask_size(m) for m in masks] and checks["train"].cached == 4
     bad = sorted((root / "gtFine" / "val").rglob("*_labelIds.png"))[0]
     Image.fromarray(np.full(mask_size(bad), 40, np.uint8), mode="L").save(bad)  # labelId 40 does not exist
     with pytest.raises(
@@ -138,6 +143,9 @@ def test_cityscapes_masks_are_checked_after_the_label_map(tmp_path):
     ) as err:
         dm.setup("validate")
     assert str(bad) in str(err.value)
+    with pytest.raises(PreflightError, match=r"found 2 bad .* among 4 train \+ 2 val") as err:
+        trainval.setup("fit")  # the val mask is in both splits
+    assert f"[train] Mask {bad}" in str(err.value) and f"[val] Mask {bad}" in str(err.value)
 
 
 def test_val_batch_size_above_one_needs_validation_images_of_one_size(tmp_path):
