@@ -6,6 +6,7 @@ independent re-implementation of kazuto1011/deeplab-pytorch's network (its modul
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet
 from deeplab_lit import DeepLabV2, DeepLabV3, DeepLabV3Plus
 from deeplab_lit.cli import main
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
+from deeplab_lit.models.download import cache_path
 from deeplab_lit.models.heads import LargeFOVHead
 from deeplab_lit.models.weights import (
     init_largefov_from_vgg,
     load_weights,
     read_checkpoint,
+    resolve_options,
 )
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
 
@@ -396,9 +399,10 @@ def test_url_source_is_downloaded_once_into_torch_cache(tmp_path, monkeypatch):
     model = deeplab_v1(num_classes=3, backbone="resnet18").eval()
     torch.save(randomize(model).state_dict(), tmp_path / "published.pth")
     fresh = deeplab_v1(num_classes=3, backbone="resnet18")
-    load_weights(fresh, (tmp_path / "published.pth").as_uri())
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "published.pth"
-    assert cached.is_file()
+    url = (tmp_path / "published.pth").as_uri()
+    load_weights(fresh, url)
+    cached = cache_path(url)
+    assert cached.is_file() and cached.parent == tmp_path / "torch_home" / "hub" / "checkpoints"
     assert torch.equal(fresh.head.weight, model.head.weight)
     (tmp_path / "published.pth").unlink()  # a second load uses the cache
     load_weights(fresh, (tmp_path / "published.pth").as_uri())
@@ -460,3 +464,130 @@ def test_kazuto_config_evaluates_the_checkpoint_with_caffe_normalization_and_crf
     ):
         overrides = ("--model.init_args.backbone=resnet50", "--data.init_args.normalization.bgr=false")
         evaluate_config("kazuto_deeplabv2_resnet101.yaml", kazuto_v2_small, tmp_path / "again", *overrides)
+
+
+# ------------------------------------------------------------------------------ versions and options meet
+def module_checkpoint(module, path):
+    """Save a LightningModule as a run's checkpoint holds it: state dict and hyper-parameters."""
+    hparams = {**dict(module.hparams), "_class_path": f"deeplab_lit.{type(module).__name__}"}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    """Tiny v3 (ResNet-18 with the paper's default multi-grid) and v3+ checkpoints, and a v3 state dict."""
+    folder = tmp_path_factory.mktemp("versions")
+    torch.manual_seed(0)
+    v3 = DeepLabV3(num_classes=3, backbone="resnet18", aux_head=True)
+    randomize(v3.model)
+    torch.save(v3.model.state_dict(), folder / "v3_plain.pth")
+    v3plus = DeepLabV3Plus(num_classes=3, backbone="resnet18", channels=16)
+    v3_path, v3plus_path = (
+        module_checkpoint(v3, folder / "v3.ckpt"),
+        module_checkpoint(v3plus, folder / "v3+.ckpt"),
+    )
+    return {"v3": v3_path, "v3_module": v3, "v3_plain": folder / "v3_plain.pth", "v3+": v3plus_path}
+
+
+def test_v3_weights_for_a_v2_module_name_both_versions_and_the_reinit_route(versions):
+    for source in (
+        versions["v3"],
+        versions["v3_plain"],
+    ):  # the plain state dict's version is read from its keys
+        with pytest.raises(ValueError) as info:
+            DeepLabV2(num_classes=3, backbone="resnet18", weights=str(source))
+        message = str(info.value)
+        assert source.name in message and "hold DeepLab v3 but the model is DeepLab v2 (DeepLabV2)" in message
+        assert "deeplab_lit.DeepLabV3)" in message and "reinit_classifier: true" in message
+    v2 = DeepLabV2(num_classes=3, backbone="resnet18", weights=str(versions["v3"]), reinit_classifier=True)
+    source = versions["v3_module"].model.backbone
+    assert torch.equal(v2.model.backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert v2.hparams.output_stride == 8 and tuple(v2.hparams.atrous_rates) == (
+        6,
+        12,
+        18,
+        24,
+    )  # v2's own head
+
+
+def test_v3plus_weights_for_a_v3_module_name_the_versions_not_an_option(versions):
+    with pytest.raises(ValueError) as info:
+        DeepLabV3(num_classes=3, backbone="resnet18", multi_grid=[1, 2], weights=str(versions["v3+"]))
+    message = str(info.value)
+    assert "v3+.ckpt" in message and "hold DeepLab v3+ but the model is DeepLab v3 (DeepLabV3)" in message
+    assert "deeplab_lit.DeepLabV3Plus" in message and "multi_grid" not in message
+    assert "reinit_classifier" not in message  # it would not help: the v3 head is more than classifiers
+    with pytest.raises(ValueError, match=r"v3\+\.ckpt.*reinit_classifier cannot bridge"):
+        DeepLabV3(num_classes=3, backbone="resnet18", weights=str(versions["v3+"]), reinit_classifier=True)
+
+
+def test_another_class_count_names_both_counts_and_the_reinit_route(versions):
+    with pytest.raises(
+        ValueError,
+        match=r"num_classes=5 \(the checkpoint has 3 classes\).*weights: .*v3\.ckpt.*reinit_classifier: true",
+    ):
+        DeepLabV3(num_classes=5, backbone="resnet18", weights=str(versions["v3"]))
+    module = DeepLabV3(
+        num_classes=5, backbone="resnet18", weights=str(versions["v3"]), reinit_classifier=True
+    )
+    assert module.model.head[-1].out_channels == 5
+
+
+def test_resolve_options_reconciles_a_checkpoint_with_the_command_line(versions):
+    """What the CLI calls for --ckpt_path: defaults take the checkpoint's values, set options must agree."""
+    checkpoint = read_checkpoint(versions["v3"])
+    defaults = {"num_classes": 21, "backbone": "resnet101", "output_stride": 16, "multi_grid": (1, 2, 4),
+                "aux_head": False, "reinit_classifier": False}  # fmt: skip
+    given = {**defaults, "num_classes": 3}
+    assert resolve_options(checkpoint, given, defaults, version="deeplab_lit.DeepLabV3") == {
+        "backbone": "resnet18",
+        "aux_head": True,
+    }
+    same_on_resnet18 = {**given, "backbone": "resnet18", "multi_grid": [1, 2]}  # (1, 2, 4) builds as (1, 2)
+    assert resolve_options(checkpoint, same_on_resnet18, defaults, version=DeepLabV3) == {"aux_head": True}
+    conflicting = {**defaults, "backbone": "resnet50", "output_stride": 8, "num_classes": 5}
+    with pytest.raises(ValueError) as info:
+        resolve_options(checkpoint, conflicting, defaults, version=DeepLabV3)
+    message = str(info.value)
+    assert "backbone='resnet50' (the checkpoint needs 'resnet18')" in message
+    assert "output_stride=8 (the checkpoint needs 16)" in message
+    assert "num_classes=5 (the checkpoint has 3 classes)" in message and "reinit_classifier: true" in message
+    with pytest.raises(ValueError, match="hold DeepLab v3 but the model is DeepLab v2"):
+        resolve_options(checkpoint, given, defaults, version="deeplab_lit.DeepLabV2")
+    checkpoint.options["num_classes"] = (
+        3  # the CLI lists the class count among the options: a default takes it
+    )
+    assert resolve_options(checkpoint, defaults, defaults)["num_classes"] == 3
+
+
+@contextlib.contextmanager
+def only_the_readers_safe_globals():
+    """Forget what modules/base.py declared safe to unpickle, so the reader's own list is all that counts."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        torch.serialization.add_safe_globals(saved)
+
+
+def test_checkpoint_of_a_cli_fit_is_read_safely_and_gives_the_same_logits(tmp_path):
+    config = EXPERIMENTS / "quickstart.yaml"
+    cli = main(["fit", "--config", str(config), "--trainer.max_steps=1", "--trainer.logger=false",
+                "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'logs'}",
+                f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=2",
+                "--data.init_args.num_val=1", "--data.init_args.image_size=40",
+                "--data.init_args.crop_size=33", "--data.init_args.batch_size=2",
+                "--data.init_args.num_workers=0"])  # fmt: skip
+    path = next((tmp_path / "logs").rglob("last.ckpt"))
+    with only_the_readers_safe_globals():
+        checkpoint = read_checkpoint(path)
+    assert (
+        checkpoint.version == "v3+" and checkpoint.options["channels"] == 64 and checkpoint.num_classes == 6
+    )
+    assert checkpoint.normalization == cli.datamodule.normalization
+    module = DeepLabV3Plus(num_classes=6, backbone="resnet18", weights=str(path)).eval()
+    x = torch.randn(1, 3, 41, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), cli.model.eval()(x), atol=0, rtol=0)

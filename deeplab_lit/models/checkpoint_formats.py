@@ -41,11 +41,10 @@ deeplab_lit: ``model.`` (the LightningModule's attribute) is dropped; ``segmente
 
 from __future__ import annotations
 
-import http.client
 import os
 import pickle
 import re
-import urllib.parse
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deeplab_lit.inference import InferenceConfig
+from deeplab_lit.models.download import cache_path, checksum_problem, download, expected_sha256, is_url
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
 
 FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
@@ -62,6 +63,8 @@ OPTIONS: tuple[str, ...] = (
     "backbone", "style", "output_stride", "atrous_rates", "multi_grid", "msc_scales", "aux_head", "separable",
     "largefov_rate", "channels",
 )  # fmt: skip
+#: The config objects this project's checkpoints hold in their hyper-parameters: safe to unpickle.
+_SAFE_CLASSES = (InferenceConfig, Normalization)
 _RESNET_DEPTHS = {
     (2, 2, 2, 2, False): "resnet18",
     (3, 4, 6, 3, False): "resnet34",
@@ -102,47 +105,92 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp")
+class UnsafeCheckpointError(ValueError):
+    """A file that only full unpickling could read: refused, because unpickling can run arbitrary code."""
 
 
-def _download(url: str) -> Path:
-    """Download ``url`` once into torch's checkpoint cache (the folder ``load_state_dict_from_url`` uses)."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = cache / os.path.basename(urllib.parse.urlparse(url).path)
-    if cached.is_file():
-        return cached
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(cached), progress=True)
-    except (OSError, http.client.HTTPException, ValueError) as err:
-        raise RuntimeError(
-            f"Could not download the weights {url}: {err}. torch caches downloaded checkpoints in {cache} "
-            f"and {cached.name} is not there; this machine may be offline. Download the file on a machine "
-            f"with internet access and copy it into that folder, or pass its local path as weights."
-        ) from err
-    return cached
+def _convert_hint(path: Path) -> str:
+    convert = (
+        f"import torch; obj = torch.load({str(path)!r}, weights_only=False); "
+        "obj = obj.state_dict() if hasattr(obj, 'state_dict') else obj.get('state_dict', obj); "
+        "torch.save(obj, 'converted.pth')"
+    )
+    return (
+        "If you trust the file, convert it once, on a machine where it is trusted, to a file of tensors "
+        f'only: python -c "{convert}" and pass converted.pth instead (architecture options the file '
+        "recorded are then taken from the model's arguments)."
+    )
 
 
-def _read_file(path: Path, shown: str) -> Any:
-    """``torch.load`` (``weights_only`` first) or safetensors; any failure -> ValueError naming the file."""
+def refusal(path: Path, shown: str, err: pickle.UnpicklingError) -> ValueError:
+    """Return the error for a file ``torch.load(weights_only=True)`` refused: objects, or an odd pickle."""
+    text = str(err)  # torch's wording: an advice paragraph, the reason, a pointer to its documentation
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    skip = ("Weights only load failed", "Check the documentation")
+    reason = next((p for p in paragraphs if not p.startswith(skip)), "refused by torch's safe loader")
+    if named := re.search(r"GLOBAL ([\w.]+)", text):
+        return UnsafeCheckpointError(
+            f"Weights file {shown} holds Python objects other than tensors and plain containers (e.g. "
+            f"{named.group(1)}). Reading them means unpickling, which can run arbitrary code, so the file is "
+            f"not loaded. {_convert_hint(path)}"
+        )
+    return ValueError(
+        f"Weights file {shown} could not be read without full unpickling ({reason}). It is truncated or "
+        "corrupt, not a PyTorch checkpoint, or a pickle that only full unpickling reads, which can run "
+        f"arbitrary code and is therefore never attempted. {_convert_hint(path)}"
+    )
+
+
+def read_weights_file(path: Path, shown: str | None = None) -> Any:
+    """Read a ``torch.save`` file with ``torch.load(weights_only=True)``, or a ``.safetensors`` file.
+
+    Nothing is ever fully unpickled: tensors, plain containers and the config objects this project's
+    checkpoints hold (:class:`~deeplab_lit.inference.InferenceConfig`, :class:`Normalization`) are read;
+    anything else is refused.
+
+    Args:
+        path: The local file.
+        shown: How messages name it (default: the path).
+
+    Raises:
+        UnsafeCheckpointError: the file holds other Python objects (the message says how to convert it).
+        ValueError: the file is truncated, corrupt or not a checkpoint.
+    """
+    shown = shown or repr(str(path))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        try:
+        with torch.serialization.safe_globals(list(_SAFE_CLASSES)):
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "weights only" not in str(err).lower():
-                raise
-            # A local Lightning checkpoint whose hyper-parameters hold Python objects: trusted like ckpt_path.
-            return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as err:  # what torch.load(weights_only=True) refuses
+        raise refusal(path, shown, err) from None
     except Exception as err:  # torch/zip/pickle/safetensors raise many types for a bad file
-        raise ValueError(
-            f"Weights file {shown} could not be read: {err}. The file is truncated, corrupt or not a "
-            "PyTorch checkpoint; download it again."
-        ) from err
+        raise _unreadable(shown, err) from err
+
+
+def _unreadable(shown: str, err: BaseException) -> ValueError:
+    return ValueError(
+        f"Weights file {shown} could not be read: {err}. The file is truncated, corrupt or not a "
+        "PyTorch checkpoint; download it again."
+    )
+
+
+def _read_url(url: str, sha256: str | None) -> tuple[Any, str]:
+    """Read a URL's cached copy; one that cannot be read (an old partial download?) is fetched again once."""
+    was_cached = cache_path(url).is_file()
+    path = download(url, sha256=sha256)
+    shown = f"{url!r} (cached as {str(path)!r})"
+    try:
+        return read_weights_file(path, shown), shown
+    except UnsafeCheckpointError:
+        raise
+    except ValueError:
+        if not was_cached or expected_sha256(url, sha256):  # fresh, or the right bytes: no use fetching
+            raise
+    warnings.warn(f"The cached copy {path} of {url} could not be read; downloading it again", stacklevel=3)
+    return read_weights_file(download(url, sha256=sha256, refresh=True), shown), shown
 
 
 def _unwrap(raw: Any, shown: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -164,28 +212,37 @@ def _unwrap(raw: Any, shown: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, extra
 
 
-def read_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
+def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None) -> Checkpoint:
     """Read a checkpoint of a supported format and convert its keys (see the module docstring).
+
+    Files are read without unpickling arbitrary objects (see :func:`read_weights_file`).
 
     Args:
         source: A local file (``.pth``/``.pt``/``.ckpt`` via ``torch.load``, or ``.safetensors``) or an
-            ``http(s)://``/``file://`` URL, downloaded once into torch's cache (``torch.hub.get_dir()``).
+            ``http(s)://``/``file://``/``ftp://`` URL, downloaded once into torch's cache (see
+            :mod:`deeplab_lit.models.download`).
+        sha256: The file's SHA-256 (or a prefix), checked if given; for URLs, a ``-<hex>`` prefix in the
+            file name (torchvision's convention) is checked too.
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        ValueError: an unreadable/corrupt file, or keys of no supported format.
+        UnsafeCheckpointError: a file that holds arbitrary Python objects (a ValueError).
+        ValueError: an unreadable/corrupt file, a checksum mismatch, or keys of no supported format.
         RuntimeError: the download failed (offline and not cached).
     """
     text = os.fspath(source)
     shown = repr(text)
-    if _is_url(text):
-        path = _download(text)
-        shown = f"{text!r} (cached as {str(path)!r})"
+    if is_url(text):
+        raw, shown = _read_url(text, sha256)
     else:
         path = Path(text).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Weights file {text!r} does not exist")
-    state, extra = _unwrap(_read_file(path, shown), shown)
+        problem = checksum_problem(path, expected_sha256(text, sha256) if sha256 else None)
+        if problem is not None:
+            raise ValueError(f"Weights file {shown} fails its checksum: {problem}")
+        raw = read_weights_file(path, shown)
+    state, extra = _unwrap(raw, shown)
     for convert in (_from_torchvision, _from_kazuto, _from_deeplab_lit):
         checkpoint = convert(state, extra, text)
         if checkpoint is not None:
@@ -281,9 +338,28 @@ def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -
                       num_classes, CAFFE_BGR)  # fmt: skip
 
 
-def _class_version(class_path: str | None) -> str | None:
+#: The LightningModule class of each DeepLab version.
+VERSION_CLASSES: dict[str, str] = {
+    "v1": "DeepLabV1", "v2": "DeepLabV2", "v3": "DeepLabV3", "v3+": "DeepLabV3Plus",
+}  # fmt: skip
+
+
+def class_version(class_path: str | None) -> str | None:
+    """Return the DeepLab version of a module class name or path (``"deeplab_lit.DeepLabV2"`` -> ``"v2"``)."""
     name = (class_path or "").rsplit(".", 1)[-1]
-    return {"DeepLabV1": "v1", "DeepLabV2": "v2", "DeepLabV3": "v3", "DeepLabV3Plus": "v3+"}.get(name)
+    return {cls: version for version, cls in VERSION_CLASSES.items()}.get(name)
+
+
+def _version_from_keys(state: Mapping[str, Tensor]) -> str | None:
+    """Return the DeepLab version a ``Segmenter`` state dict's head keys show (for files without hparams)."""
+    if any(k.startswith("decoder.") for k in state):
+        return "v3+"
+    for version, keys in (("v3", ("head.0.convs.0.0.weight",)),
+                          ("v2", ("head.convs.0.weight", "head.convs.0.fc6.weight")),
+                          ("v1", ("head.weight", "head.fc6.weight"))):  # fmt: skip
+        if any(k in state for k in keys):
+            return version
+    return None
 
 
 def _as_normalization(value: Any) -> Normalization | None:
@@ -303,7 +379,7 @@ def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: s
     if not any(k.startswith("backbone.") for k in state) or not any(k.startswith("head.") for k in state):
         return None
     hparams = dict(extra.get("hyper_parameters") or {})
-    version = _class_version(hparams.get("_class_path"))
+    version = class_version(hparams.get("_class_path")) or _version_from_keys(state)
     options = {k: hparams[k] for k in OPTIONS if k in hparams}
     for key in ("atrous_rates", "multi_grid", "msc_scales"):
         if options.get(key) is not None:
@@ -315,5 +391,6 @@ def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: s
         )
     num_classes = hparams.get("num_classes")
     name = f" {hparams['_class_path'].rsplit('.', 1)[-1]}" if hparams.get("_class_path") else ""
+    name = name or (f" DeepLab {version}" if version else "")
     description = f"deeplab_lit{name} checkpoint" + (" (MSC)" if msc else "")
     return Checkpoint(source, "deeplab_lit", description, state, version, options, num_classes, normalization)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import http.client
 import os
+import pickle
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from deeplab_lit.models.checkpoint_formats import read_weights_file, refusal
 
 TIMM_BACKBONES: tuple[str, ...] = ("xception65",)
 DEFAULT_WEIGHTS: dict[str, str] = {
@@ -66,20 +69,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file cannot be read or holds no ``{name: tensor}`` mapping.
+        ValueError: the file cannot be read, holds no ``{name: tensor}`` mapping, or holds other Python
+            objects (never unpickled, see :func:`~deeplab_lit.models.checkpoint_formats.read_weights_file`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch/pickle/safetensors raise many types for a bad file
-        raise ValueError(f"Weights file {str(path)!r} could not be read as a state dict: {err}") from err
+    state = read_weights_file(path)  # never unpickles arbitrary objects
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -112,8 +108,11 @@ def _torchvision_state_dict(name: str, weights_name: str) -> dict[str, Tensor]:
             f"{tuple(enum.__members__)}, True, False, or the path of a local state-dict file"
         )
     weights = enum[weights_name]
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+    try:  # torch's cache is not re-checked on load: a file put there is read as safely as any other
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        raise refusal(cached, repr(str(cached)), err) from None
     except _download_errors() as err:
         file_name = os.path.basename(weights.url)
         raise RuntimeError(_offline_message(name, f"{weights} from {weights.url}", err, file_name)) from err

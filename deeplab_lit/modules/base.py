@@ -226,7 +226,7 @@ class SegmentationModule(LightningModule):
             if "__init__" in vars(cls):
                 parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
                 defaults.update({p.name: p.default for p in parameters if p.default is not p.empty})
-        changes = resolve_options(checkpoint, dict(self.hparams), defaults)
+        changes = resolve_options(checkpoint, dict(self.hparams), defaults, version=type(self))
         if changes:
             rank_zero_info(f"Options taken from the weights ({checkpoint.description}): {changes}")
             self.hparams.update(changes)

@@ -1,0 +1,119 @@
+"""Download weights once into torch's cache: keyed by the whole URL, checksummed, written atomically.
+
+The cached name is the URL's file name with a short hash of the whole URL before its suffix
+(``deeplabv3_resnet50_coco-cd0a2569.<12 hex>.pth``), so two URLs that end in the same file name
+(``.../a/model.pth``, ``.../b/model.pth``) never share a cached file. The file is written under a
+temporary name and renamed when complete, so an interrupted download never looks like a cached one.
+
+The SHA-256 is checked where one is known: an explicit ``sha256`` (a whole digest or a prefix), else
+torch hub's convention of a ``-<hex>.`` digest prefix in the URL's file name (torchvision's URLs:
+``resnet50-0676ba61.pth``). Only 8 to 64 hex digits holding at least one letter count as a prefix, so
+that numbers in names (kazuto1011's ``...-vocaug-20000.pth``, a date ``-20240101.``) are not mistaken
+for one. A cached file that fails its checksum, or that cannot be read (see ``refresh``), is fetched
+again once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import urllib.parse
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")
+_CHUNK = 1 << 20
+
+
+def is_url(source: str) -> bool:
+    """Whether ``source`` is a URL that :func:`download` fetches (http, https, file or ftp)."""
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp")
+
+
+def cache_path(url: str) -> Path:
+    """Return the file ``url`` is cached as: torch's checkpoint folder, the URL's file name and hash."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights"
+    stem, suffix = os.path.splitext(name)
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{stem}.{key}{suffix}"
+
+
+def expected_sha256(url: str, sha256: str | None = None) -> str | None:
+    """Return the SHA-256 (or prefix) to check: ``sha256`` if given, else the one in the file name."""
+    if sha256:
+        if not re.fullmatch(r"[0-9a-fA-F]{1,64}", sha256):
+            raise ValueError(f"sha256 must be a hex digest (or a prefix of one), got {sha256!r}")
+        return sha256.lower()
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    found = _HASH_IN_NAME.search(name)
+    if found is None or not re.search(r"[a-f]", found.group(1)):
+        return None
+    return found.group(1)
+
+
+def checksum_problem(path: Path, expected: str | None) -> str | None:
+    """Return why ``path`` fails the expected SHA-256 (prefix), or None if it passes or none is known."""
+    if not expected:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    found = digest.hexdigest()
+    if found.startswith(expected):
+        return None
+    return f"its SHA-256 is {found[: max(len(expected), 8)]}..., expected {expected}"
+
+
+def download(url: str, *, sha256: str | None = None, refresh: bool = False) -> Path:
+    """Return the cached copy of ``url``, downloading it first if it is not cached or fails its checksum.
+
+    Args:
+        url: An ``http(s)://``, ``file://`` or ``ftp://`` URL.
+        sha256: The file's SHA-256 (or a prefix); None to use the prefix in the file name, if any.
+        refresh: Fetch it again even if cached (a cached copy that turned out unreadable).
+
+    Raises:
+        RuntimeError: the download failed (offline and not cached); the message says where to put the file.
+        ValueError: the downloaded file fails its checksum.
+    """
+    cached, expected = cache_path(url), expected_sha256(url, sha256)
+    if cached.is_file() and not refresh:
+        problem = checksum_problem(cached, expected)
+        if problem is None:
+            return cached
+        warnings.warn(
+            f"The cached copy {cached} of {url} is damaged ({problem}); downloading it again", stacklevel=2
+        )
+    return _fetch(url, cached, expected)
+
+
+def _fetch(url: str, cached: Path, expected: str | None) -> Path:
+    """Download ``url`` to a temporary name beside ``cached``, check it, then rename it to ``cached``."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"{cached.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        torch.hub.download_url_to_file(url, str(partial), progress=True)
+        problem = checksum_problem(partial, expected)
+        if problem is not None:
+            raise ValueError(
+                f"The weights downloaded from {url} fail their checksum ({problem}): the download was "
+                "corrupted, or the file at that address is not the one expected. Nothing was cached; try "
+                "again, or check the address."
+            )
+        os.replace(partial, cached)
+    except (OSError, http.client.HTTPException) as err:
+        raise RuntimeError(
+            f"Could not download the weights {url}: {err}. torch caches downloaded checkpoints in "
+            f"{cached.parent} and {cached.name} is not there; this machine may be offline. Download the "
+            f"file on a machine with internet access and copy it to {cached}, or pass its local path as "
+            "weights."
+        ) from err
+    finally:
+        partial.unlink(missing_ok=True)
+    return cached
