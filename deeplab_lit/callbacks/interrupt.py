@@ -39,8 +39,10 @@ callback installs its SIGUSR1 handler only after Lightning has installed its own
 Handlers are installed in ``on_fit_start``, before the data loaders start their worker processes: the
 workers inherit them and ignore these signals (a terminal's Ctrl-C reaches the whole process group, and
 a worker that died of it would fail the next batch before the checkpoint is written); the main process
-alone decides. In distributed training all processes agree on the step to stop at (one reduction of
-one number per step), since writing a checkpoint is collective.
+alone decides. In distributed training all processes agree on the training step to stop at (one
+reduction of one number per step), since writing a checkpoint is collective; a signal during a
+validation is acted on at the first training step after it (validation shards may be uneven, so no
+collective runs per validation batch).
 """
 
 from __future__ import annotations
@@ -181,8 +183,13 @@ class InterruptCheckpoint(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Stop a validation (or sanity check) after the current batch if a signal arrived during fit."""
-        if trainer.state.fn == TrainerFn.FITTING:
+        """Stop a validation (or sanity check) after the current batch if a signal arrived during fit.
+
+        Single process only: evaluation shards may be uneven across processes (the datamodules' unrepeated
+        sampler), so no collective may run per validation batch; distributed runs stop at the first
+        training step after the validation.
+        """
+        if trainer.state.fn == TrainerFn.FITTING and trainer.world_size == 1:
             self._stop_if_signalled(trainer)
 
     def _stop_if_signalled(self, trainer: Trainer) -> None:

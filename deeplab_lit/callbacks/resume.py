@@ -17,7 +17,13 @@ resumed run draws the next epoch's order and augmentations from the start-of-run
 renames it over the target (``os.replace``, atomic on POSIX and Windows), so a crash while saving leaves
 the previous ``last.ckpt`` intact. Lightning's own ``TorchCheckpointIO`` is atomic only when the system
 temporary folder is on the checkpoint's file system (fsspec writes to ``tempfile.mkstemp()`` and moves the
-file, which becomes a copy across devices), and it holds the serialised checkpoint in memory twice.
+file, which becomes a copy across devices), and it holds the serialised checkpoint in memory twice. A
+full disk (or quota) raises :class:`CheckpointWriteError` naming the file, the free space and the
+checkpoint's size, instead of torch's ``inline_container.cc`` message with the cause buried above it.
+
+``BestAndLastCheckpoint`` also makes ``--ckpt_path last`` without any ``last*.ckpt`` an error (Lightning
+warns and trains from scratch). Signals (Ctrl-C, SIGTERM, SIGUSR1) end a fit in a mid-epoch ``last.ckpt``
+through :class:`~deeplab_lit.callbacks.interrupt.InterruptCheckpoint`.
 
 What is exact (tests/test_resume.py): a run SIGKILLed at any moment and resumed with ``--ckpt_path last``
 from a checkpoint written at the end of an epoch finishes with the same step count, weights and metrics
@@ -26,9 +32,10 @@ as an uninterrupted run, on the CPU with ``deterministic: true`` and augmentatio
 logged once more). What is not exact: DataLoader workers with ``persistent_workers=True`` (the
 datamodules' choice whenever ``num_workers > 0``) keep their augmentation state in other processes, which
 no checkpoint reaches; and a checkpoint written in the middle of an epoch (``val_check_interval`` or
-``every_n_train_steps``, as in the paper configs) resumes with the right step count, schedule and
-optimiser state, but Lightning starts that epoch's data loader afresh (it warns about a non-resumable
-loader), so the rest of that epoch sees a new shuffle: statistically the same training, not the same bits.
+``every_n_train_steps``, as in the paper configs, or by an interrupt) resumes with the right step count,
+schedule and optimiser state, but Lightning starts that epoch's data loader afresh (it warns about a
+non-resumable loader), so the rest of that epoch sees a new shuffle: statistically the same training,
+not the same bits.
 """
 
 from __future__ import annotations
