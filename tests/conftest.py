@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py importable as `fakes`
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The data preflight caches its verdicts under $XDG_CACHE_HOME: keep the tests' out of the user's cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="deeplab-lit-test-cache-")
 torch.set_num_threads(1)  # the suite runs under xdist on 2 cores: one thread per worker
 
 
