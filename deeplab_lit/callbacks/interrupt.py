@@ -36,7 +36,7 @@ when its exception ends the run first, this callback saves in ``on_exception`` a
 points and sets the exit status. Lightning's SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``,
 its SIGUSR1 handler saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``) keeps working: this
 callback installs its SIGUSR1 handler only after Lightning has installed its own and calls it from there.
-Handlers are installed in ``on_fit_start``, before the data loaders start their worker processes: the
+Handlers are installed in ``setup``, before the data loaders start their worker processes: the
 workers inherit them and ignore these signals (a terminal's Ctrl-C reaches the whole process group, and
 a worker that died of it would fail the next batch before the checkpoint is written); the main process
 alone decides. In distributed training all processes agree on the training step to stop at (one
@@ -100,8 +100,15 @@ class InterruptCheckpoint(Callback):
         self._interrupt_state: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------- signal handling
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Install the SIGINT and SIGTERM handlers (before Lightning adds its own SIGTERM handler)."""
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """For ``fit``, install the SIGINT and SIGTERM handlers.
+
+        This is before Lightning adds its SIGTERM handler (which then calls ours) and before any data
+        loader worker starts (``estimated_stepping_batches`` starts the training loader's in
+        ``configure_optimizers``, before ``on_fit_start``).
+        """
+        if stage != TrainerFn.FITTING:
+            return
         self._pid, self._signum, self._written, self._interrupt_state = os.getpid(), None, None, {}
         self._active, self._installed, self._batches_done = True, set(), 0
         self._install([s for s in INTERRUPT_SIGNALS if s not in _LATE_SIGNALS])
