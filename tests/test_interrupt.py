@@ -328,3 +328,25 @@ def test_sigterm_after_our_check_is_saved_when_lightnings_sigterm_exception_ends
         trainer.fit(Tiny(), DataLoader(torch.arange(8.0).view(8, 1), batch_size=2))
     assert type(stop.value).__name__ == "SIGTERMException" and stop.value.code == 128 + signal.SIGTERM
     assert load(tmp_path / "last.ckpt")["global_step"] == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 is POSIX")
+def test_lightnings_slurm_requeue_handler_still_runs_on_sigusr1(tmp_path, monkeypatch):
+    """With SLURM auto-requeue, Lightning's own SIGUSR1 handler (hpc checkpoint + ``scontrol requeue``)
+    runs as before, and the run still ends in our resumable last.ckpt."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "deeplab",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: Lightning logs that the requeue failed
+    trainer = Trainer(max_epochs=5, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                      plugins=[SLURMEnvironment(auto_requeue=True)],
+                      callbacks=[SignalSelfAt(step=2, signum=signal.SIGUSR1), InterruptCheckpoint(),
+                                 ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])  # fmt: skip
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(Tiny(), DataLoader(torch.arange(8.0).view(8, 1), batch_size=2))
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert (tmp_path / "hpc_ckpt_1.ckpt").exists()  # written by Lightning's handler
+    assert load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 3
