@@ -162,7 +162,9 @@ def read_weights_file(path: Path, shown: str | None = None) -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        with torch.serialization.safe_globals(list(_SAFE_CLASSES)):
+        # Only the classes not declared yet: leaving the context undeclares them, whoever declared them.
+        declared = torch.serialization.get_safe_globals()
+        with torch.serialization.safe_globals([c for c in _SAFE_CLASSES if c not in declared]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # what torch.load(weights_only=True) refuses
         raise refusal(path, shown, err) from None

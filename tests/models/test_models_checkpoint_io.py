@@ -132,6 +132,16 @@ def test_this_projects_config_objects_are_read_without_outside_registration(
     assert read.version == "v1" and read.normalization == CAFFE_BGR
 
 
+def test_reading_keeps_what_others_declared_safe(tmp_path, no_registered_safe_globals):
+    """modules/base.py declares InferenceConfig safe for Lightning's own loads; reading must not undo it."""
+    torch.serialization.add_safe_globals([InferenceConfig])
+    hparams = {"_class_path": "deeplab_lit.DeepLabV1", "inference": InferenceConfig()}
+    torch.save({"state_dict": small_state(), "hyper_parameters": hparams}, tmp_path / "api.ckpt")
+    read_checkpoint(tmp_path / "api.ckpt")
+    assert InferenceConfig in torch.serialization.get_safe_globals()
+    torch.load(tmp_path / "api.ckpt", weights_only=True)  # as Lightning loads a checkpoint to resume
+
+
 def test_cached_imagenet_weights_replaced_by_a_crafted_pickle_are_refused(tmp_path, hub):
     """torch does not re-check the hash of a cached file: it must still be read safely."""
     marker = tmp_path / "marker"
