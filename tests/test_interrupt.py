@@ -143,7 +143,7 @@ def load(path: Path) -> dict:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def test_ctrl_c_mid_epoch_saves_last_ckpt_and_fit_ckpt_path_last_resumes_there(tmp_path):
+def test_ctrl_c_mid_epoch_saves_last_ckpt_and_fit_ckpt_path_last_resumes_there(tmp_path, caplog):
     data, root, marker = tmp_path / "data", tmp_path / "run", tmp_path / "blocked"
     step = STEPS_PER_EPOCH + 1  # the first step of epoch 1: last.ckpt is the end of epoch 0
     args = [*fit_args(root, data), *block_args(marker, "training", step), "--data.init_args.num_workers=2"]
@@ -165,6 +165,7 @@ def test_ctrl_c_mid_epoch_saves_last_ckpt_and_fit_ckpt_path_last_resumes_there(t
     )
     start = next(c for c in resumed.trainer.callbacks if isinstance(c, StartStep))
     assert start.step == step
+    assert f"SIGINT during the training of epoch 1 at global step {step}" in caplog.text  # said on resume
     assert resumed.trainer.global_step == 3 * STEPS_PER_EPOCH
     assert "val/mIoU" in resumed.trainer.callback_metrics
 
