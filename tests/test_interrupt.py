@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -351,3 +352,41 @@ def test_lightnings_slurm_requeue_handler_still_runs_on_sigusr1(tmp_path, monkey
     assert stop.value.code == 128 + signal.SIGUSR1
     assert (tmp_path / "hpc_ckpt_1.ckpt").exists()  # written by Lightning's handler
     assert load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 3
+
+
+def test_interrupt_on_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """The run still ends cleanly (exit 143) with one message; the epoch-end last.ckpt is intact."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    full_from = FullDiskFrom(step=5)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):  # from then on, the temporary file is on /dev/full (writes: ENOSPC)
+        handle, name = real_mkstemp(*args, **kwargs)
+        if not full_from.full:
+            return handle, name
+        os.close(handle)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    folder = tmp_path / "ckpt"
+    callbacks = [full_from, SignalSelfAt(step=5, signum=signal.SIGTERM), InterruptCheckpoint(),
+                 ModelCheckpoint(dirpath=folder, save_last=True)]  # fmt: skip
+    trainer = Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, plugins=[AtomicCheckpointIO()],
+                      callbacks=callbacks)  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        trainer.fit(Tiny(), DataLoader(torch.arange(8.0).view(8, 1), batch_size=2))
+    assert stop.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "the checkpoint could not be written: [Errno 28] Cannot write checkpoint" in err
+    assert f"The checkpoints in {folder} are unchanged" in err
+    assert load(folder / "last.ckpt")["global_step"] == 4  # the end of epoch 0
+
+
+class FullDiskFrom(Callback):
+    def __init__(self, step: int):
+        self.step, self.full = step, False
+
+    def on_train_batch_start(self, trainer, *args):
+        self.full = self.full or trainer.global_step >= self.step

@@ -245,11 +245,15 @@ class InterruptCheckpoint(Callback):
             "batches_per_epoch": trainer.num_training_batches,
         }
         path = self._checkpoint_path(trainer)
-        if trainer.is_global_zero and os.path.islink(path):
-            os.unlink(
-                path
-            )  # ``save_last="link"``: replace the link, never write through it into a top-k file
-        trainer.save_checkpoint(path)
+        if trainer.is_global_zero and os.path.islink(path):  # ``save_last="link"``: never write through
+            os.unlink(path)  # the link into the top-k file it points to
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as error:  # e.g. a full disk: say it, and let Lightning end the run cleanly
+            folder = os.path.dirname(os.path.abspath(path))
+            message = f"Interrupted by {_describe(self._interrupt_state)}, but the checkpoint could not be "
+            self._say(trainer, f"{message}written: {error}\nThe checkpoints in {folder} are unchanged.")
+            return
         self._written = path
         self._say(trainer, self._saved_message(trainer, path))
 
