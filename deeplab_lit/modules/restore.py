@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint
+from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint, refusal
 from deeplab_lit.models.weights import resolve_options
 
 #: Options that decide the network's structure; a checkpoint's values win, a contradiction is an error.
@@ -91,10 +91,7 @@ def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"Checkpoint {str(path)!r} holds Python objects that only a full unpickling could read, "
-            f"which can run arbitrary code; it is not loaded ({err})."
-        ) from err
+        raise refusal(path, repr(str(path)), err) from err
     except Exception as err:  # torch/zip raise many types for a truncated or foreign file
         raise ValueError(
             f"Checkpoint {str(path)!r} could not be read: {err}. The file is truncated, corrupt or not a "
@@ -163,7 +160,8 @@ def reconcile_model(
     given = {k: v for k, v in given.items() if k in defaults}
     architecture = {k: saved.hparams[k] for k in ARCHITECTURE if k in saved.hparams}
     checkpoint = _as_checkpoint(saved, architecture)
-    taken = resolve_options(checkpoint, {**defaults, **given}, defaults)
+    # reinit_classifier is a weights: option; a checkpoint restores its own classifier, so it never applies.
+    taken = resolve_options(checkpoint, {**defaults, **given, "reinit_classifier": False}, defaults)
     init_args = {**defaults, **saved.hparams}
     for name, value in given.items():
         if name not in architecture and not _same(value, defaults.get(name)):
