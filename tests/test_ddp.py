@@ -24,6 +24,7 @@ import torch
 import yaml
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from test_speed_options import randomise_batchnorm
+from tolerances import assert_close_to_scale
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from deeplab_lit.callbacks import SyncBatchNorm
@@ -129,7 +130,9 @@ def _assert_same_function(model, converted):
     images = torch.randn(1, 3, 41, 41)
     with torch.no_grad():
         expected, actual = model(images), converted.eval()(images)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
+    # Bit for bit identical on a CPU; 1e-5 of the largest logit leaves room for other kernels, and the
+    # change Lightning's own conversion makes to Xception-65 (2.7e-3 of it) still fails.
+    assert_close_to_scale(actual, expected, 1e-5)
 
 
 @pytest.mark.parametrize("build", SYNC_BN_MODELS.values(), ids=SYNC_BN_MODELS.keys())
