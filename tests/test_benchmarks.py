@@ -65,7 +65,7 @@ def test_train_section_times_every_recipe_of_a_tiny_pair_and_sets_its_target(cap
         "torchvision", multiple=16, ablations=True,
     )  # fmt: skip
     targets = []
-    lines, step_rates = train_section(quick_settings(train_size=40), targets, pairs=(tiny,))
+    lines, step_rates = train_section(quick_settings(train_size=40, profile=True), targets, pairs=(tiny,))
     printed = capsys.readouterr().out
     assert "training step (forward + backward + SGD), batch 2 x 3 x 32 x 32" in printed  # 40 -> 32
     names = ["ours", "torchvision plain", "torchvision tricks", "ours-no-cl", "ours-no-fused"]
@@ -78,7 +78,10 @@ def test_train_section_times_every_recipe_of_a_tiny_pair_and_sets_its_target(cap
     assert step_rates["ours tiny"] > 0
     ours_rate = float(re.search(rf"\| ours \| [^|]+ \| ({NUMBER}) \|", printed).group(1))
     assert step_rates["ours tiny"] == pytest.approx(ours_rate, abs=0.006)
-    assert f"| {target.ratio:.2f}x | 1.5x |" in "\n".join(targets_markdown(targets))
+    report = "\n".join(targets_markdown(targets))
+    assert f"| {target.ratio:.2f}x | 1.5x |" in report
+    assert [name for name, _ in target.profiles] == ["ours", "torchvision plain"]  # --profile
+    assert report.count("one step (torch.profiler, top ops by self time)") == 2 and "convolution" in report
 
 
 def test_write_report_replaces_its_own_block_and_keeps_the_rest(tmp_path):
