@@ -35,14 +35,18 @@ then raise ``SIGTERMException``, a ``SystemExit`` with exit status 0) stays inst
 when its exception ends the run first, this callback saves in ``on_exception`` at the same consistent
 points and sets the exit status. Lightning's SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``,
 its SIGUSR1 handler saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``) keeps working: this
-callback installs its SIGUSR1 handler only after Lightning has installed its own and calls it from there.
-Handlers are installed in ``setup``, before the data loaders start their worker processes: the
-workers inherit them and ignore these signals (a terminal's Ctrl-C reaches the whole process group, and
-a worker that died of it would fail the next batch before the checkpoint is written); the main process
-alone decides. In distributed training all processes agree on the training step to stop at (one
-reduction of one number per step), since writing a checkpoint is collective; a signal during a
-validation is acted on at the first training step after it (validation shards may be uneven, so no
-collective runs per validation batch).
+callback hands SIGUSR1 back while Lightning installs its handlers, then puts its own in front of
+Lightning's and calls it from there. Handlers are installed in ``setup``, before the data loaders start
+their worker processes: the workers inherit them and ignore these signals (a terminal's Ctrl-C reaches
+the whole process group, and a worker that died of it would fail the next batch before the checkpoint
+is written); the main process alone decides. Except SIGTERM: torch's DataLoader workers install a C
+handler of their own that exits on it, so a SIGTERM sent to every process (``kill -TERM -<pgid>``,
+``scancel``) ends them and the main process then fails on their death (``DataLoader worker ... is killed
+by signal``), unless the loader's ``worker_init_fn`` ignores SIGTERM; one sent to the main process
+alone is saved as above. In distributed training all processes agree on the
+training step to stop at (one reduction of one number per step), since writing a checkpoint is
+collective; a signal during a validation is acted on at the first training step after it (validation
+shards may be uneven, so no collective runs per validation batch).
 """
 
 from __future__ import annotations
@@ -95,26 +99,29 @@ class InterruptCheckpoint(Callback):
         self._installed: set[int] = set()
         self._signum: int | None = None
         self._batches_done = 0
-        self._written: str | None = None
         self._resumed_from: dict[str, Any] = {}
         self._interrupt_state: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------- signal handling
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """For ``fit``, install the SIGINT and SIGTERM handlers.
+        """For ``fit``, install the handlers before any data loader worker starts, so that they inherit them.
 
-        This is before Lightning adds its SIGTERM handler (which then calls ours) and before any data
-        loader worker starts (``estimated_stepping_batches`` starts the training loader's in
-        ``configure_optimizers``, before ``on_fit_start``).
+        ``estimated_stepping_batches`` starts the training loader's workers in ``configure_optimizers``,
+        after ``setup`` and before ``on_fit_start``. Lightning adds its SIGTERM handler later and calls
+        ours from it.
         """
         if stage != TrainerFn.FITTING:
             return
-        self._pid, self._signum, self._written, self._interrupt_state = os.getpid(), None, None, {}
+        self._pid, self._signum, self._interrupt_state, self._resumed_from = os.getpid(), None, {}, {}
         self._active, self._installed, self._batches_done = True, set(), 0
-        self._install([s for s in INTERRUPT_SIGNALS if s not in _LATE_SIGNALS])
+        self._install(INTERRUPT_SIGNALS)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hand SIGUSR1 back for a moment: Lightning installs its SLURM requeue handler only where none is."""
+        self._restore(_LATE_SIGNALS)
 
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Install the SIGUSR1 handler once Lightning has installed its SLURM requeue handler, if any."""
+        """Install the SIGUSR1 handler again, in front of Lightning's SLURM requeue handler if any."""
         self._install(_LATE_SIGNALS)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -123,7 +130,7 @@ class InterruptCheckpoint(Callback):
         if self._resumed_from and trainer.ckpt_path:
             rank_zero_info(f"Resuming from {trainer.ckpt_path}: {_describe(self._resumed_from)}.")
 
-    def _install(self, signums: tuple[int, ...] | list[int]) -> None:
+    def _install(self, signums: tuple[int, ...]) -> None:
         """Put :meth:`_handle` in front of the current handlers of ``signums`` (main thread only)."""
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("InterruptCheckpoint: fit runs outside the main thread, signals are not handled")
@@ -139,14 +146,15 @@ class InterruptCheckpoint(Callback):
             signal.signal(signum, self._handle)
             self._installed.add(signum)
 
-    def _restore(self) -> None:
-        """Give every signal back the handler it had before this fit."""
-        self._active = False
+    def _restore(self, signums: tuple[int, ...] | None = None) -> None:
+        """Give ``signums`` (default: every signal, ending the fit) back the handler they had before ours."""
+        if signums is None:
+            self._active, signums = False, tuple(self._installed)
         if threading.current_thread() is threading.main_thread():
-            for signum in self._installed:
+            for signum in set(signums) & self._installed:
                 handler = self._previous.get(signum)
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._installed = set()
+                self._installed.discard(signum)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         """Note the first signal; a second Ctrl-C stops at once; chain the handler installed before ours."""
@@ -254,7 +262,6 @@ class InterruptCheckpoint(Callback):
             message = f"Interrupted by {_describe(self._interrupt_state)}, but the checkpoint could not be "
             self._say(trainer, f"{message}written: {error}\nThe checkpoints in {folder} are unchanged.")
             return
-        self._written = path
         self._say(trainer, self._saved_message(trainer, path))
 
     def _checkpoint_path(self, trainer: Trainer) -> str:
