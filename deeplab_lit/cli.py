@@ -203,15 +203,15 @@ def plain(value: Any) -> Any:
 
 
 def _checkpoint_file(config: Namespace) -> Path | None:
-    """Return the file ``ckpt_path`` names (``last``: the run's ``last.ckpt`` if it exists), else None."""
+    """Return the file ``ckpt_path`` names (``last``: the newest ``last*.ckpt`` of the run), else None."""
     ckpt_path = config.get("ckpt_path")
     if not ckpt_path:
         return None
     if ckpt_path == "last":
         root = config.trainer.get("default_root_dir") or os.getcwd()
         folder = config.get("checkpoint", Namespace()).get("dirpath") or os.path.join(root, "checkpoints")
-        last = Path(folder) / "last.ckpt"
-        return last if last.is_file() else None
+        found = sorted(Path(folder).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None  # the newest, as Lightning resolves "last"
     if ckpt_path in ("best", "hpc", "registry"):
         return None
     return Path(ckpt_path)

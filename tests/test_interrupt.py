@@ -251,8 +251,13 @@ def test_signal_during_sanity_check_saves_nothing_and_resume_last_then_says_ther
     assert "during the sanity check" in err and "no checkpoint written" in err
     assert not list(root.rglob("*.ckpt"))
     with pytest.raises(FileNotFoundError, match="no earlier run") as error:
-        main([*fit_args(root, data), "--ckpt_path", "last"])
-    assert str(root / "checkpoints") in str(error.value) and "drop --ckpt_path" in str(error.value)
+        main(["validate", *fit_args(root, data)[1:], "--ckpt_path", "last"])
+    assert str(root / "checkpoints") in str(error.value) and "checkpoint file instead" in str(error.value)
+    with pytest.warns(
+        UserWarning, match=r"no last\.ckpt .* in .*checkpoints: no earlier run.*Starting a new run"
+    ):
+        cli = main([*fit_args(root, data), "--ckpt_path", "last"])  # a cluster script's first submission
+    assert cli.trainer.global_step > 0 and (root / "checkpoints" / "last.ckpt").is_file()
 
 
 class Tiny(LightningModule):

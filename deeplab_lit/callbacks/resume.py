@@ -46,6 +46,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+
+# Lightning's own warning for an absent "last" checkpoint hints at save_last, which this project always sets;
+# BestAndLastCheckpoint._find_last_checkpoints says what happened instead.
+warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -84,27 +89,31 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        """Return the ``last*.ckpt`` files for ``ckpt_path="last"``; raise if no checkpoint callback has any.
+        """Return the ``last*.ckpt`` files for ``ckpt_path="last"``, saying plainly when there is none.
 
-        Lightning calls this private method only to resolve ``ckpt_path="last"`` (checked up to 2.6) and,
-        when it finds nothing, warns and trains from scratch with a hint about ``save_last`` that does
-        not apply here. A user who asked to resume wants to hear that there is nothing to resume.
+        Lightning calls this private method only to resolve ``ckpt_path="last"`` (checked up to 2.6, hence
+        the upper bound on lightning) and, when it finds nothing, warns with a hint about ``save_last``
+        that does not apply here. ``fit`` then starts a new run, on purpose, so that a cluster script can
+        always pass ``--ckpt_path last`` (the first submission starts, a requeued one resumes): this says
+        so, naming the folder that was searched. ``validate``/``test``/``predict`` have nothing to evaluate
+        without a checkpoint: a FileNotFoundError naming the folder.
         """
         found = super()._find_last_checkpoints(trainer)
         if found or _other_last_checkpoints(trainer, self):
             return found
         folder = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-        remedy = (
-            "To start a fresh run, drop --ckpt_path; to resume another run, give its checkpoint file "
-            "(--ckpt_path path/to/last.ckpt) or set trainer.default_root_dir to its folder."
-            if trainer.state.fn == TrainerFn.FITTING
-            else "Give a checkpoint file instead (--ckpt_path path/to/file.ckpt)."
-        )
-        raise FileNotFoundError(
+        missing = (
             f"--ckpt_path last: there is no {self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION} (nor "
-            f"{self.CHECKPOINT_NAME_LAST}-v<n>{self.FILE_EXTENSION}) in {folder}: no earlier run "
-            f"wrote one there. {remedy}"
+            f"{self.CHECKPOINT_NAME_LAST}-v<n>{self.FILE_EXTENSION}) in {folder}: "
+            "no earlier run wrote one there"
         )
+        if trainer.state.fn == TrainerFn.FITTING:
+            rank_zero_warn(
+                f"{missing}. Starting a new run from step 0. (To resume another run, give its checkpoint "
+                "file or set trainer.default_root_dir to its folder.)"
+            )
+            return found
+        raise FileNotFoundError(f"{missing}. Give a checkpoint file instead (--ckpt_path path/to/file.ckpt).")
 
 
 def _other_last_checkpoints(trainer: Trainer, this: ModelCheckpoint) -> bool:
