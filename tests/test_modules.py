@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader, Dataset
 from deeplab_lit import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
 from deeplab_lit.inference import InferenceConfig
 from deeplab_lit.metrics import scores_from_confusion
+from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
+from deeplab_lit.modules import SegmentationModule
 
 SMALL = {
     "v1-vgg": (DeepLabV1, {"backbone": "vgg16"}),
@@ -52,6 +54,47 @@ def test_each_version_gives_logits_at_odd_input_size_and_trains_with_batch_one(n
     assert torch.isfinite(loss) and loss > 0
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# Each version's options, and the builder call they must amount to (YAML lists as tuples, [] as None where
+# the builder takes None); values off the defaults, so that an option not passed on would show.
+BUILT_AS = {
+    "v1-caffe": (DeepLabV1, {"backbone": "resnet18", "output_stride": 16, "style": "caffe"},
+                 deeplab_v1, {"backbone": "resnet18", "output_stride": 16, "style": "caffe"}),
+    "v2-msc": (DeepLabV2, {"backbone": "resnet18", "atrous_rates": [2, 4], "msc_scales": [1.0, 0.5]},
+               deeplab_v2, {"backbone": "resnet18", "atrous_rates": (2, 4), "msc_scales": (1.0, 0.5)}),
+    "v2-no-msc": (DeepLabV2, {"backbone": "resnet18", "msc_scales": []},
+                  deeplab_v2, {"backbone": "resnet18", "msc_scales": None}),
+    "v3": (DeepLabV3, {"backbone": "resnet18", "output_stride": 8, "atrous_rates": [3, 6, 9],
+                       "multi_grid": [1, 2], "aux_head": True},
+           deeplab_v3, {"backbone": "resnet18", "output_stride": 8, "atrous_rates": (3, 6, 9),
+                        "multi_grid": (1, 2), "aux_head": True}),
+    "v3-no-grid": (DeepLabV3, {"backbone": "resnet18", "multi_grid": []},
+                   deeplab_v3, {"backbone": "resnet18", "multi_grid": None}),
+    "v3plus": (DeepLabV3Plus, {"backbone": "mobilenet_v2", "separable": True, "channels": 16, "lr": 0.1},
+               deeplab_v3plus, {"backbone": "mobilenet_v2", "separable": True, "channels": 16}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BUILT_AS)
+def test_each_version_builds_what_its_builder_builds_from_the_same_options(name):
+    cls, options, builder, expected = BUILT_AS[name]
+    torch.manual_seed(0)
+    module = cls(num_classes=3, **options)
+    torch.manual_seed(0)
+    direct = builder(num_classes=3, **expected)
+    assert repr(module.model) == repr(direct)  # every layer's kind, stride, dilation, padding, width
+    assert getattr(module.model, "scales", None) == getattr(direct, "scales", None)  # MSC
+    ours, theirs = module.model.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_module_without_builder_says_how_to_name_one():
+    class Unnamed(SegmentationModule):
+        pass
+
+    with pytest.raises(TypeError, match="Unnamed names no builder.*builder = "):
+        Unnamed(num_classes=2)
 
 
 def test_loss_covers_every_output_with_aux_weight():

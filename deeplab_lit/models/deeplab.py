@@ -3,11 +3,16 @@
 A version is a builder choosing backbone, head and decoder; all share :class:`Segmenter`'s forward:
 backbone -> head on ``"out"`` -> [decoder with ``"low"``] -> bilinear upsampling to the input size.
 Any input size works: every upsampling targets the actual size of the tensor it is matched to.
+:data:`BUILDERS` names each version's builder; :func:`builder_kwargs` turns stored options (hyper-parameters,
+a checkpoint's options) into a builder's keyword arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -338,3 +343,34 @@ def deeplab_v3plus(
         channels, body.low_channels, num_classes, channels=channels, separable=separable
     )
     return Segmenter(body, head, decoder, aux_classifier=_aux_head(body, num_classes, aux_head))
+
+
+#: Each DeepLab version's builder, by the name checkpoints record (``"v1"``, ``"v2"``, ``"v3"``, ``"v3+"``).
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "v1": deeplab_v1,
+    "v2": deeplab_v2,
+    "v3": deeplab_v3,
+    "v3+": deeplab_v3plus,
+}
+
+
+def builder_kwargs(builder: Callable[..., nn.Module], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the ``options`` that ``builder``'s signature accepts, in the form the builder takes them.
+
+    Options kept elsewhere (hyper-parameters, YAML, a checkpoint's options) hold sequences as lists; the
+    builders take tuples. An empty sequence given for an option the builder also accepts as None
+    (``msc_scales``, ``multi_grid``, v3's ``atrous_rates``) means None, as it did in the per-version
+    ``build_model`` methods this replaces: configs and checkpoints saying ``msc_scales: []`` keep building
+    the same network. Options the builder does not take (``lr``, ...) are left out.
+    """
+    hints = typing.get_type_hints(builder)
+    kwargs = {}
+    for name in inspect.signature(builder).parameters:
+        if name not in options:
+            continue
+        value = options[name]
+        if isinstance(value, list | tuple):
+            takes_none = type(None) in typing.get_args(hints.get(name))
+            value = None if not value and takes_none else tuple(value)
+        kwargs[name] = value
+    return kwargs

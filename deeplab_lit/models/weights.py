@@ -19,9 +19,8 @@ Also here: the DeepLab-LargeFOV initialisation of fc6/fc7 from VGG-16's ImageNet
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +34,7 @@ from deeplab_lit.models.checkpoint_formats import (
     UnsafeCheckpointError,
     read_checkpoint,
 )
-from deeplab_lit.models.deeplab import (
-    MultiScaleSegmenter,
-    Segmenter,
-    deeplab_v1,
-    deeplab_v2,
-    deeplab_v3,
-    deeplab_v3plus,
-)
+from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
 from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead
 from deeplab_lit.models.imagenet import imagenet_state_dict
 from deeplab_lit.models.options import module_version, resolve_options
@@ -54,12 +46,6 @@ __all__ = [
     "model_version", "module_version", "read_checkpoint", "resolve_options",
 ]  # fmt: skip
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "v1": deeplab_v1,
-    "v2": deeplab_v2,
-    "v3": deeplab_v3,
-    "v3+": deeplab_v3plus,
-}
 _HEAD_PREFIXES = ("head.", "decoder.", "aux_classifier.")
 
 
@@ -160,10 +146,8 @@ def _reference(checkpoint: Checkpoint, num_classes: int) -> nn.Module:
     """Build the model the checkpoint's options describe, on the meta device (no memory, no init)."""
     assert checkpoint.version is not None
     builder = BUILDERS[checkpoint.version]
-    params = inspect.signature(builder).parameters
-    kwargs = {k: v for k, v in checkpoint.options.items() if k in params}
     with torch.device("meta"):
-        return builder(num_classes=num_classes, **kwargs)
+        return builder(**{**builder_kwargs(builder, checkpoint.options), "num_classes": num_classes})
 
 
 def _options_text(options: Mapping[str, Any]) -> str:

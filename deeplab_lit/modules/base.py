@@ -1,7 +1,8 @@
 """The one training/evaluation loop every DeepLab version shares.
 
-A version differs only in :meth:`SegmentationModule.build_model` (which backbone, head, decoder and
-defaults); the step, the loss, the optimiser, the "poly" schedule and the metrics live here once.
+A version differs only in its builder (:attr:`SegmentationModule.builder`, which backbone, head and
+decoder) and its defaults; the network is built here from the hyper-parameters the builder accepts, and the
+step, the loss, the optimiser, the "poly" schedule and the metrics live here once.
 
 The papers' recipe is the default (DeepLab v2 Sec. 4.1, v3 Sec. 4.1): pixel-wise cross-entropy that
 ignores label 255, SGD with momentum 0.9 and weight decay, the learning rate multiplied by
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from abc import abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.metrics import SegmentationMetrics
-from deeplab_lit.models.deeplab import Segmenter
+from deeplab_lit.models.deeplab import Segmenter, builder_kwargs
 from deeplab_lit.models.fusion import fuse_conv_bn
 from deeplab_lit.models.weights import (
     Checkpoint,
@@ -154,6 +155,10 @@ class SegmentationModule(LightningModule):
     else its multi-tensor (``foreach``) kernel; see :func:`fast_sgd_options`.
     """
 
+    #: The builder of this version's network (:data:`~deeplab_lit.models.deeplab.BUILDERS`), named once by
+    #: each version class; :meth:`build_model` passes it the hyper-parameters its signature accepts.
+    builder: ClassVar[Callable[..., nn.Module] | None] = None
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -214,9 +219,18 @@ class SegmentationModule(LightningModule):
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
         self._folded: dict[str, nn.Module] = {}
 
-    @abstractmethod
     def build_model(self) -> nn.Module:
-        """Build the network from ``self.hparams``; it must offer ``forward`` and ``forward_train``."""
+        """Build the network: :attr:`builder` called with the hyper-parameters its signature accepts.
+
+        Override it for a network no builder makes; it must offer ``forward`` and ``forward_train``.
+        """
+        builder = type(self).builder  # through the class: a plain function, not a method bound to self
+        if builder is None:
+            raise TypeError(
+                f"{type(self).__name__} names no builder: set the class attribute builder (e.g. "
+                "builder = deeplab_lit.models.deeplab_v3) or override build_model"
+            )
+        return builder(**builder_kwargs(builder, self.hparams))
 
     # -------------------------------------------------------------------------- weights, normalisation
     def _adopt_weights_options(self, checkpoint: Checkpoint) -> None:

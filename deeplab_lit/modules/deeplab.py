@@ -1,16 +1,15 @@
-"""DeepLab v1, v2, v3 and v3+ as LightningModules: each chooses a builder and the paper's defaults.
+"""DeepLab v1, v2, v3 and v3+ as LightningModules: each names its builder and the paper's defaults.
 
-Everything else (step, loss, optimiser, schedule, metrics) is inherited from
-:class:`~deeplab_lit.modules.base.SegmentationModule`. Arguments not listed here (``lr``,
-``weight_decay``, ``freeze_bn``, ``inference``, ...) are the base class's.
+Everything else (building the network from the hyper-parameters the builder accepts, step, loss,
+optimiser, schedule, metrics) is inherited from :class:`~deeplab_lit.modules.base.SegmentationModule`.
+Arguments not listed here (``lr``, ``weight_decay``, ``freeze_bn``, ``inference``, ...) are the base
+class's. A new variant is a builder in :mod:`deeplab_lit.models.deeplab` plus a class like these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-
-from torch import nn
 
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.modules.base import SegmentationModule
@@ -30,6 +29,8 @@ class DeepLabV1(SegmentationModule):
         **kwargs: Shared options of :class:`SegmentationModule`.
     """
 
+    builder = deeplab_v1
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -43,18 +44,6 @@ class DeepLabV1(SegmentationModule):
     ) -> None:
         super().__init__(
             num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
-        )
-
-    def build_model(self) -> nn.Module:
-        """VGG-16 LargeFOV or dilated ResNet + 1x1 classifier."""
-        hp = self.hparams
-        return deeplab_v1(
-            num_classes=hp.num_classes,
-            backbone=hp.backbone,
-            output_stride=hp.output_stride,
-            largefov_rate=hp.largefov_rate,
-            style=hp.style,
-            pretrained_backbone=hp.pretrained_backbone,
         )
 
 
@@ -71,6 +60,8 @@ class DeepLabV2(SegmentationModule):
         **kwargs: Shared options of :class:`SegmentationModule` (``freeze_bn`` among them).
     """
 
+    builder = deeplab_v2
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -85,19 +76,6 @@ class DeepLabV2(SegmentationModule):
     ) -> None:
         super().__init__(
             num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
-        )
-
-    def build_model(self) -> nn.Module:
-        """Dilated ResNet + ASPP (sum of class scores), wrapped for multi-scale input when asked."""
-        hp = self.hparams
-        return deeplab_v2(
-            num_classes=hp.num_classes,
-            backbone=hp.backbone,
-            output_stride=hp.output_stride,
-            atrous_rates=tuple(hp.atrous_rates),
-            msc_scales=tuple(hp.msc_scales) if hp.msc_scales else None,
-            style=hp.style,
-            pretrained_backbone=hp.pretrained_backbone,
         )
 
 
@@ -116,6 +94,8 @@ class DeepLabV3(SegmentationModule):
         **kwargs: Shared options of :class:`SegmentationModule`.
     """
 
+    builder = deeplab_v3
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -131,20 +111,6 @@ class DeepLabV3(SegmentationModule):
     ) -> None:
         super().__init__(
             num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
-        )
-
-    def build_model(self) -> nn.Module:
-        """Multi-grid dilated backbone + ASPP with image pooling."""
-        hp = self.hparams
-        return deeplab_v3(
-            num_classes=hp.num_classes,
-            backbone=hp.backbone,
-            output_stride=hp.output_stride,
-            atrous_rates=tuple(hp.atrous_rates) if hp.atrous_rates else None,
-            multi_grid=tuple(hp.multi_grid) if hp.multi_grid else None,
-            aux_head=hp.aux_head,
-            style=hp.style,
-            pretrained_backbone=hp.pretrained_backbone,
         )
 
 
@@ -164,6 +130,8 @@ class DeepLabV3Plus(SegmentationModule):
         **kwargs: Shared options of :class:`SegmentationModule`.
     """
 
+    builder = deeplab_v3plus
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -181,20 +149,4 @@ class DeepLabV3Plus(SegmentationModule):
     ) -> None:
         super().__init__(
             num_classes=num_classes, backbone=backbone, lr=lr, weight_decay=weight_decay, **kwargs
-        )
-
-    def build_model(self) -> nn.Module:
-        """v3 encoder + 48-channel low-level projection decoder."""
-        hp = self.hparams
-        return deeplab_v3plus(
-            num_classes=hp.num_classes,
-            backbone=hp.backbone,
-            output_stride=hp.output_stride,
-            atrous_rates=tuple(hp.atrous_rates) if hp.atrous_rates else None,
-            multi_grid=tuple(hp.multi_grid) if hp.multi_grid else None,
-            separable=hp.separable,
-            aux_head=hp.aux_head,
-            style=hp.style,
-            pretrained_backbone=hp.pretrained_backbone,
-            channels=hp.channels,
         )
