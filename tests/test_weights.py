@@ -21,13 +21,7 @@ from deeplab_lit import DeepLabV2, DeepLabV3, DeepLabV3Plus
 from deeplab_lit.cli import main
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.download import cache_path
-from deeplab_lit.models.heads import LargeFOVHead
-from deeplab_lit.models.weights import (
-    init_largefov_from_vgg,
-    load_weights,
-    read_checkpoint,
-    resolve_options,
-)
+from deeplab_lit.models.weights import load_weights, read_checkpoint, resolve_options
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -416,24 +410,6 @@ def test_unreachable_url_says_offline_and_where_the_cache_is(tmp_path, monkeypat
     model = deeplab_v1(num_classes=3, backbone="resnet18")
     with pytest.raises(RuntimeError, match=r"Could not download .*torch_home.*offline.*local path"):
         load_weights(model, "http://127.0.0.1:9/deeplabv3_resnet50_coco-cd0a2569.pth")
-
-
-# ------------------------------------------------------------------------------------ VGG fc6/fc7 -> LargeFOV
-def test_largefov_fc6_fc7_are_subsampled_from_vgg_fc_layers():
-    head = LargeFOVHead(in_channels=8, num_classes=3, rate=12, channels=4)
-    fc6, fc7 = torch.randn(16, 8 * 7 * 7), torch.randn(16, 16)
-    state = {"classifier.0.weight": fc6, "classifier.0.bias": torch.randn(16),
-             "classifier.3.weight": fc7, "classifier.3.bias": torch.randn(16)}  # fmt: skip
-    assert init_largefov_from_vgg(head, state) == 1
-    kernel = fc6.view(16, 8, 7, 7)
-    # filter 4k keeps the 7x7 taps 0, 3, 6 (rate 12 at stride 8 = every 3rd tap of the stride-32 kernel)
-    assert torch.equal(head.fc6.weight[1, :, 2, 0], kernel[4, :, 6, 0])
-    assert torch.equal(head.fc6.weight[3, :, 1, 1], kernel[12, :, 3, 3])
-    assert torch.equal(head.fc6.bias, state["classifier.0.bias"][::4])
-    assert torch.equal(head.fc7.weight[:, :, 0, 0], fc7[::4, ::4])
-    state["classifier.0.weight"] = torch.full_like(fc6, float("nan"))  # torchvision's IMAGENET1K_FEATURES
-    before = head.fc6.weight.clone()
-    assert init_largefov_from_vgg(head, state) == 0 and torch.equal(head.fc6.weight, before)
 
 
 # ------------------------------------------------------------------------------ experiments/*.yaml configs

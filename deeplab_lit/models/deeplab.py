@@ -28,6 +28,7 @@ from deeplab_lit.models.heads import (
     FCNHead,
     LargeFOVHead,
 )
+from deeplab_lit.models.imagenet import init_from_imagenet
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -206,17 +207,21 @@ def deeplab_v1(
         backbone: ``"vgg16"`` (LargeFOV head: fc6 rate ``largefov_rate``, fc7, fc8) or another backbone
             (followed by one 1x1 classifier).
         output_stride: 8 (the paper; VGG-16 allows only 8).
-        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`. With ``vgg16``,
+            fc6/fc7 are also initialised from VGG's ImageNet fc layers, subsampled (v1 Sec. 3.1).
         largefov_rate: fc6 dilation of the VGG-16 head (12 = LargeFOV); unused for other backbones.
         style: ResNet style, ``"caffe"`` for kazuto1011's DeepLab-v1 ResNet-101 checkpoints.
     """
     _check_num_classes(num_classes)
     _check_rates([largefov_rate], "largefov_rate")
     check_backbone_options(backbone, output_stride, style=style)
-    body = build_backbone(backbone, output_stride=output_stride, style=style, pretrained=pretrained_backbone)
+    body = build_backbone(backbone, output_stride=output_stride, style=style)
     if backbone == "vgg16":
-        return Segmenter(body, LargeFOVHead(body.out_channels, num_classes, rate=largefov_rate))
-    return Segmenter(body, ConvClassifier(body.out_channels, num_classes))
+        model = Segmenter(body, LargeFOVHead(body.out_channels, num_classes, rate=largefov_rate))
+    else:
+        model = Segmenter(body, ConvClassifier(body.out_channels, num_classes))
+    init_from_imagenet(model, pretrained_backbone)
+    return model
 
 
 def deeplab_v2(
@@ -241,17 +246,22 @@ def deeplab_v2(
         atrous_rates: ASPP rates, (6, 12, 18, 24) = ASPP-L.
         msc_scales: If given, e.g. (1.0, 0.75, 0.5), wrap in :class:`MultiScaleSegmenter`.
         style: ResNet style; ``"caffe"`` matches kazuto1011/deeplab-pytorch's checkpoints.
-        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
+        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`; with ``vgg16`` each
+            branch's fc6/fc7 too, from VGG's ImageNet fc layers (:func:`~.imagenet.init_from_imagenet`).
     """
     _check_num_classes(num_classes)
     rates = _check_rates(atrous_rates, "atrous_rates")
     check_backbone_options(backbone, output_stride, style=style)
     if msc_scales is not None:
         check_msc_scales(msc_scales)
-    body = build_backbone(backbone, output_stride=output_stride, style=style, pretrained=pretrained_backbone)
+    body = build_backbone(backbone, output_stride=output_stride, style=style)
     branch_channels = 1024 if backbone == "vgg16" else None
+    model: Segmenter | MultiScaleSegmenter
     model = Segmenter(body, ASPPSum(body.out_channels, num_classes, rates, branch_channels=branch_channels))
-    return model if msc_scales is None else MultiScaleSegmenter(model, msc_scales)
+    if msc_scales is not None:
+        model = MultiScaleSegmenter(model, msc_scales)
+    init_from_imagenet(model, pretrained_backbone)
+    return model
 
 
 def deeplab_v3(
@@ -284,15 +294,11 @@ def deeplab_v3(
     _not_vgg(backbone, "deeplab_v3")
     check_backbone_options(backbone, output_stride, multi_grid, style)
     rates = _v3_rates(atrous_rates, output_stride)
-    body = build_backbone(
-        backbone,
-        output_stride=output_stride,
-        multi_grid=multi_grid,
-        style=style,
-        pretrained=pretrained_backbone,
-    )
+    body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, style=style)
     head = DeepLabV3Head(body.out_channels, num_classes, rates)
-    return Segmenter(body, head, aux_classifier=_aux_head(body, num_classes, aux_head))
+    model = Segmenter(body, head, aux_classifier=_aux_head(body, num_classes, aux_head))
+    init_from_imagenet(model, pretrained_backbone)
+    return model
 
 
 def deeplab_v3plus(
@@ -331,18 +337,14 @@ def deeplab_v3plus(
         raise ValueError(f"channels must be a positive int (256 in the paper), got {channels!r}")
     check_backbone_options(backbone, output_stride, multi_grid, style)
     rates = _v3_rates(atrous_rates, output_stride)
-    body = build_backbone(
-        backbone,
-        output_stride=output_stride,
-        multi_grid=multi_grid,
-        style=style,
-        pretrained=pretrained_backbone,
-    )
+    body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, style=style)
     head = ASPP(body.out_channels, channels, rates, separable=separable, dropout=0.1)
     decoder = DeepLabV3PlusDecoder(
         channels, body.low_channels, num_classes, channels=channels, separable=separable
     )
-    return Segmenter(body, head, decoder, aux_classifier=_aux_head(body, num_classes, aux_head))
+    model = Segmenter(body, head, decoder, aux_classifier=_aux_head(body, num_classes, aux_head))
+    init_from_imagenet(model, pretrained_backbone)
+    return model
 
 
 #: Each DeepLab version's builder, by the name checkpoints record (``"v1"``, ``"v2"``, ``"v3"``, ``"v3+"``).

@@ -12,6 +12,9 @@
   (``.pth``/``.pt`` via ``torch.load``, or ``.safetensors``) in torchvision's/timm's key format (classifier
   keys may be present; they are dropped) or in the backbone's own format (``backbone.state_dict()``).
 
+:func:`init_from_imagenet` initialises a whole DeepLab network: its backbone and, for VGG-16, the fc6/fc7
+of every LargeFOV head from VGG's fc layers (DeepLab v1 Sec. 3.1), reading the weights once.
+
 Downloads are cached where torch caches weights (``torch.hub.get_dir()``; timm's under the Hugging Face
 cache). Offline with nothing cached, a RuntimeError says so and how to pass a local file instead.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import http.client
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ import torchvision
 from torch import Tensor, nn
 
 from deeplab_lit.models.checkpoint_formats import read_weights_file, refusal
+from deeplab_lit.models.heads import LargeFOVHead
 
 TIMM_BACKBONES: tuple[str, ...] = ("xception65",)
 DEFAULT_WEIGHTS: dict[str, str] = {
@@ -169,7 +174,9 @@ def imagenet_state_dict(name: str, source: bool | str | os.PathLike[str]) -> tup
     return _torchvision_state_dict(name, source), f"torchvision weights {name} {source}"
 
 
-def load_imagenet_weights(backbone: nn.Module, name: str, source: bool | str | os.PathLike[str]) -> None:
+def load_imagenet_weights(
+    backbone: nn.Module, name: str, source: bool | str | os.PathLike[str]
+) -> dict[str, Tensor]:
     """Load ImageNet weights into a backbone built by :func:`~deeplab_lit.models.backbones.build_backbone`.
 
     The classifier keys of the ImageNet checkpoint (``fc.*``, ``classifier.*``, ...) are dropped and the
@@ -180,6 +187,10 @@ def load_imagenet_weights(backbone: nn.Module, name: str, source: bool | str | o
         name: Its name (``backbone.name``).
         source: False (do nothing), True, a weights name, or a local file path.
 
+    Returns:
+        The ImageNet state dict as read, classifier included (VGG-16's fc layers initialise LargeFOV
+        heads, see :func:`init_from_imagenet`); empty when ``source`` is False.
+
     Raises:
         ValueError: the weights do not fit the backbone (first missing/unexpected keys are named), or
             an unknown weights name / unreadable file.
@@ -187,9 +198,9 @@ def load_imagenet_weights(backbone: nn.Module, name: str, source: bool | str | o
         RuntimeError: the download failed (offline and nothing cached); the message says how to proceed.
     """
     if source is False or source is None:
-        return
-    state, origin = imagenet_state_dict(name, source)
-    expected = backbone.state_dict()
+        return {}
+    read, origin = imagenet_state_dict(name, source)
+    state, expected = dict(read), backbone.state_dict()
     if set(state) != set(expected):  # torchvision/timm format: drop the classifier, add the body prefix
         prefix = _PREFIX.get(name, "")
         state = {prefix + k: v for k, v in state.items() if not k.startswith(_DROPPED[name])}
@@ -211,3 +222,75 @@ def load_imagenet_weights(backbone: nn.Module, name: str, source: bool | str | o
     if wrong:
         raise ValueError(f"{origin} does not match the {name} backbone: wrong shapes (first: {wrong[:5]})")
     backbone.load_state_dict(state, strict=True)
+    return read
+
+
+# ------------------------------------------------------------------------------- VGG-16 fc6/fc7 -> LargeFOV
+def _fc6_taps(rate: int) -> list[int]:
+    """Return the indices of the 7x7 fc6 kernel that a 3x3 kernel at ``rate`` samples (DeepLab v1 Sec. 3.1).
+
+    VGG's fc6 sees pool5 at stride 32; DeepLab's pool5 is at stride 8, so the original taps are 4 pixels
+    apart and the 3x3 taps at offsets ``-rate, 0, rate`` fall on original taps ``3 -/+ rate / 4`` (nearest,
+    clamped to the kernel): 0, 3, 6 for LargeFOV's rate 12, which spans the same 25 pixels as 7x7 at 4.
+    """
+    offset = round(rate / 4)
+    return [max(0, 3 - offset), 3, min(6, 3 + offset)]
+
+
+@torch.no_grad()
+def init_largefov_from_vgg(model: nn.Module, vgg_state: Mapping[str, Tensor]) -> int:
+    """Initialise fc6/fc7 of every LargeFOV head in ``model`` from VGG-16's ImageNet fc layers, subsampled.
+
+    As DeepLab-LargeFOV (v1 Sec. 3.1, 4.1): fc6 (4096 x 512x7x7) keeps every 4th filter (4096 -> 1024) and
+    the 3x3 kernel taps of :func:`_fc6_taps`; fc7 (4096 x 4096) keeps every 4th row and column. Applies to
+    v1's head and to each branch of the v2 VGG-16 ASPP (each at its own rate).
+
+    Args:
+        model: A model holding :class:`~deeplab_lit.models.heads.LargeFOVHead` modules (changed in place).
+        vgg_state: torchvision ``vgg16`` state dict: ``classifier.0.*`` (fc6) and ``classifier.3.*`` (fc7).
+
+    Returns:
+        The number of heads initialised (0 when the state dict has no finite fc weights, e.g. torchvision's
+        ``IMAGENET1K_FEATURES``, whose fc layers are not usable: fc6/fc7 then keep their random init).
+    """
+    keys = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
+    if not all(k in vgg_state for k in keys) or not all(torch.isfinite(vgg_state[k]).all() for k in keys):
+        return 0
+    fc6_w, fc6_b, fc7_w, fc7_b = (vgg_state[k].float() for k in keys)
+    count = 0
+    for head in (m for m in model.modules() if isinstance(m, LargeFOVHead)):
+        fc6, fc7 = head.fc6, head.fc7
+        if fc6.in_channels * 49 != fc6_w.shape[1] or fc6_w.shape[0] % fc6.out_channels:
+            raise ValueError(
+                f"fc6 of shape {tuple(fc6.weight.shape)} cannot be taken from VGG fc6 {tuple(fc6_w.shape)}"
+            )
+        step = fc6_w.shape[0] // fc6.out_channels
+        taps = _fc6_taps(fc6.dilation[0])
+        kernel = fc6_w.view(fc6_w.shape[0], fc6.in_channels, 7, 7)[::step][:, :, taps][:, :, :, taps]
+        fc6.weight.copy_(kernel)
+        fc6.bias.copy_(fc6_b[::step])
+        fc7.weight.copy_(fc7_w[::step, ::step].reshape(fc7.weight.shape))
+        fc7.bias.copy_(fc7_b[::step])
+        count += 1
+    return count
+
+
+def init_from_imagenet(model: nn.Module, source: bool | str | os.PathLike[str]) -> None:
+    """Initialise a built DeepLab network from ImageNet weights, as named by ``pretrained_backbone``.
+
+    The backbone (``model.backbone``) gets the ImageNet weights (:func:`load_imagenet_weights`); with a
+    VGG-16 backbone, every LargeFOV head (v1's head, each branch of v2's VGG-16 ASPP) also gets fc6/fc7
+    from VGG's fc layers (:func:`init_largefov_from_vgg`), from the same read of the file. The builders
+    call this last, once every option has been checked.
+
+    Args:
+        model: A ``Segmenter`` or ``MultiScaleSegmenter``; changed in place.
+        source: False (do nothing), True, a weights name, or a local file path.
+
+    Raises:
+        See :func:`load_imagenet_weights`.
+    """
+    backbone = model.backbone
+    state = load_imagenet_weights(backbone, backbone.name, source)
+    if backbone.name == "vgg16":
+        init_largefov_from_vgg(model, state)

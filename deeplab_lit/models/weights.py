@@ -13,8 +13,6 @@ that names the file, the options it needs and the model's. Every tensor is loade
 shape checks; another class count raises unless ``reinit_classifier=True``, which loads everything but the
 layers that output class scores. :func:`~deeplab_lit.models.options.resolve_options` (re-exported here)
 reconciles the implied options with the ones given, before a network is built.
-
-Also here: the DeepLab-LargeFOV initialisation of fc6/fc7 from VGG-16's ImageNet fc layers.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from deeplab_lit.models.checkpoint_formats import (
     FORMATS,
@@ -36,13 +34,12 @@ from deeplab_lit.models.checkpoint_formats import (
 )
 from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
 from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead
-from deeplab_lit.models.imagenet import imagenet_state_dict
 from deeplab_lit.models.options import module_version, resolve_options
 from deeplab_lit.normalization import Normalization
 
 __all__ = [
     "BUILDERS", "FORMATS", "Checkpoint", "UnsafeCheckpointError", "WeightsInfo", "classifier_keys",
-    "describe_model", "init_largefov_from_imagenet", "init_largefov_from_vgg", "load_weights",
+    "describe_model", "load_weights",
     "model_version", "module_version", "read_checkpoint", "resolve_options",
 ]  # fmt: skip
 
@@ -294,65 +291,3 @@ def load_weights(
         checkpoint.source, checkpoint.format, checkpoint.description, checkpoint.version,
         dict(checkpoint.options), checkpoint.num_classes, checkpoint.normalization, reinitialised,
     )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------- VGG-16 fc6/fc7 -> LargeFOV
-def _fc6_taps(rate: int) -> list[int]:
-    """Return the indices of the 7x7 fc6 kernel that a 3x3 kernel at ``rate`` samples (DeepLab v1 Sec. 3.1).
-
-    VGG's fc6 sees pool5 at stride 32; DeepLab's pool5 is at stride 8, so the original taps are 4 pixels
-    apart and the 3x3 taps at offsets ``-rate, 0, rate`` fall on original taps ``3 -/+ rate / 4`` (nearest,
-    clamped to the kernel): 0, 3, 6 for LargeFOV's rate 12, which spans the same 25 pixels as 7x7 at 4.
-    """
-    offset = round(rate / 4)
-    return [max(0, 3 - offset), 3, min(6, 3 + offset)]
-
-
-@torch.no_grad()
-def init_largefov_from_vgg(model: nn.Module, vgg_state: Mapping[str, Tensor]) -> int:
-    """Initialise fc6/fc7 of every LargeFOV head in ``model`` from VGG-16's ImageNet fc layers, subsampled.
-
-    As DeepLab-LargeFOV (v1 Sec. 3.1, 4.1): fc6 (4096 x 512x7x7) keeps every 4th filter (4096 -> 1024) and
-    the 3x3 kernel taps of :func:`_fc6_taps`; fc7 (4096 x 4096) keeps every 4th row and column. Applies to
-    v1's head and to each branch of the v2 VGG-16 ASPP (each at its own rate).
-
-    Args:
-        model: A model holding :class:`~deeplab_lit.models.heads.LargeFOVHead` modules (changed in place).
-        vgg_state: torchvision ``vgg16`` state dict: ``classifier.0.*`` (fc6) and ``classifier.3.*`` (fc7).
-
-    Returns:
-        The number of heads initialised (0 when the state dict has no finite fc weights, e.g. torchvision's
-        ``IMAGENET1K_FEATURES``, whose fc layers are not usable: fc6/fc7 then keep their random init).
-    """
-    keys = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
-    if not all(k in vgg_state for k in keys) or not all(torch.isfinite(vgg_state[k]).all() for k in keys):
-        return 0
-    fc6_w, fc6_b, fc7_w, fc7_b = (vgg_state[k].float() for k in keys)
-    count = 0
-    for head in (m for m in model.modules() if isinstance(m, LargeFOVHead)):
-        fc6, fc7 = head.fc6, head.fc7
-        if fc6.in_channels * 49 != fc6_w.shape[1] or fc6_w.shape[0] % fc6.out_channels:
-            raise ValueError(
-                f"fc6 of shape {tuple(fc6.weight.shape)} cannot be taken from VGG fc6 {tuple(fc6_w.shape)}"
-            )
-        step = fc6_w.shape[0] // fc6.out_channels
-        taps = _fc6_taps(fc6.dilation[0])
-        kernel = fc6_w.view(fc6_w.shape[0], fc6.in_channels, 7, 7)[::step][:, :, taps][:, :, :, taps]
-        fc6.weight.copy_(kernel)
-        fc6.bias.copy_(fc6_b[::step])
-        fc7.weight.copy_(fc7_w[::step, ::step].reshape(fc7.weight.shape))
-        fc7.bias.copy_(fc7_b[::step])
-        count += 1
-    return count
-
-
-def init_largefov_from_imagenet(model: nn.Module, source: bool | str | os.PathLike[str] = True) -> int:
-    """Fetch VGG-16 ImageNet weights (as named by ``pretrained_backbone``) and initialise LargeFOV fc6/fc7.
-
-    Returns:
-        The number of LargeFOV heads initialised (see :func:`init_largefov_from_vgg`).
-    """
-    if not any(isinstance(m, LargeFOVHead) for m in model.modules()):
-        return 0
-    state, _ = imagenet_state_dict("vgg16", source)
-    return init_largefov_from_vgg(model, state)

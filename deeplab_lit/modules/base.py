@@ -29,7 +29,6 @@ from deeplab_lit.models.deeplab import Segmenter, builder_kwargs
 from deeplab_lit.models.fusion import fuse_conv_bn
 from deeplab_lit.models.weights import (
     Checkpoint,
-    init_largefov_from_imagenet,
     load_weights,
     read_checkpoint,
     resolve_options,
@@ -115,8 +114,8 @@ class SegmentationModule(LightningModule):
         num_classes: Number of classes, void excluded (21 for VOC, 19 for Cityscapes).
         backbone: Backbone name (see ``deeplab_lit.models.BACKBONES``).
         pretrained_backbone: ``True`` for torchvision/timm ImageNet weights, a weights-enum name, or a
-            local state-dict path; ``False`` for random initialisation. With ``vgg16`` the LargeFOV
-            fc6/fc7 are initialised from VGG's ImageNet fc layers, subsampled (DeepLab v1 Sec. 3.1).
+            local state-dict path; ``False`` for random initialisation. With ``vgg16`` the builder also
+            initialises the LargeFOV fc6/fc7 from VGG's ImageNet fc layers, subsampled (DeepLab v1 Sec. 3.1).
         weights: Path or URL of a whole-model checkpoint to start from: this project's, torchvision's
             ``deeplabv3_resnet50/101`` or kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet-101 (see
             :mod:`deeplab_lit.models.weights`). Architecture options left at their defaults are taken from
@@ -197,8 +196,6 @@ class SegmentationModule(LightningModule):
         self.model = self.build_model()
         #: Input normalisation the weights need: the checkpoint's, else the data's (adopted at ``setup``).
         self.normalization: Normalization | None = None
-        if backbone == "vgg16" and pretrained_backbone not in (False, None):
-            init_largefov_from_imagenet(self.model, pretrained_backbone)
         if checkpoint is not None:
             info = load_weights(
                 self.model, checkpoint, num_classes=num_classes, reinit_classifier=reinit_classifier

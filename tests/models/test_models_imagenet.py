@@ -5,8 +5,10 @@ import pytest
 import torch
 import torchvision
 
-from deeplab_lit.models import build_backbone, deeplab_v3plus
-from deeplab_lit.models.imagenet import imagenet_state_dict, load_imagenet_weights
+from deeplab_lit import DeepLabV1, DeepLabV2
+from deeplab_lit.models import build_backbone, deeplab_v1, deeplab_v2, deeplab_v3plus
+from deeplab_lit.models.heads import LargeFOVHead
+from deeplab_lit.models.imagenet import imagenet_state_dict, init_largefov_from_vgg, load_imagenet_weights
 
 
 @pytest.fixture
@@ -149,3 +151,58 @@ def test_timm_offline_error_is_clear(monkeypatch):
         RuntimeError, match=r"Could not download.*xception65.*Hugging Face.*pretrained='/path/to/"
     ):
         imagenet_state_dict("xception65", True)
+
+
+# ------------------------------------------------------------------------------------ VGG fc6/fc7 -> LargeFOV
+def test_largefov_fc6_fc7_are_subsampled_from_vgg_fc_layers():
+    head = LargeFOVHead(in_channels=8, num_classes=3, rate=12, channels=4)
+    fc6, fc7 = torch.randn(16, 8 * 7 * 7), torch.randn(16, 16)
+    state = {"classifier.0.weight": fc6, "classifier.0.bias": torch.randn(16),
+             "classifier.3.weight": fc7, "classifier.3.bias": torch.randn(16)}  # fmt: skip
+    assert init_largefov_from_vgg(head, state) == 1
+    kernel = fc6.view(16, 8, 7, 7)
+    # filter 4k keeps the 7x7 taps 0, 3, 6 (rate 12 at stride 8 = every 3rd tap of the stride-32 kernel)
+    assert torch.equal(head.fc6.weight[1, :, 2, 0], kernel[4, :, 6, 0])
+    assert torch.equal(head.fc6.weight[3, :, 1, 1], kernel[12, :, 3, 3])
+    assert torch.equal(head.fc6.bias, state["classifier.0.bias"][::4])
+    assert torch.equal(head.fc7.weight[:, :, 0, 0], fc7[::4, ::4])
+    state["classifier.0.weight"] = torch.full_like(fc6, float("nan"))  # torchvision's IMAGENET1K_FEATURES
+    before = head.fc6.weight.clone()
+    assert init_largefov_from_vgg(head, state) == 0 and torch.equal(head.fc6.weight, before)
+
+
+def _vgg16_imagenet_file(tmp_path):
+    """A fake torchvision VGG-16 ImageNet file, fc layers included, in the real shapes at a tiny size.
+
+    Each tensor is a strided view (element ``[i, j, ...]`` = ``base[i + j + ...]``) of a short random
+    vector; torch.save keeps such a view as it is, so fc6 (4096 x 25088) takes 116 kB, not 411 MB.
+    """
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in torchvision.models.vgg16().state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in shapes.items():
+        base = torch.randn(sum(shape), generator=generator)
+        state[key] = base.as_strided(shape, (1,) * len(shape))
+    path = tmp_path / "vgg16-imagenet.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize(("builder", "module"), [(deeplab_v1, DeepLabV1), (deeplab_v2, DeepLabV2)])
+def test_vgg16_builder_and_module_initialise_the_same_network_from_imagenet(tmp_path, builder, module):
+    path, vgg = _vgg16_imagenet_file(tmp_path)
+    torch.manual_seed(0)
+    built = builder(num_classes=3, backbone="vgg16", pretrained_backbone=str(path))
+    torch.manual_seed(0)
+    trained = module(num_classes=3, backbone="vgg16", pretrained_backbone=str(path)).model
+    ours, theirs = built.state_dict(), trained.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # ... and both took fc6/fc7 from VGG's fc layers: filter o of fc6 is VGG's filter 4 o at the 7x7 taps
+    # that the head's rate samples (see test_largefov_fc6_fc7_are_subsampled_from_vgg_fc_layers)
+    heads = [m for m in built.modules() if isinstance(m, LargeFOVHead)]
+    assert len(heads) == (1 if builder is deeplab_v1 else 4)
+    fc6 = vgg["classifier.0.weight"].reshape(4096, 512, 7, 7)
+    assert torch.equal(heads[0].fc6.weight[5, :, 1, 1], fc6[20, :, 3, 3])
+    assert torch.equal(heads[-1].fc7.bias, vgg["classifier.3.bias"][::4])
+    assert torch.equal(built.backbone.features[28].weight, vgg["features.28.weight"])
