@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.settings import Settings
-from deeplab_lit.modules.base import COMPILE_MODES, compile_in_place, compile_mode, fast_sgd_options
+from deeplab_lit.acceleration import COMPILE_MODES, compile_in_place, compile_mode, fast_sgd_options
 
 __all__ = ["COMPILE_MODES", "Recipe", "apply_layout_and_compile", "infer_recipes", "sgd", "train_recipes"]
 

@@ -12,9 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from deeplab_lit import DeepLabV1, DeepLabV3Plus
+from deeplab_lit.acceleration import _begin_cudagraph_step, fast_sgd_options
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.fusion import count_batchnorms, fuse_conv_bn
-from deeplab_lit.modules.base import _begin_cudagraph_step, fast_sgd_options
 
 CL = torch.channels_last
 

@@ -23,9 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode, fast_sgd_options
 from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.metrics import SegmentationMetrics
-from deeplab_lit.models.deeplab import Segmenter, builder_kwargs
+from deeplab_lit.models.deeplab import builder_kwargs
 from deeplab_lit.models.fusion import fuse_conv_bn
 from deeplab_lit.models.weights import (
     Checkpoint,
@@ -41,70 +42,6 @@ torch.serialization.add_safe_globals([InferenceConfig, Normalization])
 
 Batch = dict[str, Any]
 STAGES = ("val", "test")
-
-
-def fast_sgd_options(params: list[Tensor], fused_allowed: bool = True) -> dict[str, bool]:
-    """Return the SGD keyword arguments that select torch's fastest step implementation for ``params``.
-
-    ``{"fused": True}`` (one kernel for all parameters) when torch has a fused SGD for every parameter's
-    device (CPU and CUDA do), else ``{"foreach": True}`` (multi-tensor kernels) where available, else ``{}``
-    (a loop over the parameters). Pass ``fused_allowed=False`` under fp16 loss scaling (``16-mixed``):
-    torch's fused SGD allocates its momentum buffers uninitialised (``empty_like``) on its first call even
-    when the GradScaler skips that step for overflowing gradients - which it does for the first steps of
-    nearly every run, its initial scale being 2**16 - and the next step then reads that garbage: the
-    weights turn NaN a few steps in (seen on an H100 and reproduced on the CPU; torch 2.11 and 2.14).
-    """
-    from torch.utils._foreach_utils import (
-        _get_foreach_kernels_supported_devices,
-        _get_fused_kernels_supported_devices,
-    )
-
-    devices = {p.device.type for p in params}
-    if fused_allowed and devices <= set(_get_fused_kernels_supported_devices()):
-        return {"fused": True}
-    if devices <= set(_get_foreach_kernels_supported_devices()):
-        return {"foreach": True}
-    return {}
-
-
-#: ``torch.compile`` modes the ``compile`` option accepts by name (``True`` means torch's default mode).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-#: The modes that replay CUDA graphs, whose outputs the next replay overwrites.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def _begin_cudagraph_step(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: a new call of the whole network starts a new CUDA-graph step.
-
-    Without it, the outputs one compiled part (e.g. the backbone) gave in the previous call would count
-    as still in use when the next call replays its graph, and torch stops with "accessing tensor output
-    of CUDAGraphs that has been overwritten". Within one call (every part, every MSC scale) nothing is
-    overwritten.
-    """
-    torch.compiler.cudagraph_mark_step_begin()
-
-
-def compile_in_place(model: nn.Module, mode: str | None = None) -> None:
-    """``torch.compile`` in place the parts (backbone, head, decoder, aux head) of each :class:`Segmenter`.
-
-    ``nn.Module.compile`` compiles a module's ``__call__`` in place, so state-dict keys stay unchanged.
-    The parts, rather than the whole network, are compiled because training calls ``forward_train``,
-    which a compiled ``__call__`` would not cover. ``mode`` is ``torch.compile``'s (None: its default);
-    with a CUDA-graph mode each call of ``model`` itself begins a new graph step.
-    """
-    for module in model.modules():
-        if isinstance(module, Segmenter):
-            for part in module.children():
-                part.compile(mode=mode)
-    if mode in CUDA_GRAPH_MODES:
-        model.register_forward_pre_hook(_begin_cudagraph_step)
-
-
-def compile_mode(option: bool | str) -> str | None:
-    """Return the ``torch.compile`` mode of a ``compile`` option (None: torch's default); error if unknown."""
-    if isinstance(option, str) and option not in COMPILE_MODES:
-        raise ValueError(f"compile must be true, false or one of {COMPILE_MODES}, got {option!r}")
-    return option if isinstance(option, str) and option != "default" else None
 
 
 class SegmentationModule(LightningModule):
@@ -151,7 +88,7 @@ class SegmentationModule(LightningModule):
             and checkpoints keep the unfolded weights.
 
     The optimiser is SGD with torch's fused kernel where every parameter's device has one (CPU, CUDA),
-    else its multi-tensor (``foreach``) kernel; see :func:`fast_sgd_options`.
+    else its multi-tensor (``foreach``) kernel; see :func:`~deeplab_lit.acceleration.fast_sgd_options`.
     """
 
     #: The builder of this version's network (:data:`~deeplab_lit.models.deeplab.BUILDERS`), named once by
@@ -209,10 +146,7 @@ class SegmentationModule(LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: SegmentationMetrics(num_classes, ignore_index) for stage in STAGES}
         )
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if compile:
-            compile_in_place(self.model, compile_mode(compile))
+        accelerate(self.model, channels_last=channels_last, compile=compile)
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
         self._folded: dict[str, nn.Module] = {}
 
