@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeplab_lit.models.backbones import BACKBONES, Backbone, build_backbone, check_backbone_options
+from deeplab_lit.models.backbones import BACKBONES, Backbone, build_backbone
 from deeplab_lit.models.heads import (
     ASPP,
     ASPPSum,
@@ -168,11 +168,9 @@ def _check_rates(rates: Sequence[int], what: str) -> tuple[int, ...]:
     return rates
 
 
-def _v3_rates(atrous_rates: Sequence[int] | None, output_stride: int) -> tuple[int, ...]:
-    """Default ASPP rates (6, 12, 18) at output stride 16, scaled by 16 / output_stride (v3 Sec. 3.3)."""
-    if atrous_rates is None:
-        return {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[output_stride]
-    return _check_rates(atrous_rates, "atrous_rates")
+def _v3_rates(rates: tuple[int, ...] | None, output_stride: int) -> tuple[int, ...]:
+    """Return the rates given, else (6, 12, 18) at output stride 16, scaled by 16 / stride (v3 Sec. 3.3)."""
+    return rates or {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[output_stride]
 
 
 def _aux_head(body: Backbone, num_classes: int, aux_head: bool) -> FCNHead | None:
@@ -214,7 +212,6 @@ def deeplab_v1(
     """
     _check_num_classes(num_classes)
     _check_rates([largefov_rate], "largefov_rate")
-    check_backbone_options(backbone, output_stride, style=style)
     body = build_backbone(backbone, output_stride=output_stride, style=style)
     if backbone == "vgg16":
         model = Segmenter(body, LargeFOVHead(body.out_channels, num_classes, rate=largefov_rate))
@@ -251,9 +248,6 @@ def deeplab_v2(
     """
     _check_num_classes(num_classes)
     rates = _check_rates(atrous_rates, "atrous_rates")
-    check_backbone_options(backbone, output_stride, style=style)
-    if msc_scales is not None:
-        check_msc_scales(msc_scales)
     body = build_backbone(backbone, output_stride=output_stride, style=style)
     branch_channels = 1024 if backbone == "vgg16" else None
     model: Segmenter | MultiScaleSegmenter
@@ -292,10 +286,9 @@ def deeplab_v3(
     """
     _check_num_classes(num_classes)
     _not_vgg(backbone, "deeplab_v3")
-    check_backbone_options(backbone, output_stride, multi_grid, style)
-    rates = _v3_rates(atrous_rates, output_stride)
+    rates = None if atrous_rates is None else _check_rates(atrous_rates, "atrous_rates")
     body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, style=style)
-    head = DeepLabV3Head(body.out_channels, num_classes, rates)
+    head = DeepLabV3Head(body.out_channels, num_classes, _v3_rates(rates, output_stride))
     model = Segmenter(body, head, aux_classifier=_aux_head(body, num_classes, aux_head))
     init_from_imagenet(model, pretrained_backbone)
     return model
@@ -335,10 +328,11 @@ def deeplab_v3plus(
     _not_vgg(backbone, "deeplab_v3plus")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be a positive int (256 in the paper), got {channels!r}")
-    check_backbone_options(backbone, output_stride, multi_grid, style)
-    rates = _v3_rates(atrous_rates, output_stride)
+    rates = None if atrous_rates is None else _check_rates(atrous_rates, "atrous_rates")
     body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, style=style)
-    head = ASPP(body.out_channels, channels, rates, separable=separable, dropout=0.1)
+    head = ASPP(
+        body.out_channels, channels, _v3_rates(rates, output_stride), separable=separable, dropout=0.1
+    )
     decoder = DeepLabV3PlusDecoder(
         channels, body.low_channels, num_classes, channels=channels, separable=separable
     )

@@ -162,6 +162,18 @@ def test_builder_argument_errors():
         Segmenter(build_backbone("mobilenet_v2"), ASPPSum(320, 2, (1,)), aux_classifier=nn.Conv2d(8, 2, 1))
 
 
+def test_option_errors_come_before_the_imagenet_weights_are_read(tmp_path):
+    missing = str(tmp_path / "missing.pth")  # reading it would raise FileNotFoundError
+    with pytest.raises(ValueError, match="atrous_rates"):
+        deeplab_v3(num_classes=2, backbone="resnet18", atrous_rates=(0,), pretrained_backbone=missing)
+    with pytest.raises(ValueError, match="including 1.0"):
+        deeplab_v2(num_classes=2, backbone="resnet18", msc_scales=(0.5,), pretrained_backbone=missing)
+    with pytest.raises(ValueError, match="aux_head=True needs a ResNet"):
+        deeplab_v3plus(num_classes=2, backbone="mobilenet_v2", aux_head=True, pretrained_backbone=missing)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):  # good options: the file is read last
+        deeplab_v2(num_classes=2, backbone="resnet18", msc_scales=(1.0, 0.5), pretrained_backbone=missing)
+
+
 def test_v3plus_channels_sets_aspp_and_decoder_width():
     narrow = deeplab_v3plus(num_classes=3, backbone="resnet18", channels=32)
     heads = [narrow.head, narrow.decoder]
