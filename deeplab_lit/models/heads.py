@@ -222,19 +222,15 @@ class ASPP(nn.Module):
 class DeepLabV3Head(nn.Sequential):
     """DeepLab v3 head: ASPP, 3x3 conv (256) + BN + ReLU, 1x1 classifier (torchvision's ``DeepLabHead``).
 
+    Plain convolutions and dropout 0.5 after the ASPP projection, as torchvision's (whose weights load into
+    it); separable convolutions and dropout 0.1 belong to v3+, whose builder uses :class:`ASPP` directly.
+
     Shapes: ``(N, in_channels, h, w) -> (N, num_classes, h, w)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        rates: Sequence[int],
-        separable: bool = False,
-        dropout: float = 0.5,
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int]) -> None:
         super().__init__(
-            ASPP(in_channels, 256, rates, separable=separable, dropout=dropout),
+            ASPP(in_channels, 256, rates),
             nn.Conv2d(256, 256, 3, padding=1, bias=False),
             nn.BatchNorm2d(256),
             nn.ReLU(),
