@@ -1,10 +1,12 @@
 """Input normalisation: how raw uint8 RGB pixels become the float tensor a model sees.
 
-Normalisation belongs to the data and the weights together (see ARCHITECTURE.md): torchvision's
-ImageNet weights expect RGB scaled to 0-1 then standardised, while the Caffe-trained DeepLab
-checkpoints (kazuto1011/deeplab-pytorch) expect BGR in 0-255 with the mean subtracted and no
-scaling. One small value object describes both, is exposed by every datamodule, recorded in
-checkpoints, and used by the CRF callback to recover the raw image.
+Normalisation belongs to the data and the weights together: torchvision's ImageNet weights expect
+RGB scaled to 0-1 then standardised, while the Caffe-trained DeepLab checkpoints
+(kazuto1011/deeplab-pytorch) expect BGR in 0-255 with the mean subtracted and no scaling. One small
+value object describes both, is exposed by every datamodule (``normalization``), recorded in
+checkpoints and checked against the data's
+(:meth:`~deeplab_lit.modules.base.SegmentationModule.on_save_checkpoint`, ``setup``), and used by the
+CRF callback to recover the raw image (README, "Published weights" and "Dense CRF").
 """
 
 from __future__ import annotations
