@@ -103,7 +103,8 @@ def export_onnx(
 
     Args:
         model: Maps normalised images (N, 3, H, W) to logits (N, C, H, W): a ``Segmenter``,
-            ``MultiScaleSegmenter`` or a DeepLab LightningModule. Exported in eval mode, on the CPU.
+            ``MultiScaleSegmenter`` or a DeepLab LightningModule. Exported in eval mode, on the CPU; it
+            is handed back in the mode and on the device it came in.
         path: Output ``.onnx`` file (one file: weights included).
         example_size: ``(height, width)`` of the example input that is traced; any size works later.
         exporter: ``"dynamo"`` (needs ``onnxscript``) or ``"torchscript"``.
@@ -128,6 +129,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     try:
         example = torch.randn(2, 3, *example_size)  # batch 2: torch.export would fix a batch of 1 to 1
@@ -138,5 +140,6 @@ def export_onnx(
         if verify:
             verify_onnx(model, path, example)
     finally:
+        model.to(device)
         model.train(was_training)
     return path
