@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -176,9 +175,3 @@ def _run(model: Model, images: Tensor, config: InferenceConfig) -> Tensor:
     if config.window is None and config.max_pixels is not None:
         _announce_window(height, width, window, config.max_pixels)
     return sliding_window(model, images, window, config.overlap)
-
-
-def predict_labels(model: Model, images: Tensor, config: InferenceConfig | None = None) -> Tensor:
-    """Arg-max labels (N, H, W) int64 under ``config``."""
-    with torch.inference_mode():
-        return segment(model, images, config).argmax(dim=1)
