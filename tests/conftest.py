@@ -1,12 +1,9 @@
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py importable as `fakes`
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # The data preflight caches its verdicts under $XDG_CACHE_HOME: keep the tests' out of the user's cache.

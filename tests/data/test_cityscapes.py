@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import make_cityscapes
 from PIL import Image
 
 from deeplab_lit.data.cityscapes import (
@@ -13,6 +12,7 @@ from deeplab_lit.data.cityscapes import (
     cityscapes_palette,
     label_id_to_train_id,
 )
+from tests.fakes import make_cityscapes
 
 
 def test_label_map_matches_the_official_table():

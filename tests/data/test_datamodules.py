@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fakes import VOC_TRAIN, VOC_VAL, make_cityscapes, make_folder_dataset, make_voc, make_voc_sbd
 from PIL import Image
 
 from deeplab_lit.data import (
@@ -21,6 +20,7 @@ from deeplab_lit.data import (
     VOCDataModule,
 )
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
+from tests.fakes import VOC_TRAIN, VOC_VAL, make_cityscapes, make_folder_dataset, make_voc, make_voc_sbd
 
 SMALL = {"batch_size": 2, "crop_size": 24, "num_workers": 0}
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from fakes import make_folder_dataset
 
 from deeplab_lit.data import FolderDataModule
+from tests.fakes import make_folder_dataset
 
 
 def test_val_batch_of_different_sizes_names_images_sizes_and_remedy(tmp_path):

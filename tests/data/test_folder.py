@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import make_folder_dataset
 from PIL import Image
 
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
+from tests.fakes import make_folder_dataset
 
 
 def test_split_is_deterministic_and_disjoint():

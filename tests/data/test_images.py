@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-from fakes import save_palette_png
 from PIL import Image
 
 from deeplab_lit.data.images import (
@@ -17,6 +16,7 @@ from deeplab_lit.data.images import (
     read_mask,
     unique_names,
 )
+from tests.fakes import save_palette_png
 
 
 def _jpeg_bytes(size=(20, 30)) -> bytes:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import VOC_TRAIN, VOC_VAL, make_cityscapes, make_folder_dataset, make_voc_sbd, save_palette_png
 from PIL import Image
 
 from deeplab_lit.data import (
@@ -21,6 +20,14 @@ from deeplab_lit.data import (
 )
 from deeplab_lit.data import preflight as pf
 from deeplab_lit.data.folder import FolderDataset, index_images
+from tests.fakes import (
+    VOC_TRAIN,
+    VOC_VAL,
+    make_cityscapes,
+    make_folder_dataset,
+    make_voc_sbd,
+    save_palette_png,
+)
 
 VOC = Path("VOCdevkit", "VOC2012")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fakes import VOC_TRAIN, VOC_VAL, make_voc, make_voc_sbd, save_palette_png
 from PIL import Image
 
 from deeplab_lit.data.voc import (
@@ -16,6 +15,7 @@ from deeplab_lit.data.voc import (
     voc_palette,
     voc_split,
 )
+from tests.fakes import VOC_TRAIN, VOC_VAL, make_voc, make_voc_sbd, save_palette_png
 
 
 def test_voc_palette_is_the_standard_colour_map():
@@ -65,7 +65,7 @@ def test_train_aug_list_arithmetic_and_mask_sources(tmp_path):
 
 
 def test_sbd_mat_reader_reads_gtcls_segmentation(tmp_path):
-    from fakes import save_sbd_mat
+    from tests.fakes import save_sbd_mat
 
     seg = np.array([[0, 3], [15, 0]], dtype=np.uint8)
     save_sbd_mat(tmp_path / "x.mat", seg)

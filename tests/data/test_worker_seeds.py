@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 
 import torch
-from fakes import make_cityscapes
 from torch.utils.data import ConcatDataset, DataLoader
 
 from deeplab_lit.data import CityscapesDataModule
 from deeplab_lit.data.cityscapes import CityscapesDataset
 from deeplab_lit.data.transforms import seed_worker
+from tests.fakes import make_cityscapes
 
 
 def _one_frame_twice(tmp_path) -> CityscapesDataModule:

@@ -6,7 +6,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins import MixedPrecision
-from tolerances import assert_close_to_scale
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
@@ -15,6 +14,7 @@ from deeplab_lit import DeepLabV1, DeepLabV3Plus
 from deeplab_lit.acceleration import _begin_cudagraph_step, fast_sgd_options
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.fusion import count_batchnorms, fuse_conv_bn
+from tests.tolerances import assert_close_to_scale
 
 CL = torch.channels_last
 

@@ -7,10 +7,10 @@ Every test here is marked ``gpu`` and skipped where no CUDA device is present (C
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from test_modules import SMALL, TinySegmentation
 from torch.utils.data import DataLoader
 
 from deeplab_lit.metrics import scores_from_confusion
+from tests.modules.test_base import SMALL, TinySegmentation
 
 pytestmark = pytest.mark.gpu
 
@@ -66,11 +66,7 @@ def test_validation_on_a_gpu_reports_the_confusion_matrix_of_its_own_predictions
 
 def test_speed_benchmark_runs_on_the_gpu_and_writes_a_gpu_table(tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    import speed
+    from benchmarks import speed
 
     out = tmp_path / "bench.md"
     speed.main(["--device", "cuda", "--quick", "--sections", "train", "infer", "--out", str(out)])

@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 
 from deeplab_lit.crf import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 NAMES = ["01_quickstart", "02_ablation_crf", "03_ablation_aspp_output_stride", "04_versions"]
 

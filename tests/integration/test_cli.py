@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-import fakes
 import pytest
 import yaml
 
 from deeplab_lit.cli import main
+from tests import fakes
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 CONFIGS = sorted(p.name for p in EXPERIMENTS.glob("*.yaml"))
 SMALL_MODEL = {"pretrained_backbone": "false"}
 

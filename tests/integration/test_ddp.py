@@ -23,16 +23,16 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.plugins import TorchSyncBatchNorm
-from test_speed_options import randomise_batchnorm
-from tolerances import assert_close_to_scale
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from deeplab_lit.callbacks import SyncBatchNorm
 from deeplab_lit.cli import main
 from deeplab_lit.data.synthetic import generate_synthetic
 from deeplab_lit.models import deeplab_v2, deeplab_v3, deeplab_v3plus
+from tests.test_acceleration import randomise_batchnorm
+from tests.tolerances import assert_close_to_scale
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 NUM_TRAIN, NUM_VAL, BATCH = 8, 5, 2
 
 
@@ -160,7 +160,7 @@ def test_torch_conversion_would_drop_xception_activations():
 
 
 def test_cli_installs_the_plugin_for_sync_batchnorm(tmp_path):
-    from test_cli import small_overrides
+    from tests.integration.test_cli import small_overrides
 
     config = REPO / "experiments" / "quickstart.yaml"
     overrides = [*small_overrides(config, tmp_path), "--trainer.sync_batchnorm=true"]

@@ -10,7 +10,6 @@ import contextlib
 import json
 from pathlib import Path
 
-import fakes
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,9 @@ from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plu
 from deeplab_lit.models.download import cache_path
 from deeplab_lit.models.weights import load_weights, read_checkpoint, resolve_options
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
+from tests import fakes
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

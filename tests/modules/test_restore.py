@@ -10,15 +10,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import fakes
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from deeplab_lit.cli import main
+from tests import fakes
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 V3PLUS = EXPERIMENTS / "v3plus.yaml"
 
 

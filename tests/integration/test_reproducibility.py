@@ -9,7 +9,7 @@ import torch
 from deeplab_lit.cli import main
 from deeplab_lit.data.transforms import seed_worker
 
-QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parents[2] / "experiments" / "quickstart.yaml"
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from deeplab_lit.callbacks import (
 )
 from deeplab_lit.cli import main
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 STEPS_PER_EPOCH = 4  # num_train=8, batch_size=2
 
@@ -72,7 +72,7 @@ def run_cli_subprocess(args: list[str], tmp_path: Path) -> tuple[int, str]:
     After the main process ends, whatever it forked and left behind (a SIGKILL skips every clean-up, so
     e.g. a CRF process pool survives it) is killed through the session's process group.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+    env = {**os.environ, "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}  # fmt: skip
     log = tmp_path / "subprocess.log"
     with open(log, "w") as out:
@@ -100,7 +100,7 @@ def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(tmp_path):
     crashed = tmp_path / "crashed"
     kill_step = 2 * STEPS_PER_EPOCH + 1  # mid-epoch 2; last.ckpt is the end of epoch 1
     code, output = run_cli_subprocess(
-        [*fit_args(crashed, data), "--trainer.callbacks+=test_resume.KillAtStep",
+        [*fit_args(crashed, data), f"--trainer.callbacks+={__name__}.KillAtStep",
          f"--trainer.callbacks.step={kill_step}"], tmp_path,
     )  # fmt: skip
     assert code == -signal.SIGKILL, output[-3000:]

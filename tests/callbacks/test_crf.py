@@ -7,7 +7,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
-from test_cli import EXPERIMENTS, small_overrides
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -20,6 +19,7 @@ from deeplab_lit.data import SyntheticDataModule
 from deeplab_lit.metrics import scores_from_confusion
 from deeplab_lit.modules.base import SegmentationModule
 from deeplab_lit.normalization import IMAGENET
+from tests.integration.test_cli import EXPERIMENTS, small_overrides
 
 HEIGHT, WIDTH = 24, 40
 RED, BLUE = (200, 40, 40), (40, 60, 200)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from deeplab_lit.callbacks import AtomicCheckpointIO, InterruptCheckpoint, TrainingInterrupted
 from deeplab_lit.cli import main
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 STEPS_PER_EPOCH = 4  # num_train=8, batch_size=2
 
@@ -77,7 +77,7 @@ def fit_args(root: Path, data: Path, epochs: int = 3) -> list[str]:
 
 
 def block_args(marker: Path, where: str, step: int = 0) -> list[str]:
-    return ["--trainer.callbacks+=test_interrupt.BlockAt", f"--trainer.callbacks.marker={marker}",
+    return [f"--trainer.callbacks+={__name__}.BlockAt", f"--trainer.callbacks.marker={marker}",
             f"--trainer.callbacks.where={where}", f"--trainer.callbacks.step={step}"]  # fmt: skip
 
 
@@ -87,7 +87,7 @@ def signal_child(args: list[str], tmp_path: Path, marker: Path, signum: int, to_
 
     Returns its exit code, its output and the child processes (DataLoader workers) that the signal killed.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),
+    env = {**os.environ, "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}  # fmt: skip
     log = tmp_path / "child.log"
     with open(log, "w") as out:
@@ -162,7 +162,7 @@ def test_ctrl_c_mid_epoch_saves_last_ckpt_and_fit_ckpt_path_last_resumes_there(t
     assert "-m deeplab_lit fit --config" in output and output.rstrip().count("--ckpt_path last") >= 1
 
     resumed = main(
-        [*fit_args(root, data), "--ckpt_path", "last", "--trainer.callbacks+=test_interrupt.StartStep"]
+        [*fit_args(root, data), "--ckpt_path", "last", f"--trainer.callbacks+={__name__}.StartStep"]
     )
     start = next(c for c in resumed.trainer.callbacks if isinstance(c, StartStep))
     assert start.step == step
@@ -227,7 +227,7 @@ class SignalSelf(Callback):
 
 
 def signal_self_args(signals: str, where: str, step: int = 0) -> list[str]:
-    return ["--trainer.callbacks+=test_interrupt.SignalSelf", f"--trainer.callbacks.signals={signals}",
+    return [f"--trainer.callbacks+={__name__}.SignalSelf", f"--trainer.callbacks.signals={signals}",
             f"--trainer.callbacks.where={where}", f"--trainer.callbacks.step={step}"]  # fmt: skip
 
 

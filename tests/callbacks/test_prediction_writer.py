@@ -20,7 +20,7 @@ from deeplab_lit.data.images import read_image, read_mask
 from deeplab_lit.data.voc import voc_palette
 from deeplab_lit.inference import InferenceConfig, segment, sliding_window
 
-QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parents[2] / "experiments" / "quickstart.yaml"
 SIZES = {"beach": (37, 45), "street": (50, 29), "room": (33, 61)}  # (height, width), odd on purpose
 
 
