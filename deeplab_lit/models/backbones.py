@@ -13,7 +13,7 @@ with ``strict=True`` once their classifier keys are dropped (see :mod:`deeplab_l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import timm
 import torchvision
@@ -120,7 +120,12 @@ class ResNetBackbone(Backbone):
             self._configure_layer(layer, 1 if dilated else 2, previous, dilation, grid)
 
     def _configure_layer(
-        self, layer: nn.Sequential, stride: int, previous: int, dilation: int, grid: Sequence[int] | None
+        self,
+        layer: Iterable[Bottleneck | BasicBlock],
+        stride: int,
+        previous: int,
+        dilation: int,
+        grid: Sequence[int] | None,
     ) -> None:
         """Set strides and dilations of one layer (see the class docstring for the rules)."""
         for index, block in enumerate(layer):
@@ -169,7 +174,8 @@ class VGG16LargeFOV(Backbone):
         for conv in features:
             if isinstance(conv, nn.Conv2d):  # torchvision VGG's own initialisation
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
         for index in (4, 9, 16):
             features[index] = nn.MaxPool2d(3, stride=2, padding=1)
         for index in (23, 30):
@@ -245,7 +251,10 @@ class XceptionBackbone(Backbone):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return ``{"low": stride-4 entry-flow features, "out": exit-flow features}`` of ``x``."""
-        low, out = self.body.forward_intermediates(x, indices=self._INDICES, intermediates_only=True)
+        # timm.create_model is typed as returning an nn.Module, whose __getattr__ torch types Tensor | Module
+        low, out = self.body.forward_intermediates(  # type: ignore[operator]
+            x, indices=self._INDICES, intermediates_only=True
+        )
         return {"low": low, "out": out}
 
 

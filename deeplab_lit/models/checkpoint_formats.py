@@ -65,7 +65,7 @@ OPTIONS: tuple[str, ...] = (
 )  # fmt: skip
 #: The config objects this project's checkpoints hold in their hyper-parameters: safe to unpickle.
 _SAFE_CLASSES = (InferenceConfig, Normalization)
-_RESNET_DEPTHS = {
+_RESNET_DEPTHS: dict[tuple[int | bool, ...], str] = {  # (blocks in layer1..4, has conv3) -> name
     (2, 2, 2, 2, False): "resnet18",
     (3, 4, 6, 3, False): "resnet34",
     (3, 4, 6, 3, True): "resnet50",
@@ -313,11 +313,14 @@ def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -
         state = {k[len("base.") :]: v for k, v in state.items()}
     if "layer1.conv1.conv.weight" not in state:
         return None
-    converted, unknown = {}, []
+    converted: dict[str, Tensor] = {}
+    unknown: list[str] = []
     for key, value in state.items():
         new = _kazuto_key(key)
-        converted[new] = value
-        unknown += [key] if new is None else []
+        if new is None:
+            unknown.append(key)
+        else:
+            converted[new] = value
     if unknown:
         raise ValueError(
             f"Weights file {source!r} looks like kazuto1011/deeplab-pytorch's but has unknown keys "
@@ -326,6 +329,7 @@ def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -
     backbone = _resnet_name(converted)
     options: dict[str, Any] = {"backbone": backbone, "style": "caffe", "output_stride": 8}
     branches = sorted({int(k.split(".")[2]) for k in converted if k.startswith("head.convs.")})
+    version: str | None
     if branches:
         version, classifier = "v2", "head.convs.0.weight"
         if len(branches) == 4:  # the released ASPP-L; other rates cannot be read from the tensors

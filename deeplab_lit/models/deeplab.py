@@ -112,7 +112,7 @@ class MultiScaleSegmenter(nn.Module):
         self.scales = check_msc_scales(scales)
 
     @property
-    def backbone(self) -> nn.Module:
+    def backbone(self) -> Backbone:
         """The wrapped segmenter's backbone (for per-parameter-group learning rates)."""
         return self.segmenter.backbone
 

@@ -80,7 +80,7 @@ def _fold_children(module: nn.Module) -> int:
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             conv, bn = module._modules[first], module._modules[second]
-            if conv is not None and bn is not None and _foldable(conv, bn):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm) and _foldable(conv, bn):
                 module._modules[first] = fuse_conv_bn_eval(conv, bn)
                 module._modules[second] = _replacement(bn)
                 folded += 1

@@ -93,6 +93,10 @@ class LargeFOVHead(nn.Sequential):
     Shapes: ``(N, in_channels, h, w) -> (N, num_classes, h, w)``.
     """
 
+    fc6: nn.Conv2d
+    fc7: nn.Conv2d
+    fc8: nn.Conv2d
+
     def __init__(
         self, in_channels: int, num_classes: int, rate: int = 12, channels: int = 1024, dropout: float = 0.5
     ) -> None:
@@ -176,7 +180,8 @@ class ASPPPooling(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, h, w) -> (N, out_channels, h, w)``."""
         size = x.shape[-2:]
-        return F.interpolate(super().forward(x), size=size, mode="bilinear", align_corners=False)
+        pooled = super().forward(x)  # type: ignore[no-untyped-call]  # torch leaves Sequential.forward unannotated
+        return F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
 
 
 class ASPP(nn.Module):

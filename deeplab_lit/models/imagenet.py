@@ -26,6 +26,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
@@ -33,6 +34,9 @@ from torch import Tensor, nn
 
 from deeplab_lit.models.checkpoint_formats import read_weights_file, refusal
 from deeplab_lit.models.heads import LargeFOVHead
+
+if TYPE_CHECKING:  # deeplab.py imports this module to call init_from_imagenet
+    from deeplab_lit.models.deeplab import MultiScaleSegmenter, Segmenter
 
 TIMM_BACKBONES: tuple[str, ...] = ("xception65",)
 DEFAULT_WEIGHTS: dict[str, str] = {
@@ -260,6 +264,7 @@ def init_largefov_from_vgg(model: nn.Module, vgg_state: Mapping[str, Tensor]) ->
     count = 0
     for head in (m for m in model.modules() if isinstance(m, LargeFOVHead)):
         fc6, fc7 = head.fc6, head.fc7
+        assert fc6.bias is not None and fc7.bias is not None  # LargeFOVHead builds them with biases
         if fc6.in_channels * 49 != fc6_w.shape[1] or fc6_w.shape[0] % fc6.out_channels:
             raise ValueError(
                 f"fc6 of shape {tuple(fc6.weight.shape)} cannot be taken from VGG fc6 {tuple(fc6_w.shape)}"
@@ -275,7 +280,7 @@ def init_largefov_from_vgg(model: nn.Module, vgg_state: Mapping[str, Tensor]) ->
     return count
 
 
-def init_from_imagenet(model: nn.Module, source: bool | str | os.PathLike[str]) -> None:
+def init_from_imagenet(model: Segmenter | MultiScaleSegmenter, source: bool | str | os.PathLike[str]) -> None:
     """Initialise a built DeepLab network from ImageNet weights, as named by ``pretrained_backbone``.
 
     The backbone (``model.backbone``) gets the ImageNet weights (:func:`load_imagenet_weights`); with a

@@ -85,9 +85,10 @@ def resolve_options(
     """
     reinit = bool(given.get("reinit_classifier"))
     target = module_version(version)
-    across = None not in (target, checkpoint.version) and target != checkpoint.version
-    if across:
+    across = False  # another version's checkpoint, allowed by reinit_classifier (else _check_version raises)
+    if target is not None and checkpoint.version not in (None, target):
         _check_version(checkpoint, given, defaults, target, reinit)
+        across = True
     backbone = checkpoint.options.get("backbone") or given.get("backbone")
     changes, conflicts = {}, []
     for name, value in checkpoint.options.items():

@@ -92,11 +92,9 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         info["style"] = body.style
     info["output_stride"] = getattr(body, "output_stride", None)
     aspp = seg.head[0] if isinstance(seg.head, DeepLabV3Head) else seg.head
-    if isinstance(aspp, ASPP):
-        info["atrous_rates"] = tuple(branch[0].dilation[0] for branch in list(aspp.convs)[1:-1])
-    elif isinstance(aspp, ASPPSum):
-        convs = [c if isinstance(c, nn.Conv2d) else c.fc6 for c in aspp.convs]
-        info["atrous_rates"] = tuple(c.dilation[0] for c in convs)
+    if isinstance(aspp, ASPP | ASPPSum):  # its 3x3 convolutions are the atrous branches' (fc6 in LargeFOV)
+        atrous = [m for m in aspp.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        info["atrous_rates"] = tuple(conv.dilation[0] for conv in atrous)
     info["msc_scales"] = model.scales if isinstance(model, MultiScaleSegmenter) else None
     info["aux_head"] = seg.aux_classifier is not None
     return info
@@ -124,9 +122,9 @@ def classifier_keys(segmenter: Segmenter) -> list[str]:
     return [k for k in segmenter.state_dict() if k.startswith(tuple(prefixes))]
 
 
-def _structure(module: nn.Module) -> dict[str, tuple]:
+def _structure(module: nn.Module) -> dict[str, tuple[tuple[str, Any], ...]]:
     """Strides, dilations, paddings, groups and pooling modes of every conv and pool, by module name."""
-    found: dict[str, tuple] = {}
+    found: dict[str, tuple[tuple[str, Any], ...]] = {}
     for name, m in module.named_modules():
         if isinstance(m, nn.Conv2d):
             found[name] = (
