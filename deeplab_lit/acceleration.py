@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +24,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-def fast_sgd_options(params: list[Tensor], fused_allowed: bool = True) -> dict[str, bool]:
+def fast_sgd_options(params: Sequence[Tensor], fused_allowed: bool = True) -> dict[str, bool]:
     """Return the SGD keyword arguments that select torch's fastest step implementation for ``params``.
 
     ``{"fused": True}`` (one kernel for all parameters) when torch has a fused SGD for every parameter's
@@ -54,7 +57,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def _begin_cudagraph_step(module: nn.Module, args: tuple) -> None:
+def _begin_cudagraph_step(module: nn.Module, args: tuple[Any, ...]) -> None:
     """Forward pre-hook: a new call of the whole network starts a new CUDA-graph step.
 
     Without it, the outputs one compiled part (e.g. the backbone) gave in the previous call would count

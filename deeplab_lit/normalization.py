@@ -12,6 +12,7 @@ CRF callback to recover the raw image (README, "Published weights" and "Dense CR
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,7 +71,7 @@ class Normalization:
             x = x.flip(-3)
         return x.round().clamp_(0, 255).to(torch.uint8)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-Python form, for checkpoints and hyper-parameters."""
         return asdict(self)
 

@@ -117,7 +117,7 @@ def mean_field(unary: Tensor, images: Tensor, params: CRFParams, per_image: bool
         else:
             message.zero_()
         message.sub_(energy)
-        if spatial is not None:
+        if spatial is not None and spatial_out is not None:
             # One spatial lattice for the whole batch: the images are extra channels, (1, P, N*C).
             if by_pixel is None:
                 pixels = q.view(1, h * w, c)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -221,7 +222,7 @@ class SegmentationModule(LightningModule):
     def train(self, mode: bool = True) -> SegmentationModule:
         """Switch train/eval mode, keeping frozen BatchNorm layers in eval mode."""
         super().train(mode)
-        if mode and self.hparams.freeze_bn:
+        if mode and self.hparams["freeze_bn"]:
             for module in self.backbone_modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
@@ -232,8 +233,8 @@ class SegmentationModule(LightningModule):
         """Cross-entropy summed over the outputs (MSC scales at weight 1, ``aux*`` at ``aux_weight``)."""
         total = masks.new_zeros((), dtype=torch.float32)
         for name, logits in outputs.items():
-            weight = self.hparams.aux_weight if name.startswith("aux") else 1.0
-            loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams.ignore_index)
+            weight = self.hparams["aux_weight"] if name.startswith("aux") else 1.0
+            loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams["ignore_index"])
             total = total + weight * loss
         return total
 
@@ -241,16 +242,17 @@ class SegmentationModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """One iteration: every output of ``forward_train`` against the mask."""
         images, masks = batch["image"], batch["mask"]
-        loss = self.compute_loss(self.model.forward_train(images), masks)
+        # build_model may return any nn.Module with forward_train, an attribute torch types Tensor | Module
+        loss = self.compute_loss(self.model.forward_train(images), masks)  # type: ignore[operator]
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
     def _evaluate(self, batch: Batch, stage: str) -> dict[str, Tensor]:
         images, masks = batch["image"], batch["mask"]
         logits = segment(self.model, images, self.inference_config)
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams.ignore_index)
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams["ignore_index"])
         preds = logits.argmax(dim=1)
-        self.metrics[stage].update(preds, masks)
+        self._metrics(stage).update(preds, masks)
         self.log(
             f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True
         )
@@ -281,8 +283,12 @@ class SegmentationModule(LightningModule):
         """Drop the folded copy."""
         self._folded.clear()
 
+    def _metrics(self, stage: str) -> SegmentationMetrics:
+        """Return the metrics of ``stage`` (``nn.ModuleDict`` types its values as plain modules)."""
+        return cast(SegmentationMetrics, self.metrics[stage])
+
     def _log_epoch_scores(self, stage: str) -> None:
-        scores = self.metrics[stage].compute()
+        scores = self._metrics(stage).compute()
         self.log_dict(
             {f"{stage}/{key}": scores[key] for key in ("mIoU", "pixel_acc", "mean_acc")},
             prog_bar=stage == "val",
@@ -293,7 +299,7 @@ class SegmentationModule(LightningModule):
             if not iou.isnan()
         }
         self.log_dict(per_class)
-        self.metrics[stage].reset()
+        self._metrics(stage).reset()
 
     def on_validation_epoch_end(self) -> None:
         """Log mIoU, pixel accuracy, mean accuracy and per-class IoU over the whole validation set."""
@@ -304,26 +310,27 @@ class SegmentationModule(LightningModule):
         self._log_epoch_scores("test")
 
     # ------------------------------------------------------------------------------ optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SGD with a 10x head learning rate and the per-iteration poly schedule."""
         backbone_ids = {id(p) for m in self.backbone_modules() for p in m.parameters(recurse=False)}
-        backbone, head = [], []
+        backbone: list[nn.Parameter] = []
+        head: list[nn.Parameter] = []
         for param in self.model.parameters():
             if param.requires_grad:
                 (backbone if id(param) in backbone_ids else head).append(param)
         hp = self.hparams
-        groups = [{"params": backbone, "lr": hp.lr}, {"params": head, "lr": hp.lr * hp.head_lr_mult}]
+        groups = [{"params": backbone, "lr": hp["lr"]}, {"params": head, "lr": hp["lr"] * hp["head_lr_mult"]}]
         # fp16 loss scaling skips steps, which the fused SGD mishandles (see fast_sgd_options): foreach then.
         fused_allowed = str(self.trainer.precision) not in ("16-mixed", "16")
         optimizer = torch.optim.SGD(
             [g for g in groups if g["params"]],
-            lr=hp.lr,
-            momentum=hp.momentum,
-            weight_decay=hp.weight_decay,
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            weight_decay=hp["weight_decay"],
             **fast_sgd_options(backbone + head, fused_allowed),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.PolynomialLR(
-            optimizer, total_iters=total_steps, power=hp.poly_power
+            optimizer, total_iters=total_steps, power=hp["poly_power"]
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

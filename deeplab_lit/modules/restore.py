@@ -119,8 +119,9 @@ def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
 
 
 def _same(a: Any, b: Any) -> bool:
-    as_plain = lambda v: tuple(v) if isinstance(v, list | tuple) else v  # noqa: E731
-    return as_plain(a) == as_plain(b)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return tuple(a) == tuple(b)
+    return a == b
 
 
 def reconcile_model(
@@ -140,13 +141,14 @@ def reconcile_model(
     Raises:
         ValueError: another version class, or an architecture option that contradicts the checkpoint.
     """
-    if saved.model_class is None and given_class is None:
+    class_path = saved.model_class or given_class
+    if class_path is None:
         raise ValueError(
             f"Checkpoint {str(saved.path)!r} does not record which module wrote it (it was written through "
             "the Python API, not the command line): name it with --model (e.g. --model "
             "deeplab_lit.DeepLabV3) or a --config whose model section is the one it was trained with."
         )
-    saved_class = import_class(saved.model_class or given_class)  # type: ignore[arg-type]
+    saved_class = import_class(class_path)
     if given_class is not None and import_class(given_class) is not saved_class:
         given_name = given_class.rsplit(".", 1)[-1]
         raise ValueError(
@@ -159,7 +161,7 @@ def reconcile_model(
     defaults = class_defaults(saved_class)
     given = {k: v for k, v in given.items() if k in defaults}
     architecture = {k: saved.hparams[k] for k in ARCHITECTURE if k in saved.hparams}
-    checkpoint = _as_checkpoint(saved, architecture)
+    checkpoint = _as_checkpoint(saved, saved_class, architecture)
     # reinit_classifier is a weights: option; a checkpoint restores its own classifier, so it never applies.
     taken = resolve_options(checkpoint, {**defaults, **given, "reinit_classifier": False}, defaults)
     init_args = {**defaults, **saved.hparams}
@@ -170,8 +172,8 @@ def reconcile_model(
     return f"{saved_class.__module__}.{saved_class.__name__}", init_args, taken
 
 
-def _as_checkpoint(saved: TrainingCheckpoint, architecture: dict[str, Any]) -> Checkpoint:
+def _as_checkpoint(saved: TrainingCheckpoint, saved_class: type, architecture: dict[str, Any]) -> Checkpoint:
     """Return the checkpoint as :func:`resolve_options` takes it: its architecture options, no tensors."""
-    name = saved.model_class.rsplit(".", 1)[-1]
+    name = saved_class.__name__  # the recorded class, or for a Python-API checkpoint the one given
     return Checkpoint(str(saved.path), "deeplab_lit", f"deeplab_lit {name} checkpoint", {},
                       options=architecture, num_classes=saved.hparams.get("num_classes"))  # fmt: skip
