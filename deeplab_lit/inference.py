@@ -24,6 +24,8 @@ Model = Callable[[Tensor], Tensor]
 
 #: Default :attr:`InferenceConfig.max_pixels` (see there for the measurement behind it).
 DEFAULT_MAX_PIXELS = 12_582_912
+#: Automatic windows hold at most ``max_pixels // AUTO_WINDOW_SHARE`` pixels (see ``max_pixels``).
+AUTO_WINDOW_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class InferenceConfig:
             return self.window
         if self.max_pixels is None or height * width <= self.max_pixels:
             return None
-        return auto_window(height, width, max(1, self.max_pixels // 2))
+        return auto_window(height, width, max(1, self.max_pixels // AUTO_WINDOW_SHARE))
 
 
 def auto_window(height: int, width: int, pixels: int) -> tuple[int, int]:

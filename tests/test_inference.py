@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.inference import (
+    AUTO_WINDOW_SHARE,
     DEFAULT_MAX_PIXELS,
     InferenceConfig,
     _announce_window,
@@ -82,18 +83,19 @@ def test_tta_below_max_pixels_sums_the_views_as_whole_image_inference_does(model
 def test_tta_never_writes_into_the_models_output():
     images = torch.randn(1, 3, 8, 10)
     before = images.clone()
-    logits = segment(lambda x: x, images, InferenceConfig(flip=True))  # the output is the input itself
+    logits = segment(lambda x: x, images, InferenceConfig(scales=(1.0, 0.5)))  # scale 1: the input itself
     assert torch.equal(images, before)
-    assert torch.equal(logits, (before + before.flip(-1).flip(-1)) / 2)
+    half = torch.nn.functional.interpolate(before, (4, 5), mode="bilinear")
+    assert torch.equal(logits, (before + torch.nn.functional.interpolate(half, (8, 10), mode="bilinear")) / 2)
 
 
 def test_above_max_pixels_every_forward_is_within_max_pixels_and_covers_the_image(model, images):
     spy, max_pixels = SizeSpy(model), 1200
     with torch.inference_mode():
         logits = segment(spy, images, InferenceConfig(max_pixels=max_pixels))
-        window = auto_window(HEIGHT, WIDTH, max_pixels // 2)  # windows of half the budget
+        window = auto_window(HEIGHT, WIDTH, max_pixels // AUTO_WINDOW_SHARE)
         assert torch.equal(logits, sliding_window(model, images, window))
-    assert len(spy.sizes) > 1 and all(h * w <= max_pixels // 2 for h, w in spy.sizes)
+    assert len(spy.sizes) > 1 and all(h * w <= max_pixels // AUTO_WINDOW_SHARE for h, w in spy.sizes)
     assert set(spy.sizes) == {window}
 
 
@@ -102,7 +104,7 @@ def test_each_scale_is_windowed_only_when_it_is_over_max_pixels(model, images):
     with torch.inference_mode():
         segment(spy, images, InferenceConfig(scales=(0.5, 1.0), max_pixels=1200))
     assert spy.sizes[0] == (20, 28)  # 560 pixels: whole
-    assert len(spy.sizes) > 2 and all(h * w <= 600 for h, w in spy.sizes[1:])
+    assert len(spy.sizes) > 2 and all(h * w <= 300 for h, w in spy.sizes[1:])
 
 
 def test_an_explicit_window_wins_and_max_pixels_none_never_windows(model, images):
@@ -136,7 +138,7 @@ def test_default_keeps_cityscapes_tta_and_12_megapixel_photos_whole_and_windows_
     for height, width in ((1024, 2048), (round(1024 * 1.75), round(2048 * 1.75)), (3000, 4000), (3024, 4032)):
         assert config.window_for(height, width) is None
     window = config.window_for(4000, 6000)
-    assert window is not None and window[0] * window[1] <= DEFAULT_MAX_PIXELS // 2
+    assert window is not None and window[0] * window[1] <= DEFAULT_MAX_PIXELS // AUTO_WINDOW_SHARE
 
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, True, "4e6"])
@@ -154,7 +156,7 @@ def test_the_switch_is_announced_once_per_size_with_the_size_and_the_window(mode
         segment(model, torch.randn(1, 3, 30, 50), config)
     lines = [r.getMessage() for r in caplog.records if "sliding windows" in r.getMessage()]
     assert len(lines) == 2
-    assert f"{WIDTH}x{HEIGHT} image" in lines[0] and "windows of 25x24" in lines[0]
+    assert f"{WIDTH}x{HEIGHT} image" in lines[0] and "windows of 17x17" in lines[0]
     assert "50x30 image" in lines[1] and "max_pixels = 1200" in lines[1]
 
 
@@ -172,7 +174,7 @@ def test_validate_test_and_predict_all_switch_to_windows_above_max_pixels(caplog
     loader = DataLoader([batch], batch_size=1)
     images, masks = batch["image"][None], batch["mask"][None]
     with torch.inference_mode():
-        windowed = sliding_window(module.model.eval(), images, auto_window(HEIGHT, WIDTH, 600))
+        windowed = sliding_window(module.model.eval(), images, auto_window(HEIGHT, WIDTH, 300))
         whole = module.model(images)
     loss = torch.nn.functional.cross_entropy(windowed, masks).item()
     whole_loss = torch.nn.functional.cross_entropy(whole, masks).item()
@@ -190,3 +192,13 @@ def test_validate_test_and_predict_all_switch_to_windows_above_max_pixels(caplog
         predicted = _trainer().predict(module, loader)[0]["logits"]
     assert f"{WIDTH}x{HEIGHT} image" in caplog.text
     assert torch.allclose(predicted, windowed, atol=1e-4)  # predict folds BatchNorm: equal to ~1e-5
+
+
+def test_a_config_saved_before_max_pixels_existed_loads_with_the_default(tmp_path):
+    old = InferenceConfig(flip=True)
+    del old.__dict__["max_pixels"]  # as pickled in the hyper-parameters of an older checkpoint
+    torch.save({"inference": old}, tmp_path / "old.ckpt")
+    torch.serialization.add_safe_globals([InferenceConfig])
+    loaded = torch.load(tmp_path / "old.ckpt", weights_only=True)["inference"]
+    assert loaded.flip and loaded.max_pixels == DEFAULT_MAX_PIXELS
+    assert loaded.window_for(4000, 6000) is not None
