@@ -107,7 +107,7 @@ class DeepLabCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         path = _checkpoint_file(config) if config is not None else None
-        if path is None:
+        if config is None or path is None:
             return
         saved = read_training_checkpoint(path)
         model = config.get("model")
@@ -164,7 +164,7 @@ class DeepLabCLI(LightningCLI):
             )
         saved = getattr(self, "_checkpoint", None)
         saved_classes = saved.hparams.get("num_classes") if saved is not None else None
-        if saved_classes is not None and saved_classes != data_classes:
+        if saved is not None and saved_classes is not None and saved_classes != data_classes:
             raise ValueError(
                 f"Checkpoint {saved.path} has {saved_classes} classes but the data module "
                 f"{type(self.datamodule).__name__} has {data_classes}. --ckpt_path restores a run as it was; "

@@ -32,12 +32,12 @@ def _require(module: str, why: str) -> None:
 
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int | None) -> None:
-    names = {"input_names": ["image"], "output_names": ["logits"]}
     if exporter == "dynamo":
         _require("onnxscript", "The dynamo ONNX exporter")
         dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
         torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=(dims,),
-                          external_data=False, opset_version=opset, verbose=False, **names)  # fmt: skip
+                          external_data=False, opset_version=opset, verbose=False,
+                          input_names=["image"], output_names=["logits"])  # fmt: skip
         return
     axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():  # shape arithmetic in Python is traced symbolically: expected warnings
@@ -45,7 +45,8 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, 
         warnings.simplefilter("ignore", DeprecationWarning)
         dynamic_axes = {"image": axes, "logits": axes}
         torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=dynamic_axes,
-                          opset_version=opset or 17, **names)  # fmt: skip
+                          opset_version=opset or 17, input_names=["image"],
+                          output_names=["logits"])  # fmt: skip
 
 
 def _write_metadata(path: Path, metadata: Mapping[str, str]) -> None:

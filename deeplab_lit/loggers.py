@@ -103,7 +103,7 @@ class WandbLogger(_LightningWandbLogger):
             if log_model:
                 rank_zero_info("W&B: log_model is off in offline mode; checkpoints stay on disk only.")
                 log_model = False
-        extra = {"entity": entity, "group": group, "tags": tags, "notes": notes}
+        extra: dict[str, Any] = {"entity": entity, "group": group, "tags": tags, "notes": notes}
         super().__init__(
             name=name,
             save_dir=save_dir,

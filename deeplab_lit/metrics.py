@@ -12,6 +12,7 @@ mean (a class that is predicted but absent from the ground truth scores 0 and co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,8 @@ class SegmentationMetrics(MulticlassConfusionMatrix):
     ``update(preds, target)`` takes predicted labels (N, H, W) int64 and ground truth (N, H, W) with
     ``ignore_index`` for void pixels. Updates stay on the device: no host synchronisation.
     """
+
+    ignore_index: int  # torchmetrics allows None; here void pixels always have a label
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         super().__init__(num_classes=num_classes, ignore_index=ignore_index, validate_args=False)
@@ -131,15 +134,19 @@ class BoundaryBandIoU(nn.Module):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Accumulate (N, H, W) predicted labels against (N, H, W) ground truth."""
-        for width, metric in zip(self.widths, self.per_width):
+        for width, metric in self._by_width().items():
             in_band = boundary_band(target, width)
             metric.update(preds, torch.where(in_band, target, torch.full_like(target, self.ignore_index)))
 
     def compute(self) -> dict[int, Tensor]:
         """Band width -> mIoU inside that band."""
-        return {w: m.compute()["mIoU"] for w, m in zip(self.widths, self.per_width)}
+        return {w: m.compute()["mIoU"] for w, m in self._by_width().items()}
 
     def reset(self) -> None:
         """Forget everything accumulated."""
-        for metric in self.per_width:
+        for metric in self._by_width().values():
             metric.reset()
+
+    def _by_width(self) -> dict[int, SegmentationMetrics]:
+        """Return band width -> its metrics (``nn.ModuleList`` types its items as plain modules)."""
+        return {w: cast(SegmentationMetrics, m) for w, m in zip(self.widths, self.per_width)}
