@@ -1,4 +1,5 @@
-"""Inference above ``max_pixels`` runs in sliding windows, below it exactly as whole-image inference."""
+"""Inference: TTA and sliding windows agree with plain inference where they must; above ``max_pixels`` it
+runs in sliding windows, below it exactly as whole-image inference."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from torch import nn
 from torch.utils.data import DataLoader
 
 from deeplab_lit import DeepLabV3Plus
@@ -202,3 +204,54 @@ def test_a_config_saved_before_max_pixels_existed_loads_with_the_default(tmp_pat
     loaded = torch.load(tmp_path / "old.ckpt", weights_only=True)["inference"]
     assert loaded.flip and loaded.max_pixels == DEFAULT_MAX_PIXELS
     assert loaded.window_for(4000, 6000) is not None
+
+
+# ------------------------------------------------------------------------------ TTA and sliding windows
+class PixelwiseModel(nn.Module):
+    """A 1x1 convolution: receptive field of one pixel, so windows and flips cannot change its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def deeplab() -> nn.Module:
+    torch.manual_seed(0)
+    return DeepLabV3Plus(num_classes=4, backbone="resnet18").model.eval()
+
+
+def test_one_scale_no_flip_and_a_window_larger_than_the_image_equal_plain_inference(deeplab):
+    images = torch.randn(2, 3, 45, 59)
+    with torch.no_grad():
+        plain = deeplab(images)
+        assert torch.equal(segment(deeplab, images, InferenceConfig(scales=(1.0,), flip=False)), plain)
+        big_window = InferenceConfig(window=(64, 64))  # larger than the image: one window, the whole image
+        assert torch.equal(segment(deeplab, images, big_window), plain)
+        assert torch.equal(sliding_window(deeplab, images, (45, 59)), plain)
+        repeated = segment(deeplab, images, InferenceConfig(scales=(1.0, 1.0)))
+        torch.testing.assert_close(repeated, plain, atol=1e-6, rtol=0)
+
+
+def test_multi_scale_flip_gives_logits_at_the_image_size_and_differs_from_plain(deeplab):
+    images = torch.randn(1, 3, 41, 53)
+    config = InferenceConfig(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True)
+    with torch.no_grad():
+        logits = segment(deeplab, images, config)
+        assert logits.shape == (1, 4, 41, 53)
+        assert not torch.allclose(logits, deeplab(images))
+
+
+def test_small_sliding_windows_and_flips_leave_a_pixelwise_model_unchanged():
+    model, images = PixelwiseModel(), torch.randn(2, 3, 37, 83)
+    with torch.no_grad():
+        plain = model(images)
+        windows = sliding_window(model, images, (16, 20), overlap=1 / 3)
+        assert windows.shape == plain.shape
+        torch.testing.assert_close(windows, plain, atol=1e-6, rtol=0)
+        flipped = segment(model, images, InferenceConfig(flip=True, window=(16, 20)))
+        torch.testing.assert_close(flipped, plain, atol=1e-6, rtol=0)
