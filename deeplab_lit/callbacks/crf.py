@@ -31,6 +31,30 @@ CRF_STAGES = ("val", "test")
 _PARAM_NAMES = ("iterations", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std")
 
 
+class _StageMetrics(nn.ModuleDict):
+    """One evaluation stage's metrics, by name (``metrics["crf"]``) or typed attribute (``metrics.crf``)."""
+
+    crf: SegmentationMetrics  # after the CRF
+    baseline: SegmentationMetrics  # before it, on the same batches
+    band_crf: BoundaryBandIoU  # trimap mIoU after the CRF
+    band: BoundaryBandIoU  # and before it
+
+    def __init__(self, num_classes: int, ignore_index: int, band_widths: Sequence[int]) -> None:
+        super().__init__(
+            {
+                "crf": SegmentationMetrics(num_classes, ignore_index),
+                "baseline": SegmentationMetrics(num_classes, ignore_index),
+                "band_crf": BoundaryBandIoU(num_classes, band_widths, ignore_index),
+                "band": BoundaryBandIoU(num_classes, band_widths, ignore_index),
+            }
+        )
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        for metric in (self.crf, self.baseline, self.band_crf, self.band):
+            metric.reset()
+
+
 class DenseCRFCallback(Callback):
     """Apply the dense CRF to validation/test predictions and log mIoU and trimap mIoU before and after.
 
@@ -105,7 +129,9 @@ class DenseCRFCallback(Callback):
         stages: Sequence[str] = CRF_STAGES,
     ) -> None:
         super().__init__()
-        overrides = dict(zip(_PARAM_NAMES, (iterations, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std)))
+        overrides: dict[str, Any] = dict(
+            zip(_PARAM_NAMES, (iterations, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std))
+        )
         #: The CRF parameters in use: the preset with the explicit overrides applied.
         self.params: CRFParams = dataclasses.replace(
             CRFParams.from_preset(preset), **{k: v for k, v in overrides.items() if v is not None}
@@ -137,7 +163,7 @@ class DenseCRFCallback(Callback):
         self.stages = tuple(dict.fromkeys(stages))
         #: Per stage: ``crf`` and ``baseline`` (:class:`SegmentationMetrics` after/before the CRF on the
         #: refined images), ``band_crf`` and ``band`` (:class:`BoundaryBandIoU`). Built in :meth:`setup`.
-        self.metrics = nn.ModuleDict()
+        self.metrics: dict[str, _StageMetrics] = {}
         self._active = dict.fromkeys(CRF_STAGES, False)
         self._batches_done = dict.fromkeys(CRF_STAGES, 0)
 
@@ -150,15 +176,8 @@ class DenseCRFCallback(Callback):
         _normalization(trainer)
         num_classes, ignore_index = _label_space(trainer, pl_module)
         for name in self.stages:
-            self.metrics[name] = nn.ModuleDict(
-                {
-                    "crf": SegmentationMetrics(num_classes, ignore_index),
-                    "baseline": SegmentationMetrics(num_classes, ignore_index),
-                    "band_crf": BoundaryBandIoU(num_classes, self.band_widths, ignore_index),
-                    "band": BoundaryBandIoU(num_classes, self.band_widths, ignore_index),
-                }
-            )
-        self.metrics.to(pl_module.device)
+            self.metrics[name] = _StageMetrics(num_classes, ignore_index, self.band_widths)
+            self.metrics[name].to(pl_module.device)
 
     def is_active(self, trainer: Trainer, stage: str) -> bool:
         """Whether the CRF runs in the current ``stage`` run (``"val"`` or ``"test"``) of ``trainer``."""
@@ -217,8 +236,7 @@ class DenseCRFCallback(Callback):
         self._active[stage] = self.is_active(trainer, stage)
         if self._active[stage]:
             self.metrics[stage].to(pl_module.device)
-            for metric in self.metrics[stage].values():
-                metric.reset()
+            self.metrics[stage].reset()
 
     def _update(self, stage: str, trainer: Trainer, outputs: Any, batch: Any) -> None:
         if not self._active[stage]:
@@ -235,10 +253,10 @@ class DenseCRFCallback(Callback):
         logits: Tensor = outputs["logits"]
         masks: Tensor = batch["mask"]
         metrics = self.metrics[stage]
-        if logits.shape[1] != metrics["crf"].num_classes:
+        if logits.shape[1] != metrics.crf.num_classes:
             raise ValueError(
                 f"the {stage} logits have {logits.shape[1]} classes, the module says "
-                f"num_classes={metrics['crf'].num_classes}"
+                f"num_classes={metrics.crf.num_classes}"
             )
         with torch.no_grad():
             images = _normalization(trainer).denormalize(batch["image"])
@@ -246,10 +264,10 @@ class DenseCRFCallback(Callback):
             refined = dense_crf(probs, images, self.params, self.backend, self.num_workers).argmax(dim=1)
             preds = outputs.get("preds")
             preds = logits.argmax(dim=1) if preds is None else preds
-            metrics["crf"].update(refined, masks)
-            metrics["baseline"].update(preds, masks)
-            metrics["band_crf"].update(refined, masks)
-            metrics["band"].update(preds, masks)
+            metrics.crf.update(refined, masks)
+            metrics.baseline.update(preds, masks)
+            metrics.band_crf.update(refined, masks)
+            metrics.band.update(preds, masks)
         self._batches_done[stage] += 1
 
     def _log_and_reset(self, stage: str, pl_module: LightningModule) -> None:
@@ -258,18 +276,17 @@ class DenseCRFCallback(Callback):
         self._active[stage] = False
         metrics = self.metrics[stage]
         scores = {
-            f"{stage}/mIoU_crf": metrics["crf"].compute()["mIoU"],
-            f"{stage}/mIoU_crf_baseline": metrics["baseline"].compute()["mIoU"],
+            f"{stage}/mIoU_crf": metrics.crf.compute()["mIoU"],
+            f"{stage}/mIoU_crf_baseline": metrics.baseline.compute()["mIoU"],
         }
-        for width, miou in metrics["band"].compute().items():
+        for width, miou in metrics.band.compute().items():
             scores[f"{stage}/trimap_mIoU/{width}px"] = miou
-        for width, miou in metrics["band_crf"].compute().items():
+        for width, miou in metrics.band_crf.compute().items():
             scores[f"{stage}/trimap_mIoU_crf/{width}px"] = miou
         for name, value in scores.items():
             # Already reduced across processes by torchmetrics: every process logs the same value.
             pl_module.log(name, value, prog_bar=name == f"{stage}/mIoU_crf")
-        for metric in metrics.values():
-            metric.reset()
+        metrics.reset()
 
 
 def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
@@ -297,7 +314,7 @@ def _normalization(trainer: Trainer) -> Any:
 def _label_space(trainer: Trainer, pl_module: LightningModule) -> tuple[int, int]:
     """Return ``(num_classes, ignore_index)`` from the module's hparams, else from the datamodule."""
     hparams = getattr(pl_module, "hparams", {})
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)  # set by Lightning's data connector, not declared
     num_classes = hparams.get("num_classes", getattr(datamodule, "num_classes", None))
     ignore_index = hparams.get("ignore_index", getattr(datamodule, "ignore_index", 255))
     if not isinstance(num_classes, int) or num_classes < 1:
