@@ -135,7 +135,8 @@ class PredictionGallery(Callback):
                 "PredictionGallery(confusion_matrix=True) plots with matplotlib: pip install matplotlib "
                 "(or set confusion_matrix: false)"
             )
-        crf_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, DenseCRFCallback)]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # Lightning sets it, undeclared, in a connector
+        crf_callbacks = [cb for cb in callbacks if isinstance(cb, DenseCRFCallback)]
         if crf_callbacks:
             self.crf_params, self.crf_backend = crf_callbacks[0].params, crf_callbacks[0].backend
         self._use_crf = bool(crf_callbacks) if self.crf is None else self.crf
@@ -172,6 +173,7 @@ class PredictionGallery(Callback):
         with torch.no_grad():
             logits: Tensor = outputs["logits"][picks]
             preds = outputs["preds"][picks] if "preds" in outputs else logits.argmax(dim=1)
+            assert self.normalization is not None  # setup() found one or raised
             images = self.normalization.denormalize(batch["image"][picks])
             refined = None
             if self._use_crf:
@@ -275,16 +277,20 @@ class PredictionGallery(Callback):
         return metric
 
 
-def _shrink(image: np.ndarray, masks: list[np.ndarray | None], max_side: int | None) -> tuple[Any, list]:
+def _shrink(
+    image: np.ndarray, masks: list[np.ndarray | None], max_side: int | None
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Downscale an image (bilinear) and its masks (nearest) so the longer side is at most ``max_side``."""
     height, width = image.shape[:2]
     if max_side is None or max(height, width) <= max_side:
         return image, masks
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
     resized = [
-        None if m is None else np.asarray(Image.fromarray(m.astype(np.uint8)).resize(size, Image.NEAREST))
+        None
+        if m is None
+        else np.asarray(Image.fromarray(m.astype(np.uint8)).resize(size, Image.Resampling.NEAREST))
         for m in masks
     ]
     return small, resized
@@ -311,8 +317,8 @@ def _log_images(trainer: Trainer, key: str, images: list[np.ndarray], captions: 
         elif isinstance(logger, TensorBoardLogger):
             for index, image in enumerate(images):
                 logger.experiment.add_image(f"{key}/{index}", image, global_step=step, dataformats="HWC")
-    for logger in _file_loggers(trainer):
-        folder = _files_dir(trainer, logger) / key.replace("/", "_")
+    for file_logger in _file_loggers(trainer):
+        folder = _files_dir(trainer, file_logger) / key.replace("/", "_")
         folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
             Image.fromarray(image).save(folder / f"step{step:07d}_{index:02d}.png")
@@ -330,8 +336,8 @@ def _log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list[A
                 for r in rows
             ]
             logger.experiment.add_text(key, "\n".join(lines), global_step=step)
-    for logger in _file_loggers(trainer):
-        folder = _files_dir(trainer, logger) / key.replace("/", "_")
+    for file_logger in _file_loggers(trainer):
+        folder = _files_dir(trainer, file_logger) / key.replace("/", "_")
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"step{step:07d}.csv", "w", newline="") as handle:
             csv.writer(handle).writerows([columns, *rows])

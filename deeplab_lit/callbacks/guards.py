@@ -62,7 +62,7 @@ class NonFiniteLossGuard(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         """Record a non-finite loss on the device; check on the host every ``check_every_n_steps``."""
         value = loss.detach().float()
-        if self._first_step is None:
+        if self._first_step is None or self._first_value is None:  # set together
             self._first_step = torch.full((), -1, dtype=torch.long, device=value.device)
             self._first_value = torch.zeros((), dtype=torch.float32, device=value.device)
         first = (~torch.isfinite(value)) & (self._first_step < 0)
@@ -91,7 +91,7 @@ class NonFiniteLossGuard(Callback):
     def check(self, trainer: Trainer) -> None:
         """Raise :class:`NonFiniteLossError` if a non-finite loss was recorded (one host read)."""
         self._unchecked = 0
-        if self._first_step is None:
+        if self._first_step is None or self._first_value is None:
             return
         step = int(self._first_step.item())
         if step < 0:

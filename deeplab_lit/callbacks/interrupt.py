@@ -347,7 +347,7 @@ def _write_stderr(text: str) -> None:
         pass
 
 
-def _call_default(signum: int, handler: Callable | int | None, frame: FrameType | None) -> None:
+def _call_default(signum: int, handler: Callable[..., Any] | int | None, frame: FrameType | None) -> None:
     """Do what ``handler`` (the one before ours) would have done with ``signum``."""
     if callable(handler):
         handler(signum, frame)

@@ -154,9 +154,9 @@ class PredictionWriter(BasePredictionWriter):
             labels = dense_crf(probs, images.to(probs.device), self._crf_params(), self.crf_backend).argmax(1)
         else:
             labels = prediction["preds"]
-        labels = labels.cpu().numpy()
+        masks = labels.cpu().numpy()
         images = images.permute(0, 2, 3, 1).cpu().numpy()
-        for name, image, mask in zip(batch["name"], images, labels):
+        for name, image, mask in zip(batch["name"], images, masks):
             save_palette_png(self.output_dir / f"{name}.png", mask, palette)
             if self.overlay:
                 blended = overlay(image, mask, palette, self.alpha)

@@ -146,7 +146,8 @@ class RandomStateCheckpoint(Callback):
         """Return the generators' states now (called while a checkpoint is written)."""
         return {
             "python": random.getstate(),
-            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            # numpy's stub types get_state() as legacy=False's dict; its default (legacy=True) gives the tuple
+            "numpy": _numpy_state_to_plain(np.random.get_state()),  # type: ignore[arg-type]
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "augmentation": [_get_pipeline_state(p) for p in self._pipelines()],
@@ -174,7 +175,8 @@ class RandomStateCheckpoint(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say when a resumed run cannot be bit-identical (persistent DataLoader workers)."""
         loader = trainer.train_dataloader
-        if trainer.ckpt_path and getattr(loader, "persistent_workers", False) and loader.num_workers > 0:
+        persistent = getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0
+        if trainer.ckpt_path and persistent:
             rank_zero_warn(
                 "Resuming with persistent DataLoader workers: their augmentation random state lives in the "
                 "worker processes and is not in the checkpoint, so the resumed run is statistically "
@@ -190,13 +192,13 @@ class RandomStateCheckpoint(Callback):
         return [p for p in pipelines if hasattr(p, "set_random_state") and hasattr(p, "random_generator")]
 
 
-def _numpy_state_to_plain(state: tuple) -> tuple:
+def _numpy_state_to_plain(state: tuple[Any, ...]) -> tuple[Any, ...]:
     """NumPy's legacy state with its key array as a tensor, so ``torch.load(weights_only=True)`` reads it."""
     name, keys, position, has_gauss, cached = state
     return name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached
 
 
-def _numpy_state_from_plain(state: tuple) -> tuple:
+def _numpy_state_from_plain(state: tuple[Any, ...]) -> tuple[Any, ...]:
     name, keys, position, has_gauss, cached = state
     return name, keys.numpy().astype(np.uint32), position, has_gauss, cached
 
@@ -246,9 +248,9 @@ def _set_pipeline_state(pipeline: Any, state: dict[str, Any]) -> None:
         numpy_gens.append(generator)
     python_gens = []
     for saved in state["python"]:
-        generator = random.Random()
-        generator.setstate(saved)
-        python_gens.append(generator)
+        python_generator = random.Random()
+        python_generator.setstate(saved)
+        python_gens.append(python_generator)
     for obj, (numpy_index, python_index) in zip(objects, state["links"]):
         obj.random_generator, obj.py_random = numpy_gens[numpy_index], python_gens[python_index]
 
@@ -266,7 +268,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         """Write ``checkpoint`` to ``path`` atomically (see the class docstring)."""
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):

@@ -35,10 +35,16 @@ class SyncBatchNorm(TorchSyncBatchNorm):
 def _revert_norm_act(module: nn.Module) -> nn.Module:
     """Replace each ``SyncBatchNormAct`` below ``module`` by a ``BatchNormAct2d`` sharing its state."""
     if isinstance(module, SyncBatchNormAct):
+        # timm annotates momentum as a float; like torch's BatchNorm, its base, it also takes None
         plain = BatchNormAct2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features,
+            module.eps,
+            module.momentum,  # type: ignore[arg-type]
+            module.affine,
+            module.track_running_stats,
         )
-        plain.act, plain.drop = module.act, module.drop
+        # timm's convert_sync_batchnorm sets act and drop on SyncBatchNormAct without declaring them
+        plain.act, plain.drop = module.act, module.drop  # type: ignore[assignment]
         if module.affine:
             with torch.no_grad():
                 plain.weight, plain.bias = module.weight, module.bias
