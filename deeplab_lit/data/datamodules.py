@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, defaul
 
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
-from deeplab_lit.data.images import ImageFileDataset
+from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset
 from deeplab_lit.data.preflight import check_equal_sizes, check_splits, process_group
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
@@ -44,6 +44,9 @@ from deeplab_lit.data.voc import (
 )
 from deeplab_lit.normalization import IMAGENET, Normalization
 
+#: What :meth:`SegmentationDataModule.build_split` returns: image/mask pairs, or several sets of them joined.
+Split = SegmentationDataset | ConcatDataset[dict[str, Any]]
+
 
 def default_num_workers() -> int:
     """Return the usable CPU cores shared among the node's GPUs (one process each), 1 to 12; no GPU: <= 4.
@@ -58,7 +61,7 @@ def default_num_workers() -> int:
     return max(1, min(12, cores // gpus)) if gpus else min(4, cores)
 
 
-def unrepeated_eval_sampler(dataset: Dataset) -> Sampler | None:
+def unrepeated_eval_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
     """Under DDP, a sampler that gives each process its share of ``dataset`` with no image twice.
 
     Lightning's default DistributedSampler pads the last shard with repeated images so every process
@@ -79,7 +82,7 @@ def unrepeated_eval_sampler(dataset: Dataset) -> Sampler | None:
 _EMPTY_BATCH_SIDE = 32
 
 
-def _check_one_size(items: list[dict], stage: str) -> None:
+def _check_one_size(items: list[dict[str, Any]], stage: str) -> None:
     """Raise one ValueError naming every image and its size when ``items`` differ in size."""
     sizes = [tuple(item["image"].shape[-2:]) for item in items]
     if len(set(sizes)) <= 1:
@@ -94,7 +97,7 @@ def _check_one_size(items: list[dict], stage: str) -> None:
     )
 
 
-def eval_collate(items: list[dict], stage: str = "validate") -> dict:
+def eval_collate(items: list[dict[str, Any]], stage: str = "validate") -> dict[str, Any]:
     """Collate whole images for validate/test/predict, with clear errors instead of torch's raw ones.
 
     Images of different sizes raise one ValueError naming each image, its size and the remedy
@@ -182,7 +185,8 @@ class SegmentationDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.crop_size = crop_size
-        self.scale_range = tuple(scale_range)
+        low, high = scale_range  # a list from a config becomes a pair
+        self.scale_range = (low, high)
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.val_batch_size = val_batch_size
         self.pin_memory = pin_memory
@@ -192,10 +196,10 @@ class SegmentationDataModule(LightningDataModule):
         self.normalization = normalization
         self.preflight = preflight
         self.train_transform(seed=0)  # check crop_size and scale_range now, not at setup
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
-        self.predict_dataset: Dataset | None = None
+        self.train_dataset: Split | None = None
+        self.val_dataset: Split | None = None
+        self.test_dataset: Split | None = None
+        self.predict_dataset: ImageFileDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -216,13 +220,13 @@ class SegmentationDataModule(LightningDataModule):
         """Whole image, normalised."""
         return eval_transform(self.normalization, normalize=not self.normalize_on_device)
 
-    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
         """Build the dataset for ``role`` in ``{"train", "val", "test"}``; subclasses implement it."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets a stage needs (all labelled splits when ``stage`` is None); preflight them."""
-        splits: dict[str, Dataset] = {}
+        splits: dict[str, Split] = {}
         if stage in ("fit", None):
             # albumentations ignores torch's seed: derive the pipeline's from it, so seed_everything holds.
             seed = augmentation_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -245,7 +249,7 @@ class SegmentationDataModule(LightningDataModule):
                 )
             self.predict_dataset = ImageFileDataset(self.predict_path, self.eval_transform())
 
-    def run_preflight(self, splits: dict[str, Dataset]) -> None:
+    def run_preflight(self, splits: dict[str, Split]) -> None:
         """Read every pair of ``splits`` (role -> dataset) as training will, and check ``val_batch_size``.
 
         Under DDP each process reads its share and all of them raise the same error, or none; the cache
@@ -266,8 +270,8 @@ class SegmentationDataModule(LightningDataModule):
                 check_equal_sizes(checks[role], self.val_batch_size)
 
     def _loader(
-        self, dataset: Dataset | None, stage: str, batch_size: int, train: bool = False
-    ) -> DataLoader:
+        self, dataset: Dataset[Any] | None, stage: str, batch_size: int, train: bool = False
+    ) -> DataLoader[Any]:
         if dataset is None:
             raise RuntimeError(
                 f"{type(self).__name__}.setup({stage!r}) must run before its {stage} dataloader"
@@ -285,19 +289,19 @@ class SegmentationDataModule(LightningDataModule):
             collate_fn=None if train else partial(eval_collate, stage=stage),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled training crops; the last incomplete batch is dropped."""
         return self._loader(self.train_dataset, "fit", self.batch_size, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[Any]:
         """Whole validation images, in order."""
         return self._loader(self.val_dataset, "validate", self.val_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         """Whole test images (the validation split unless the data set has a labelled test split)."""
         return self._loader(self.test_dataset, "test", self.val_batch_size)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader[Any]:
         """Whole images of ``predict_path``: ``val_batch_size`` at a time if they share one size, else one.
 
         Photos of one folder often differ in size and orientation, and a batch is one tensor; their sizes
@@ -316,7 +320,7 @@ class SegmentationDataModule(LightningDataModule):
                 batch_size = 1
         return self._loader(dataset, "predict", batch_size)
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """With ``normalize_on_device``, normalise the uint8 images now that they are on the device."""
         if self.normalize_on_device and batch["image"].dtype == torch.uint8:
             batch["image"] = self.normalization.normalize(batch["image"])
@@ -362,7 +366,7 @@ class VOCDataModule(SegmentationDataModule):
         if self.download:
             download_voc_sbd(self.root, sbd=self.train_split == "train_aug")
 
-    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
         """``train`` -> ``train_split``; ``val`` and ``test`` -> ``val_split``."""
         return voc_split(self.root, self.train_split if role == "train" else self.val_split, transform)
 
@@ -400,7 +404,7 @@ class CityscapesDataModule(SegmentationDataModule):
         self.class_names = list(CITYSCAPES_CLASSES)
         self.palette = cityscapes_palette()
 
-    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
         """One split, or train + val for ``"trainval"``."""
         split = self.splits[role]
         if split == "trainval":
@@ -462,8 +466,9 @@ class FolderDataModule(SegmentationDataModule):
     def _stems(self, role: str, images: dict[str, Path]) -> tuple[list[str], str | Path]:
         """Return the stems of ``role`` and where they came from."""
         role = "val" if role == "test" and self.lists["test"] is None else role
-        if self.lists[role] is not None:
-            path = Path(self.lists[role])
+        listed = self.lists[role]
+        if listed is not None:
+            path = Path(listed)
             path = path if path.is_absolute() else self.root / path
             return read_stem_list(path), path
         train, val = split_stems(list(images), self.val_fraction, self.split_seed)
@@ -471,7 +476,7 @@ class FolderDataModule(SegmentationDataModule):
             train if role == "train" else val
         ), f"{self.image_dir} ({role} part, val_fraction={self.val_fraction})"
 
-    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
         """Images of the role's stems with their masks."""
         images = index_images(self.image_dir)
         stems, source = self._stems(role, images)
@@ -516,7 +521,7 @@ class SyntheticDataModule(SegmentationDataModule):
     ):
         super().__init__(batch_size=batch_size, crop_size=crop_size, val_batch_size=val_batch_size, **kwargs)
         self.root = Path(root)
-        self.generation = {
+        self.generation: dict[str, Any] = {
             "num_train": num_train, "num_val": num_val, "image_size": image_size, "max_objects": max_objects,
             "object_size": tuple(object_size), "clutter": clutter, "seed": seed,
         }  # fmt: skip
@@ -527,7 +532,7 @@ class SyntheticDataModule(SegmentationDataModule):
         """Generate the data set unless an identical one exists."""
         generate_synthetic(self.root, **self.generation)
 
-    def build_split(self, role: str, transform: SegmentationTransform) -> Dataset:
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
         """``train`` or ``val`` (``test`` -> ``val``) through the VOC reader."""
         generate_synthetic(self.root, **self.generation)  # no-op when prepare_data already ran
         split_file = (

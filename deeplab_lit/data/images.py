@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -32,6 +33,9 @@ _INDEX_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
 #: transparent PNG (viewers that draw a checkerboard have no single colour to match). The colour stored
 #: under a fully transparent pixel is arbitrary (often black) and never meant to be seen, so it is not used.
 TRANSPARENT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+#: A dataset's ``transform``: ``(image uint8 (H, W, 3), mask uint8 (H, W) or None) -> (image, mask)``, e.g. a
+#: :class:`~deeplab_lit.data.transforms.SegmentationTransform` (the preflight swaps in one returning sizes).
+PairTransform = Callable[[np.ndarray, np.ndarray | None], tuple[Any, Any]]
 #: Pillow modes of 16-bit grayscale (PNG, TIFF, PGM); mode "I" is read as 16-bit too, see pixels_to_rgb.
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 #: Modes with an alpha channel (``"RGBa"`` is premultiplied; Pillow un-multiplies it when converting).
@@ -290,7 +294,7 @@ def mask_size_mismatch(
     return message
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(Dataset[dict[str, Any]]):
     """Pairs of image and mask files, decoded, checked and transformed.
 
     Items are ``{"image": float32 (3, H, W) normalised, "mask": int64 (H, W) with 255 = ignore,
@@ -319,7 +323,7 @@ class SegmentationDataset(Dataset):
         images: Sequence[Path],
         masks: Sequence[Path],
         num_classes: int,
-        transform: SegmentationTransform | None = None,
+        transform: PairTransform | None = None,
         names: Sequence[str] | None = None,
         source: str | Path = "the file list",
         label_map: np.ndarray | None = None,
@@ -334,7 +338,7 @@ class SegmentationDataset(Dataset):
         self.masks = [Path(p) for p in masks]
         self.names = list(names) if names is not None else [p.stem for p in self.images]
         self.num_classes = num_classes
-        self.transform = transform if transform is not None else eval_transform()
+        self.transform: PairTransform = transform if transform is not None else eval_transform()
         self.source = str(source)
         self.label_map = label_map
         check_files_exist(self.images, "image", source)
@@ -362,7 +366,7 @@ class SegmentationDataset(Dataset):
             )
         return mapped.astype(np.uint8)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.images[index], self.masks[index]
         image = read_image(image_path)
         mask = self.load_mask(mask_path)
@@ -387,7 +391,7 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     return ["__".join(p.resolve().relative_to(base).with_suffix("").parts) for p in paths]
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(Dataset[dict[str, Any]]):
     """Images without masks, for ``predict``: ``{"image", "name", "path"}`` items.
 
     Images are turned as their EXIF orientation says, so they are segmented, and their masks written,
@@ -428,7 +432,7 @@ class ImageFileDataset(Dataset):
             sizes.append((width, height) if turned else (height, width))
         return sizes
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         try:
             pixels = read_image(path, exif_transpose=True)

@@ -39,9 +39,10 @@ import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL
@@ -66,7 +67,7 @@ Size = tuple[int, int]
 #: whether it came from the cache)``.
 Verdict = tuple[int, int, "Size | None", "str | None", "list[int] | None", bool]
 #: Exchanges one picklable object with every process and returns all of them, in rank order.
-Gather = Callable[[object], list]
+Gather = Callable[[object], list[Any]]
 
 
 class PreflightError(ValueError):
@@ -99,20 +100,22 @@ class _ImageSize:
         return (int(image.shape[0]), int(image.shape[1])), None
 
 
-def pair_datasets(dataset: Dataset) -> list[SegmentationDataset]:
+def pair_datasets(dataset: Dataset[Any]) -> list[SegmentationDataset]:
     """Return the :class:`SegmentationDataset` parts of ``dataset`` (itself, or a ConcatDataset's parts).
 
     Raises:
         TypeError: a part is another kind of dataset, whose files the preflight cannot know.
     """
     parts = list(dataset.datasets) if isinstance(dataset, ConcatDataset) else [dataset]
+    pairs = []
     for part in parts:
         if not isinstance(part, SegmentationDataset):
             raise TypeError(
                 f"The preflight reads SegmentationDataset splits; got {type(part).__name__}. Build the "
                 "split from deeplab_lit.data.images.SegmentationDataset, or set preflight: false."
             )
-    return parts
+        pairs.append(part)
+    return pairs
 
 
 def _probe(dataset: SegmentationDataset) -> SegmentationDataset:
@@ -200,7 +203,7 @@ def cache_file(dataset: SegmentationDataset, folder: Path) -> Path:
         "num_classes": dataset.num_classes,
         "label_map": None
         if label_map is None
-        else hashlib.sha256(np.ascontiguousarray(label_map)).hexdigest(),
+        else hashlib.sha256(np.ascontiguousarray(label_map).tobytes()).hexdigest(),
         "source": dataset.source,
     }
     key = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:24]
@@ -253,7 +256,7 @@ def save_cache(path: Path, entries: dict[str, list[int]]) -> None:
 def _my_verdicts(
     probes: list[SegmentationDataset],
     keys: list[list[str]],
-    caches: list[dict],
+    caches: list[dict[str, Any]],
     rank: int,
     world_size: int,
     num_workers: int,
@@ -277,8 +280,8 @@ def _my_verdicts(
     return verdicts
 
 
-def _all_gather(obj: object) -> list:
-    gathered: list = [None] * torch.distributed.get_world_size()
+def _all_gather(obj: object) -> list[Any]:
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
 
@@ -292,7 +295,7 @@ def process_group() -> tuple[int, int, Gather | None]:
 
 
 def check_splits(
-    splits: dict[str, Dataset],
+    splits: Mapping[str, Dataset[Any]],
     num_workers: int,
     *,
     rank: int = 0,
@@ -337,15 +340,18 @@ def check_splits(
 
 
 def _collect(
-    splits: dict[str, Dataset], roles: list, probes: list[SegmentationDataset], verdicts: list[Verdict]
+    splits: Mapping[str, Dataset[Any]],
+    roles: list[tuple[str, SegmentationDataset]],
+    probes: list[SegmentationDataset],
+    verdicts: list[Verdict],
 ) -> dict[str, SplitCheck]:
     """Arrange the verdicts by split, in each split's item order."""
     checks = {role: SplitCheck(role) for role in splits}
     offsets = [0] * len(probes)
     for d in range(1, len(probes)):  # a ConcatDataset's parts follow each other in one split
         offsets[d] = offsets[d - 1] + len(probes[d - 1]) if roles[d][0] == roles[d - 1][0] else 0
-    for role, dataset in splits.items():
-        checks[role].sizes = [None] * len(dataset)
+    for role in splits:
+        checks[role].sizes = [None] * sum(len(probes[d]) for d, (r, _) in enumerate(roles) if r == role)
         checks[role].paths = [p for d, (r, _) in enumerate(roles) if r == role for p in probes[d].images]
     for d, i, size, problem, _, cached in sorted(verdicts, key=lambda v: (v[0], v[1])):
         check = checks[roles[d][0]]
@@ -357,7 +363,7 @@ def _collect(
 
 
 def _update_caches(
-    keys: list[list[str]], files: list[Path], caches: list[dict], verdicts: list[Verdict]
+    keys: list[list[str]], files: list[Path], caches: list[dict[str, Any]], verdicts: list[Verdict]
 ) -> None:
     """Rewrite each split's cache with its good pairs (kept entries and new ones), if anything changed."""
     fresh: list[dict[str, list[int]]] = [{} for _ in keys]

@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -42,18 +43,18 @@ FORMAT_VERSION = 3  # bump when the drawing code changes, so old folders regener
 _SPLIT_CODES = {"train": 0, "val": 1}
 
 
-def _random_colour(rng: np.random.Generator) -> tuple:
+def _random_colour(rng: np.random.Generator) -> tuple[int, ...]:
     """Draw a uniformly random RGB colour (the distractors' paint)."""
     return tuple(int(c) for c in rng.integers(0, 256, 3))
 
 
-def _vivid_colour(rng: np.random.Generator) -> tuple:
+def _vivid_colour(rng: np.random.Generator) -> tuple[int, ...]:
     """Draw a saturated colour of random hue (the objects' paint)."""
     rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
     return tuple(int(round(255 * c)) for c in rgb)
 
 
-def _grey(rng: np.random.Generator) -> tuple:
+def _grey(rng: np.random.Generator) -> tuple[int, ...]:
     """Draw a near-grey colour (the background's paint): saturation below 0.15."""
     rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.15), rng.uniform(0.2, 0.9))
     return tuple(int(round(255 * c)) for c in rgb)
@@ -62,8 +63,8 @@ def _grey(rng: np.random.Generator) -> tuple:
 def _texture(
     rng: np.random.Generator,
     size: int,
-    base: tuple,
-    other: tuple,
+    base: tuple[int, ...],
+    other: tuple[int, ...],
     strength: float,
     noise: float,
     stripes: bool,
@@ -98,7 +99,7 @@ def _shape_polygon(name: str, cx: float, cy: float, r: float, angle: float) -> l
     """Vertices of a rotated square, triangle or cross with the area of a disc of radius ``r``."""
     r = r * _EQUAL_AREA[name]
     if name == "square":
-        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        pts: list[tuple[float, float]] = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
         scale = r / math.sqrt(2)
     elif name == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
@@ -175,7 +176,7 @@ def render_sample(
     void_border: bool,
     object_size: tuple[float, float] = (0.1, 0.33),
     clutter: float = 0.5,
-) -> tuple:
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image and its mask (object radii log-uniform in ``object_size`` x ``size``).
 
     ``clutter`` in [0, 1] scales the number of flat distractors on the background (up to
@@ -217,7 +218,7 @@ def render_sample(
     return np.asarray(image), mask
 
 
-def _write_split(folder: Path, split: str, count: int, params: dict, palette: bytes) -> list[str]:
+def _write_split(folder: Path, split: str, count: int, params: dict[str, Any], palette: bytes) -> list[str]:
     ids = []
     for index in range(count):
         rng = np.random.default_rng([params["seed"], _SPLIT_CODES[split], index])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would otherwise query PyPI on import
 
@@ -29,7 +30,7 @@ from deeplab_lit.normalization import IMAGENET, Normalization
 IGNORE_INDEX = 255
 
 
-def _pad_fill_kwargs(image_fill: tuple[int, int, int], mask_fill: int) -> dict:
+def _pad_fill_kwargs(image_fill: tuple[int, ...], mask_fill: int) -> dict[str, Any]:
     """Constant-padding arguments in the names the installed albumentations uses.
 
     albumentations >= 1.4.21 calls them ``fill``/``fill_mask``; older releases ``value``/``mask_value``.
@@ -166,7 +167,7 @@ def seed_worker(worker_id: int) -> None:
         transform.set_random_seed(part_seed)
 
 
-def _dataset_transforms(dataset: Dataset) -> list[SegmentationTransform]:
+def _dataset_transforms(dataset: Dataset[Any]) -> list[SegmentationTransform]:
     """List the distinct :class:`SegmentationTransform` s of ``dataset`` and the datasets it wraps."""
     found: dict[int, SegmentationTransform] = {}
     pending = [dataset]
