@@ -14,7 +14,7 @@ state with ``trainer.save_checkpoint`` to ``<checkpoint.dirpath>/last.ckpt``: th
 resumes the run, and exits with status ``128 + signal number`` (130, 143, 138 for SIGUSR1): the run did
 not finish. A second Ctrl-C stops at once, without a checkpoint (the last one on disk is untouched).
 
-What resuming from it gives (measured against uninterrupted runs, tests/test_interrupt.py):
+What resuming from it gives (measured against uninterrupted runs, tests/integration/test_interrupt.py):
 
 - Interrupted in a training step: the resumed run continues at the next step with the same weights,
   optimiser, schedule and loop counters. Lightning restarts the epoch's data loader, so the rest of the

@@ -25,11 +25,11 @@ checkpoint's size, instead of torch's ``inline_container.cc`` message with the c
 warns and trains from scratch). Signals (Ctrl-C, SIGTERM, SIGUSR1) end a fit in a mid-epoch ``last.ckpt``
 through :class:`~deeplab_lit.callbacks.interrupt.InterruptCheckpoint`.
 
-What is exact (tests/test_resume.py): a run SIGKILLed at any moment and resumed with ``--ckpt_path last``
-from a checkpoint written at the end of an epoch finishes with the same step count, weights and metrics
-as an uninterrupted run, on the CPU with ``deterministic: true`` and augmentation in the main process
-(``num_workers=0``). Lightning first repeats the validation that wrote the checkpoint (same figures,
-logged once more). What is not exact: DataLoader workers with ``persistent_workers=True`` (the
+What is exact (tests/integration/test_resume.py): a run SIGKILLed at any moment and resumed with
+``--ckpt_path last`` from a checkpoint written at the end of an epoch finishes with the same step count,
+weights and metrics as an uninterrupted run, on the CPU with ``deterministic: true`` and augmentation in
+the main process (``num_workers=0``). Lightning first repeats the validation that wrote the checkpoint
+(same figures, logged once more). What is not exact: DataLoader workers with ``persistent_workers=True`` (the
 datamodules' choice whenever ``num_workers > 0``) keep their augmentation state in other processes, which
 no checkpoint reaches; and a checkpoint written in the middle of an epoch (``val_check_interval`` or
 ``every_n_train_steps``, as in the paper configs, or by an interrupt) resumes with the right step count,
