@@ -81,7 +81,7 @@ class SegmentationMetrics(MulticlassConfusionMatrix):
         counts.index_add_(0, bins, torch.ones_like(bins, dtype=counts.dtype))
         self.confmat += counts[:-1].view(c, c)
 
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]  # the scores, not torchmetrics' matrix
         """Scores over everything seen since the last reset (see :func:`scores_from_confusion`)."""
         return scores_from_confusion(self.confmat)
 

@@ -118,7 +118,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 def _other_last_checkpoints(trainer: Trainer, this: ModelCheckpoint) -> bool:
     """Whether another checkpoint callback offers a file for ``ckpt_path="last"`` (as Lightning counts)."""
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set undeclared by Lightning's connector
         if isinstance(callback, OnExceptionCheckpoint) and os.path.exists(callback.ckpt_path):
             return True
         if isinstance(callback, ModelCheckpoint) and callback is not this:
