@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
 from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset
+from deeplab_lit.data.loaders import default_num_workers, eval_collate, unrepeated_eval_sampler
 from deeplab_lit.data.preflight import check_equal_sizes, check_splits, process_group
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
@@ -46,86 +46,6 @@ from deeplab_lit.normalization import IMAGENET, Normalization
 
 #: What :meth:`SegmentationDataModule.build_split` returns: image/mask pairs, or several sets of them joined.
 Split = SegmentationDataset | ConcatDataset[dict[str, Any]]
-
-
-def default_num_workers() -> int:
-    """Return the usable CPU cores shared among the node's GPUs (one process each), 1 to 12; no GPU: <= 4.
-
-    On the H100 machine of BENCHMARKS.md (16 cores) 4 workers delivered 292 augmented 500x375 VOC
-    images/s while ResNet-50 DeepLabs train at 150-220 images/s: too little headroom. On a CPU-only
-    machine the training step is far slower than even one worker, and more workers would only hold
-    memory, so at most 4 there.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpus = torch.cuda.device_count()
-    return max(1, min(12, cores // gpus)) if gpus else min(4, cores)
-
-
-def unrepeated_eval_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
-    """Under DDP, a sampler that gives each process its share of ``dataset`` with no image twice.
-
-    Lightning's default DistributedSampler pads the last shard with repeated images so every process
-    has as many batches, and those repeats would be counted twice in the summed confusion matrix: a
-    mIoU that depends on the number of GPUs. Evaluation runs no per-step collective, so uneven shards
-    are safe. Lightning keeps any DistributedSampler it finds. Returns None (in-order sampling) when
-    not distributed.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1:
-        return None
-    return UnrepeatedDistributedSampler(dataset, shuffle=False)
-
-
-#: Side of the image tensor of a predict batch whose every file was unreadable: ``(0, 3, 32, 32)``, large
-#: enough for every inference mode (multi-scale at 0.25 still leaves 8 pixels), and no image to run.
-_EMPTY_BATCH_SIDE = 32
-
-
-def _check_one_size(items: list[dict[str, Any]], stage: str) -> None:
-    """Raise one ValueError naming every image and its size when ``items`` differ in size."""
-    sizes = [tuple(item["image"].shape[-2:]) for item in items]
-    if len(set(sizes)) <= 1:
-        return
-    listed = ", ".join(
-        f"{item.get('path', item.get('name'))} ({w}x{h})" for item, (h, w) in zip(items, sizes, strict=True)
-    )
-    raise ValueError(
-        f"Cannot batch {len(items)} {stage} images of different sizes (WxH): {listed}. Evaluation and "
-        "predict run on whole images, and a batch is one tensor, so a batch size above 1 needs images of "
-        "one size. Set `val_batch_size: 1` (--data.init_args.val_batch_size=1)."
-    )
-
-
-def eval_collate(items: list[dict[str, Any]], stage: str = "validate") -> dict[str, Any]:
-    """Collate whole images for validate/test/predict, with clear errors instead of torch's raw ones.
-
-    Images of different sizes raise one ValueError naming each image, its size and the remedy
-    (``val_batch_size: 1``), where torch would say "stack expects each tensor to be equal size".
-    Predict items that could not be read (``"image": None``, see
-    :class:`~deeplab_lit.data.images.ImageFileDataset`) leave the batch and are listed under
-    ``batch["skipped"]`` as ``{"path", "error"}`` dicts; every predict batch has that key. A batch whose
-    every file was unreadable has an image tensor of zero images, ``(0, 3, 32, 32)``, and empty name and
-    path lists: it runs through the model and writes nothing.
-
-    Args:
-        items: Dataset items of one batch.
-        stage: ``"validate"``, ``"test"`` or ``"predict"``, named in the error.
-
-    Returns:
-        The collated batch.
-    """
-    readable = [item for item in items if item["image"] is not None]
-    skipped = [{"path": item["path"], "error": item["error"]} for item in items if item["image"] is None]
-    _check_one_size(readable, stage)
-    if readable:
-        batch = default_collate(readable)
-    else:
-        side = _EMPTY_BATCH_SIDE
-        batch = {"image": torch.zeros(0, 3, side, side), "name": [], "path": []}
-    if stage == "predict":
-        batch["skipped"] = skipped
-    return batch
 
 
 class SegmentationDataModule(LightningDataModule):

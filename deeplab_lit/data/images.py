@@ -9,6 +9,9 @@ Images become 8-bit RGB the way an image viewer shows them, whatever the camera 
 (``round(v / 257)``, so 65535 -> 255: a plain ``convert("RGB")`` clips every value above 255 to white),
 palette, CMYK, YCbCr, Lab and 1-bit images are converted by Pillow, and transparent pixels are composited
 over :data:`TRANSPARENT_BACKGROUND`. Float images have no defined value range and are refused.
+
+Longer than this project's usual module (about 440 lines) on purpose: decoding, the pixel modes and the
+two datasets built on them share one set of error messages, and reading a file is one job.
 """
 
 from __future__ import annotations
@@ -397,7 +400,7 @@ class ImageFileDataset(Dataset[dict[str, Any]]):
     Images are turned as their EXIF orientation says, so they are segmented, and their masks written,
     the way viewers show them. A file that cannot be read (corrupt, truncated, unsupported mode, gone)
     does not raise here: its item is ``{"image": None, "name", "path", "error": <the reason>}``, and the
-    predict loader's collate (``deeplab_lit.data.datamodules.eval_collate``) moves it to the batch's
+    predict loader's collate (``deeplab_lit.data.loaders.eval_collate``) moves it to the batch's
     ``"skipped"`` list, where :class:`~deeplab_lit.callbacks.PredictionWriter` warns about it and lists it
     at the end (or stops, with ``skip_unreadable=False``). A folder of photos with one bad file is thus
     still predicted; the decision to stop is taken in the main process, where it can name the file.

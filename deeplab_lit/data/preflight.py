@@ -25,6 +25,9 @@ decoding dominates), too little for a second reading path that training does not
 Under DDP every process calls ``setup``: process ``r`` of ``n`` checks pairs ``r, r + n, ...``, the
 verdicts are exchanged (``all_gather_object``), and every process raises the same error or goes on,
 so none waits forever for one that stopped. Each node's local rank 0 writes the cache.
+
+About 440 lines on purpose: the check, its process pool, its cache and its DDP sharding are one job whose
+parts share the cache keys and the error list; split apart they would need each other's internals.
 """
 
 from __future__ import annotations

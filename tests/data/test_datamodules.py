@@ -285,7 +285,7 @@ def test_runs_inside_a_lightning_trainer(tmp_path):
     ("cores", "gpus", "expected"), [(2, 0, 2), (16, 0, 4), (16, 1, 12), (16, 2, 8), (64, 8, 8), (4, 8, 1)]
 )
 def test_default_workers_share_the_cores_among_gpus_and_stay_few_without(monkeypatch, cores, gpus, expected):
-    from deeplab_lit.data.datamodules import default_num_workers
+    from deeplab_lit.data.loaders import default_num_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
