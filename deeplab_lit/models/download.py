@@ -93,6 +93,26 @@ def download(url: str, *, sha256: str | None = None, refresh: bool = False) -> P
     return _fetch(url, cached, expected)
 
 
+def offline_message(
+    what: str, err: BaseException, cache: str | os.PathLike[str], file_name: str, copy_to: str, instead: str
+) -> str:
+    """Say that a download failed, where torch's cache is, which file to put there, or what to pass instead.
+
+    Args:
+        what: What could not be downloaded (the URL, or the backbone and its weights name).
+        err: The download error.
+        cache: The folder the file is cached in (and any other cache worth naming).
+        file_name: The file's name there.
+        copy_to: Where to copy the file by hand.
+        instead: How to pass a local file instead (the option and an example).
+    """
+    return (
+        f"Could not download {what}: {err}. torch caches downloaded weights in {cache} and {file_name} is "
+        "not there; this machine may be offline. Download the file on a machine with internet access and "
+        f"copy it to {copy_to}, or {instead}."
+    )
+
+
 def _fetch(url: str, cached: Path, expected: str | None) -> Path:
     """Download ``url`` to a temporary name beside ``cached``, check it, then rename it to ``cached``."""
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -108,12 +128,15 @@ def _fetch(url: str, cached: Path, expected: str | None) -> Path:
             )
         os.replace(partial, cached)
     except (OSError, http.client.HTTPException) as err:
-        raise RuntimeError(
-            f"Could not download the weights {url}: {err}. torch caches downloaded checkpoints in "
-            f"{cached.parent} and {cached.name} is not there; this machine may be offline. Download the "
-            f"file on a machine with internet access and copy it to {cached}, or pass its local path as "
-            "weights."
-        ) from err
+        message = offline_message(
+            f"the weights {url}",
+            err,
+            cached.parent,
+            cached.name,
+            str(cached),
+            "pass its local path as weights",
+        )
+        raise RuntimeError(message) from err
     finally:
         partial.unlink(missing_ok=True)
     return cached

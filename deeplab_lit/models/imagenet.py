@@ -33,7 +33,9 @@ import torchvision
 from torch import Tensor, nn
 
 from deeplab_lit.models.checkpoint_formats import read_weights_file, refusal
+from deeplab_lit.models.download import offline_message
 from deeplab_lit.models.heads import LargeFOVHead
+from deeplab_lit.models.state_dicts import compare_state
 
 if TYPE_CHECKING:  # deeplab.py imports this module to call init_from_imagenet
     from deeplab_lit.models.deeplab import MultiScaleSegmenter, Segmenter
@@ -98,15 +100,14 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _offline_message(name: str, what: str, err: BaseException, file_name: str, extra_cache: str = "") -> str:
+    """The shared offline message (:func:`~deeplab_lit.models.download.offline_message`) for a backbone."""
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    return (
-        f"Could not download the ImageNet weights for backbone {name!r} ({what}): {err}. "
-        f"torch caches downloaded weights in {cache}{extra_cache} and they are not there; "
-        f"this machine may be offline. Download {file_name} on a machine with internet access and either "
-        f"copy it into that cache folder, or pass the local file instead of True, e.g. "
-        f"pretrained='/path/to/{file_name}' "
-        f"(pretrained_backbone='/path/to/{file_name}' for the model builders)."
+    instead = (
+        f"pass the local file instead of True, e.g. pretrained='/path/to/{file_name}' "
+        f"(pretrained_backbone='/path/to/{file_name}' for the model builders)"
     )
+    what = f"the ImageNet weights for backbone {name!r} ({what})"
+    return offline_message(what, err, cache + extra_cache, file_name, "that cache folder", instead)
 
 
 def _torchvision_state_dict(name: str, weights_name: str) -> dict[str, Tensor]:
@@ -208,24 +209,17 @@ def load_imagenet_weights(
     if set(state) != set(expected):  # torchvision/timm format: drop the classifier, add the body prefix
         prefix = _PREFIX.get(name, "")
         state = {prefix + k: v for k, v in state.items() if not k.startswith(_DROPPED[name])}
-    for key in expected:  # checkpoints saved before BatchNorm counted batches lack these
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = expected[key]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
+    report = compare_state(expected, state)
+    if report.missing or report.unexpected:
+        missing, unexpected = report.missing, report.unexpected
         raise ValueError(
             f"{origin} does not match the {name} backbone: {len(missing)} missing keys "
             f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})"
         )
-    wrong = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if v.shape != state[k].shape
-    ]
-    if wrong:
+    if report.wrong_shapes:
+        wrong = report.shapes(expected)
         raise ValueError(f"{origin} does not match the {name} backbone: wrong shapes (first: {wrong[:5]})")
-    backbone.load_state_dict(state, strict=True)
+    backbone.load_state_dict(report.state, strict=True)
     return read
 
 

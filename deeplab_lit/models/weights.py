@@ -35,6 +35,7 @@ from deeplab_lit.models.checkpoint_formats import (
 from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
 from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead
 from deeplab_lit.models.options import module_version, resolve_options
+from deeplab_lit.models.state_dicts import compare_state
 from deeplab_lit.normalization import Normalization
 
 __all__ = [
@@ -253,20 +254,18 @@ def load_weights(
         head_classes = {expected[k].shape[0] for k in classifier if k.endswith("weight")}
         if head_classes != {num_classes}:
             raise ValueError(f"num_classes={num_classes} but the model's classifier outputs {head_classes}")
-    state = dict(checkpoint.state)
-    for key, value in expected.items():  # files saved before BatchNorm counted batches lack these
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
+    head = _HEAD_PREFIXES if reinit_classifier else ()
+    report = compare_state(
+        expected,
+        checkpoint.state,
+        skip=classifier if reinit_classifier else (),
+        ignore=lambda key: key.startswith(head),  # nothing when head is ()
+    )
+    state, missing, unexpected, wrong = report.state, report.missing, report.unexpected, report.wrong_shapes
     wanted = [k for k in expected if not (reinit_classifier and k in classifier)]
-    missing = [k for k in wanted if k not in state]
-    unexpected = [
-        k for k in state
-        if k not in expected and not (reinit_classifier and k.startswith(_HEAD_PREFIXES))
-    ]  # fmt: skip
     if missing or unexpected:
         raise _key_error(model, checkpoint, missing, unexpected)
     _check_structure(model, checkpoint, same_version, check_msc=not reinit_classifier)
-    wrong = [k for k in wanted if state[k].shape != expected[k].shape]
     if wrong and set(wrong) <= classifier:
         model_classes = expected[wrong[0]].shape[0]
         raise ValueError(
@@ -275,10 +274,7 @@ def load_weights(
             "model.init_args.reinit_classifier: true) to load everything except the classifier layers"
         )
     if wrong:
-        shapes = [
-            f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
-            for k in wrong
-        ]
+        shapes = report.shapes(expected, "{key}: {file} in the file, {model} in the model")
         raise ValueError(
             f"Weights {checkpoint.source!r} ({checkpoint.description}) have wrong shapes: {shapes[:3]}"
         )
