@@ -22,7 +22,6 @@ without it, the config's ``model.init_args.weights``) and writes ONNX with dynam
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
@@ -47,6 +46,7 @@ from deeplab_lit.modules.restore import (
     TrainingCheckpoint,
     class_defaults,
     import_class,
+    plain,
     read_training_checkpoint,
     reconcile_model,
 )
@@ -187,19 +187,6 @@ class DeepLabCLI(LightningCLI):
         check_writable(output, "predicted masks", "--prediction.output_dir")
         if self.config_init["predict"].get("return_predictions") is None:
             self.config_init["predict"]["return_predictions"] = False
-
-
-def plain(value: Any) -> Any:
-    """``value`` as plain Python (dicts, lists, scalars): parsed namespaces and dataclasses alike."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
 
 
 def _checkpoint_file(config: Namespace) -> Path | None:

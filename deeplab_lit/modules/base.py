@@ -11,7 +11,6 @@ ignores label 255, SGD with momentum 0.9 and weight decay, the learning rate mul
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
@@ -35,6 +34,7 @@ from deeplab_lit.models.weights import (
     read_checkpoint,
     resolve_options,
 )
+from deeplab_lit.modules.restore import class_defaults
 from deeplab_lit.normalization import Normalization
 
 # Checkpoints store these small config objects in their hyper-parameters; torch.load(weights_only=True),
@@ -167,11 +167,7 @@ class SegmentationModule(LightningModule):
     # -------------------------------------------------------------------------- weights, normalisation
     def _adopt_weights_options(self, checkpoint: Checkpoint) -> None:
         """Take the architecture options ``checkpoint`` implies wherever ``__init__`` kept its default."""
-        defaults: dict[str, Any] = {}
-        for cls in reversed(type(self).__mro__):
-            if "__init__" in vars(cls):
-                parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
-                defaults.update({p.name: p.default for p in parameters if p.default is not p.empty})
+        defaults = class_defaults(type(self))
         changes = resolve_options(checkpoint, dict(self.hparams), defaults, version=type(self))
         if changes:
             rank_zero_info(f"Options taken from the weights ({checkpoint.description}): {changes}")

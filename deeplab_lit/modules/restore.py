@@ -20,6 +20,7 @@ instead (see :mod:`deeplab_lit.cli`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pickle
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 
 from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint, refusal
 from deeplab_lit.models.weights import resolve_options
@@ -118,10 +120,22 @@ def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     )
 
 
+def plain(value: Any) -> Any:
+    """Return ``value`` as plain Python (dicts, lists, scalars): parsed namespaces and dataclasses alike."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return tuple(a) == tuple(b)
-    return a == b
+    """Compare option values as plain Python: a parsed ``{scales: [1.0]}`` equals ``InferenceConfig()``."""
+    return bool(plain(a) == plain(b))
 
 
 def reconcile_model(
