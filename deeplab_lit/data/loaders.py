@@ -7,11 +7,11 @@ decide how batches are formed, for every data set alike.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
 
 
 def default_num_workers() -> int:
@@ -27,6 +27,35 @@ def default_num_workers() -> int:
     return max(1, min(12, cores // gpus)) if gpus else min(4, cores)
 
 
+class UnrepeatedDistributedSampler(DistributedSampler[int]):
+    """In-order DDP shards with no image twice: process ``r`` of ``n`` gets images ``r, r + n, r + 2n, ...``.
+
+    torch's ``DistributedSampler`` pads the shards to equal length with repeated images; here the shards
+    differ by at most one image. Being a ``DistributedSampler``, Lightning keeps it instead of putting its
+    own in. Without shuffling, this is what Lightning's ``UnrepeatedDistributedSampler`` (in its
+    undocumented ``overrides`` module) does, also refusing a process without any image.
+    """
+
+    def __init__(
+        self, dataset: Dataset[Any], num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        """``num_replicas`` and ``rank`` default to the process group's, as in ``DistributedSampler``."""
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        if not isinstance(dataset, Sized):
+            raise TypeError(f"The evaluation set {type(dataset).__name__} has no length (no __len__).")
+        self.total_size = len(dataset)
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))  # what len() returns
+        if self.num_samples == 0 and self.total_size > 0:
+            raise ValueError(
+                f"The evaluation set has {self.total_size} images for {self.num_replicas} processes: process "
+                f"{self.rank} would get none. Evaluate on at most {self.total_size} devices."
+            )
+
+    def __iter__(self) -> Iterator[int]:
+        """Yield this process's indices, in order."""
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 def unrepeated_eval_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
     """Under DDP, a sampler that gives each process its share of ``dataset`` with no image twice.
 
@@ -40,7 +69,7 @@ def unrepeated_eval_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
         return None
     if torch.distributed.get_world_size() == 1:
         return None
-    return UnrepeatedDistributedSampler(dataset, shuffle=False)
+    return UnrepeatedDistributedSampler(dataset)
 
 
 #: Side of the image tensor of a predict batch whose every file was unreadable: ``(0, 3, 32, 32)``, large
