@@ -1,8 +1,8 @@
 """Pictures of segmentations: label masks in a palette, overlays on the image, confusion-matrix plots.
 
-Pure numpy (plus matplotlib, imported only by the plotting functions): no Lightning, no torch needed, so
-the prediction gallery, the notebooks and the prediction writer share one way of drawing. Arrays follow
-the image convention: ``(H, W, 3)`` uint8 RGB for pictures, ``(H, W)`` integer class indices for masks
+Numpy and Pillow (text), plus matplotlib imported only by the plotting functions: no Lightning, no torch
+needed, so the prediction gallery, the notebooks and the prediction writer share one way of drawing. Arrays
+follow the image convention: ``(H, W, 3)`` uint8 RGB for pictures, ``(H, W)`` integer class indices for masks
 (255 = void), ``(256, 3)`` uint8 for a palette (index = class id; every datamodule has one as ``.palette``).
 
 Example:
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:  # matplotlib is optional: imported by the plotting functions only
     from matplotlib.figure import Figure
@@ -102,6 +103,77 @@ def side_by_side(panels: Sequence[Any], gap: int = 4, fill: int = 255) -> np.nda
     for index, panel in enumerate(panels):
         parts += [spacer, panel] if index else [panel]
     return np.concatenate(parts, axis=1)
+
+
+#: Height in pixels of one line of text drawn by :func:`text_strip` and :func:`legend`.
+TEXT_HEIGHT = 14
+#: Width in pixels of one legend entry (colour swatch and class name).
+LEGEND_CELL = 112
+
+
+def stack(pictures: Sequence[Any], gap: int = 4, fill: int = 255) -> np.ndarray:
+    """Stack ``(H, W, 3)`` uint8 pictures top to bottom, ``gap`` pixels apart, left-aligned.
+
+    Narrower pictures are padded on the right with ``fill``.
+
+    Returns:
+        ``(sum(H) + gap * (len(pictures) - 1), max(W), 3)`` uint8.
+    """
+    if not pictures:
+        raise ValueError("stack needs at least one picture")
+    pictures = [_as_image(p) for p in pictures]
+    width = max(p.shape[1] for p in pictures)
+    parts: list[np.ndarray] = []
+    for index, picture in enumerate(pictures):
+        if index and gap:
+            parts.append(np.full((gap, width, 3), fill, dtype=np.uint8))
+        pad = np.full((picture.shape[0], width - picture.shape[1], 3), fill, dtype=np.uint8)
+        parts.append(np.concatenate([picture, pad], axis=1))
+    return np.concatenate(parts, axis=0)
+
+
+def text_strip(text: str, width: int, fill: int = 255) -> np.ndarray:
+    """One line of black text on a ``(TEXT_HEIGHT, width, 3)`` uint8 strip, cut to the width.
+
+    Uses Pillow's default font, so no font file is needed.
+    """
+    strip = Image.new("RGB", (max(1, width), TEXT_HEIGHT), (fill, fill, fill))
+    _draw_text(ImageDraw.Draw(strip), (2, 1), text, width - 4)
+    return np.asarray(strip).copy()
+
+
+def legend(entries: Sequence[tuple[int, str]], palette: Any, width: int, fill: int = 255) -> np.ndarray:
+    """Colour swatches with class names, ``LEGEND_CELL`` pixels per entry, as many per line as fit.
+
+    Args:
+        entries: ``(label, name)`` pairs, e.g. ``[(0, "background"), ..., (255, "void")]``.
+        palette: ``(K, 3)`` uint8 colours, index = label.
+        width: Width of the legend in pixels.
+        fill: Background grey level.
+
+    Returns:
+        ``(lines * TEXT_HEIGHT, width, 3)`` uint8 with
+        ``lines = ceil(len(entries) / max(1, width // LEGEND_CELL))``.
+    """
+    palette = np.asarray(palette, dtype=np.uint8)
+    per_line = max(1, width // LEGEND_CELL)
+    lines = -(-len(entries) // per_line)
+    picture = Image.new("RGB", (max(1, width), lines * TEXT_HEIGHT), (fill, fill, fill))
+    draw = ImageDraw.Draw(picture)
+    for index, (label, name) in enumerate(entries):
+        x, y = (index % per_line) * LEGEND_CELL, (index // per_line) * TEXT_HEIGHT
+        colour = tuple(int(c) for c in palette[label])
+        draw.rectangle((x + 2, y + 2, x + 11, y + 11), fill=colour, outline=(0, 0, 0))
+        _draw_text(draw, (x + 15, y + 1), name, min(LEGEND_CELL, width) - 17)
+    return np.asarray(picture).copy()
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, room: float) -> None:
+    """Draw ``text`` in black at ``xy``, dropping characters at the end until it fits in ``room`` pixels."""
+    font = ImageFont.load_default()
+    while text and draw.textlength(text, font=font) > room:
+        text = text[:-1]
+    draw.text(xy, text, fill=(0, 0, 0), font=font)
 
 
 def confusion_matrix_figure(

@@ -1,23 +1,16 @@
 """``PredictionGallery``: pictures of validation predictions, a per-class IoU table and a confusion matrix.
 
 Numbers say a model improved; pictures say where. Every ``every_n_val_epochs`` validation runs this
-callback logs, for a fixed set of validation images (the first ``num_images`` of the validation loader, or
-``indices``; the same ones every time, so runs and epochs compare image by image), one panel per image::
-
-    image | ground truth | prediction | CRF prediction (when on)
-
-with the masks overlaid in the data set's palette, then a table of per-class IoU and a confusion-matrix
-plot computed from the module's own validation confusion matrix (so they agree with ``val/mIoU``).
-
-It writes through whatever logger the trainer has: ``WandbLogger`` (``log_image``/``log_table``),
-``TensorBoardLogger`` (``add_image``/``add_text``), and for any other logger (CSV) or none, PNG and CSV
-files under ``<log_dir>/gallery/``. Only global rank 0 draws and logs; the confusion matrix is summed over
-processes first.
+callback takes a fixed set of validation images (the first ``num_images`` of the validation loader, or
+``indices``; the same ones every time, so runs and epochs compare image by image) with their ground truth,
+prediction and dense-CRF prediction, and the per-class IoU and confusion matrix of the module's own
+validation confusion matrix (so they agree with ``val/mIoU``). Where each goes (PNG/CSV files always, W&B
+interactive masks, TensorBoard panels) is :mod:`deeplab_lit.callbacks.gallery_output`. Only global rank 0
+draws and logs; the confusion matrix is summed over processes first.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -25,23 +18,46 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch import Tensor
 
 from deeplab_lit.callbacks.crf import DenseCRFCallback
+from deeplab_lit.callbacks.gallery_output import (
+    Sample,
+    iou_rows,
+    log_tensorboard,
+    log_wandb,
+    render_grid,
+    render_panels,
+    write_files,
+)
 from deeplab_lit.crf import CRFParams, dense_crf
 from deeplab_lit.normalization import Normalization
-from deeplab_lit.visualize import confusion_matrix_figure, figure_to_array, overlay, side_by_side
+from deeplab_lit.visualize import confusion_matrix_figure, figure_to_array
 
 
 class PredictionGallery(Callback):
     """Log fixed validation images with ground truth, prediction and CRF prediction, plus IoU and confusion.
 
-    Logged under ``val/`` at the trainer's global step: ``val/gallery`` (one panel per image, captioned
-    with the image's name), ``val/iou_table`` (class, IoU, accuracy, ground-truth and predicted pixels)
-    and ``val/confusion_matrix`` (row-normalised plot). Sanity-check runs log nothing.
+    Every logged validation run (sanity checks excluded) writes, whatever the logger (none included), to
+    :attr:`folder` = ``<trainer.log_dir>/gallery/`` (``trainer.log_dir`` is the W&B logger's ``save_dir``,
+    i.e. ``trainer.default_root_dir`` in the CLI; the CSV/TensorBoard logger's version folder; with
+    ``logger: false``, ``trainer.default_root_dir``):
+
+    - ``epoch_003.png``: one picture of the run (epochs count from 0, as in checkpoint names). Top to
+      bottom, per image: a caption line ``name: image | ground truth | prediction | CRF``, then those
+      panels side by side (masks blended over the image in the data set's palette); 4 white pixels between
+      images; at the bottom a legend of the palette's colours with the class names (void included). With
+      several validations in one epoch (``val_check_interval``), the later ones are
+      ``epoch_003_step0001234.png``.
+    - ``epoch_003_iou.csv``: class, IoU, ground-truth and predicted pixels.
+    - ``epoch_003_confusion_matrix.png``: the row-normalised confusion matrix.
+
+    and to the loggers, under ``val/`` at the trainer's global step: W&B gets ``val/gallery`` (each image
+    with interactive ``ground_truth``/``prediction``/``crf`` masks labelled with the class names, void as
+    ``"void"``: classes toggle in the UI), ``val/iou_table`` and ``val/confusion_matrix``; TensorBoard gets
+    the panels (``val/gallery/<i>``), the table as text and the plot.
 
     Args:
         num_images: How many images, the first of the validation loader (of rank 0's shard under DDP).
@@ -58,9 +74,14 @@ class PredictionGallery(Callback):
         palette: ``(K, 3)`` colours, index = class id; default: the datamodule's ``palette``.
         normalization: Maps model input back to uint8 RGB; default: the datamodule's ``normalization``.
 
+    Attributes:
+        folder: Where the files are written (None before the first logged validation run).
+        last_picture: The latest ``epoch_*.png`` written (None before).
+
     Raises:
         ValueError: On a non-positive count, an alpha outside [0, 1], or (at set-up) when the palette,
-            the normalisation or the module's validation confusion matrix cannot be found.
+            the normalisation or the module's validation confusion matrix cannot be found, or when a W&B
+            logger is on and the labels do not fit its 8-bit masks (more than 255 classes).
         ImportError: At set-up, if ``confusion_matrix`` is on and matplotlib is missing.
     """
 
@@ -101,10 +122,16 @@ class PredictionGallery(Callback):
         self.palette = None if palette is None else np.asarray(palette, dtype=np.uint8)
         self.normalization = normalization
         self.class_names: list[str] = []
+        self.ignore_index = 255
+        self.folder: Path | None = None
+        self.last_picture: Path | None = None
+        self._stems: set[str] = (
+            set()
+        )  # pictures written in this run, so a second validation per epoch adds its step
         self._runs = 0  # validation runs seen (sanity checks excluded); saved in checkpoints
         self._active = False
         self._seen = 0
-        self._samples: list[dict[str, Any]] = []
+        self._samples: list[Sample] = []
         self._use_crf = False
 
     # ------------------------------------------------------------------------------------ set-up
@@ -125,9 +152,20 @@ class PredictionGallery(Callback):
         self.palette = np.asarray(self.palette, dtype=np.uint8)
         if self.palette.ndim != 2 or self.palette.shape[1] != 3 or len(self.palette) < 256:
             raise ValueError(f"PredictionGallery palette must be (256, 3) colours, got {self.palette.shape}")
+        hparams = getattr(pl_module, "hparams", {})
         self.class_names = list(
-            getattr(pl_module, "class_names", None) or getattr(datamodule, "class_names", None) or []
+            getattr(pl_module, "class_names", None)
+            or getattr(datamodule, "class_names", None)
+            or [f"class_{i}" for i in range(int(hparams.get("num_classes", 0)))]
         )
+        self.ignore_index = int(hparams.get("ignore_index", 255))
+        self._stems = set()
+        num_labels = len(self.class_names)
+        if any(isinstance(lg, WandbLogger) for lg in trainer.loggers) and num_labels > 255:
+            raise ValueError(
+                f"PredictionGallery: W&B masks are 8-bit (labels 0-254 plus void), the module has "
+                f"{num_labels} classes; remove the W&B logger or the gallery"
+            )
         if self.iou_table or self.confusion_matrix:
             self._confmat_metric(pl_module)  # raises if the module keeps none
         if self.confusion_matrix and importlib.util.find_spec("matplotlib") is None:
@@ -181,16 +219,15 @@ class PredictionGallery(Callback):
                 refined = dense_crf(probs, images, self.crf_params, self.crf_backend).argmax(dim=1).cpu()
         names = batch.get("name")
         for row, index in enumerate(picks):
-            self._samples.append(
-                {
-                    "index": start + index,
-                    "name": str(names[index]) if names is not None else f"#{start + index}",
-                    "image": images[row].permute(1, 2, 0).cpu().numpy(),
-                    "mask": batch["mask"][index].cpu().numpy(),
-                    "pred": preds[row].cpu().numpy(),
-                    "crf": None if refined is None else refined[row].numpy(),
-                }
+            maps = [batch["mask"][index], preds[row], None if refined is None else refined[row]]
+            image, (mask, pred, crf) = _shrink(
+                images[row].permute(1, 2, 0).cpu().numpy(),
+                [None if m is None else m.cpu().numpy().astype(np.uint8) for m in maps],
+                self.max_side,
             )
+            assert mask is not None and pred is not None
+            name = str(names[index]) if names is not None else f"#{start + index}"
+            self._samples.append(Sample(start + index, name, image, mask, pred, crf))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the panels, the IoU table and the confusion matrix.
@@ -209,9 +246,7 @@ class PredictionGallery(Callback):
                 confmat = metric.confmat.detach().cpu().clone()
         if not trainer.is_global_zero:
             return
-        self._log_gallery(trainer)
-        if confmat is not None:
-            self._log_scores(trainer, confmat)
+        self._publish(trainer, confmat)
         self._samples = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -225,44 +260,43 @@ class PredictionGallery(Callback):
     # ----------------------------------------------------------------------------------- drawing
     def panels(self) -> list[tuple[np.ndarray, str]]:
         """``(panel, caption)`` per kept image: image | ground truth | prediction | [CRF], uint8 RGB."""
-        out = []
-        for sample in self._samples:
-            image, masks = _shrink(
-                sample["image"], [sample["mask"], sample["pred"], sample["crf"]], self.max_side
-            )
-            titles = ["image", "ground truth", "prediction", "CRF"]
-            parts = [image] + [overlay(image, m, self.palette, self.alpha) for m in masks if m is not None]
-            out.append((side_by_side(parts), f"{sample['name']}: " + " | ".join(titles[: len(parts)])))
-        return out
+        assert self.palette is not None  # setup() found one or raised
+        return [render_panels(sample, self.palette, self.alpha) for sample in self._samples]
 
-    def _log_gallery(self, trainer: Trainer) -> None:
+    def class_labels(self) -> dict[int, str]:
+        """Label -> name for every class and the void label (W&B mask labels, legend)."""
+        return {**dict(enumerate(self.class_names)), self.ignore_index: "void"}
+
+    def _publish(self, trainer: Trainer, confmat: Tensor | None) -> None:
+        """Render once, then write the files and log to each logger that takes pictures."""
+        assert self.palette is not None  # setup() found one or raised
+        step = trainer.global_step
+        names = self.class_names or [f"class_{i}" for i in range(0 if confmat is None else len(confmat))]
+        rows = iou_rows(confmat, names) if self.iou_table and confmat is not None else None
+        confusion = None
+        if self.confusion_matrix and confmat is not None:
+            title = f"Confusion matrix (step {step})"
+            figure = confusion_matrix_figure(confmat.double().numpy(), names, normalize=True, title=title)
+            confusion = figure_to_array(figure)
         panels = self.panels()
+        labels = self.class_labels()
         if panels:
-            _log_images(trainer, "val/gallery", [p for p, _ in panels], [c for _, c in panels])
+            self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "gallery"
+            grid = render_grid(panels, self.palette, list(labels.items()))
+            self.last_picture = write_files(self.folder, self._stem(trainer), grid, rows, confusion)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log_wandb(logger, step, self._samples, labels, rows, confusion)
+            elif isinstance(logger, TensorBoardLogger):
+                log_tensorboard(logger, step, panels, rows, confusion)
 
-    def _log_scores(self, trainer: Trainer, confmat: Tensor) -> None:
-        counts = confmat.double()
-        true_pos, gt, pred = counts.diagonal(), counts.sum(dim=1), counts.sum(dim=0)
-        union = gt + pred - true_pos
-        names = self.class_names or [f"class_{i}" for i in range(len(counts))]
-        if self.iou_table:
-            rows = [
-                [
-                    name,
-                    float(true_pos[c] / union[c]) if union[c] > 0 else float("nan"),
-                    float(true_pos[c] / gt[c]) if gt[c] > 0 else float("nan"),
-                    int(gt[c]),
-                    int(pred[c]),
-                ]
-                for c, name in enumerate(names)
-            ]
-            _log_table(
-                trainer, "val/iou_table", ["class", "IoU", "accuracy", "gt_pixels", "pred_pixels"], rows
-            )
-        if self.confusion_matrix:
-            title = f"Confusion matrix (step {trainer.global_step})"
-            figure = confusion_matrix_figure(counts.numpy(), names, normalize=True, title=title)
-            _log_images(trainer, "val/confusion_matrix", [figure_to_array(figure)], ["rows: ground truth"])
+    def _stem(self, trainer: Trainer) -> str:
+        """``epoch_003``, or ``epoch_003_step0001234`` for a later validation of the same epoch."""
+        stem = f"epoch_{trainer.current_epoch:03d}"
+        if stem in self._stems:
+            stem = f"{stem}_step{trainer.global_step:07d}"
+        self._stems.add(stem)
+        return stem
 
     @staticmethod
     def _confmat_metric(pl_module: LightningModule) -> Any:
@@ -294,50 +328,3 @@ def _shrink(
         for m in masks
     ]
     return small, resized
-
-
-def _file_loggers(trainer: Trainer) -> list[Logger | None]:
-    """Loggers that cannot take images (CSV, ...), or ``[None]`` when the trainer has no logger."""
-    known = (WandbLogger, TensorBoardLogger, DummyLogger)
-    if not trainer.loggers:
-        return [None]
-    return [logger for logger in trainer.loggers if not isinstance(logger, known)]
-
-
-def _files_dir(trainer: Trainer, logger: Logger | None) -> Path:
-    log_dir = getattr(logger, "log_dir", None) if logger is not None else None
-    return Path(log_dir or trainer.default_root_dir) / "gallery"
-
-
-def _log_images(trainer: Trainer, key: str, images: list[np.ndarray], captions: list[str]) -> None:
-    step = trainer.global_step
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=images, caption=captions, step=step)
-        elif isinstance(logger, TensorBoardLogger):
-            for index, image in enumerate(images):
-                logger.experiment.add_image(f"{key}/{index}", image, global_step=step, dataformats="HWC")
-    for file_logger in _file_loggers(trainer):
-        folder = _files_dir(trainer, file_logger) / key.replace("/", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            Image.fromarray(image).save(folder / f"step{step:07d}_{index:02d}.png")
-
-
-def _log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-    step = trainer.global_step
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_table(key=key, columns=columns, data=rows, step=step)
-        elif isinstance(logger, TensorBoardLogger):
-            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += [
-                "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |"
-                for r in rows
-            ]
-            logger.experiment.add_text(key, "\n".join(lines), global_step=step)
-    for file_logger in _file_loggers(trainer):
-        folder = _files_dir(trainer, file_logger) / key.replace("/", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"step{step:07d}.csv", "w", newline="") as handle:
-            csv.writer(handle).writerows([columns, *rows])
