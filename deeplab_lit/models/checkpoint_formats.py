@@ -46,7 +46,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from torch import Tensor
 
 from deeplab_lit.inference import InferenceConfig
 from deeplab_lit.models.download import cache_path, checksum_problem, download, expected_sha256, is_url
+from deeplab_lit.models.registry import WeightsEntry, close_names, find_weights, weights_file
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
 
 FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
@@ -220,7 +221,9 @@ def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None
     Files are read without unpickling arbitrary objects (see :func:`read_weights_file`).
 
     Args:
-        source: A local file (``.pth``/``.pt``/``.ckpt`` via ``torch.load``, or ``.safetensors``) or an
+        source: A registered weights name (:mod:`deeplab_lit.models.registry`: its file, downloaded once and
+            checked against the entry, which completes the options, class count and normalisation), a
+            local file (``.pth``/``.pt``/``.ckpt`` via ``torch.load``, or ``.safetensors``) or an
             ``http(s)://``/``file://``/``ftp://`` URL, downloaded once into torch's cache (see
             :mod:`deeplab_lit.models.download`).
         sha256: The file's SHA-256 (or a prefix), checked if given; for URLs, a ``-<hex>`` prefix in the
@@ -233,13 +236,18 @@ def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None
         RuntimeError: the download failed (offline and not cached).
     """
     text = os.fspath(source)
+    entry = find_weights(text)
+    if entry is not None:
+        return _read_named(entry)
     shown = repr(text)
     if is_url(text):
         raw, shown = _read_url(text, sha256)
     else:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"Weights file {text!r} does not exist")
+            close = close_names(text)
+            hint = f" (nor a registered weights name; close: {', '.join(close)})" if close else ""
+            raise FileNotFoundError(f"Weights file {text!r} does not exist{hint}")
         problem = checksum_problem(path, expected_sha256(text, sha256) if sha256 else None)
         if problem is not None:
             raise ValueError(f"Weights file {shown} fails its checksum: {problem}")
@@ -257,6 +265,46 @@ def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None
         f"deeplabv3_resnet50/101, kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet); its first keys are "
         f"{list(state)[:5]}.{hint}"
     )
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _read_named(entry: WeightsEntry) -> Checkpoint:
+    """Read a registered entry's file and check that it holds what the entry says; the entry completes it.
+
+    The entry's architecture options, class count and normalisation are added to what the file's format
+    implies (a plain state dict implies little); where both say something they must agree, else the file is
+    not the one registered. The checkpoint's ``source`` is the name, which messages and ``weights:`` show.
+    """
+    checkpoint = read_checkpoint(weights_file(entry))
+    version = class_version(entry.module_class)
+    found = dict(checkpoint.options, version=checkpoint.version, num_classes=checkpoint.num_classes,
+                 normalization=checkpoint.normalization)  # fmt: skip
+    claimed = dict(entry.options, version=version, num_classes=entry.num_classes,
+                   normalization=entry.normalization)  # fmt: skip
+    conflicts = [
+        f"{key}={found[key]!r} (the entry says {value!r})"
+        for key, value in claimed.items()
+        if found.get(key) is not None and _as_tuple(found[key]) != _as_tuple(value)
+    ]
+    if conflicts:
+        fix = (
+            f"Delete it: the next load downloads {entry.url} again."
+            if entry.url and is_url(entry.url)
+            else f"Replace it with the published file. {entry.instructions}".strip()
+        )
+        raise ValueError(
+            f"Weights {entry.name!r}: the file {checkpoint.source!r} ({checkpoint.description}) is not what "
+            f"the entry describes: {'; '.join(conflicts)}. {fix}"
+        )
+    options = {**entry.options, **checkpoint.options}
+    description = f"{checkpoint.description}, registered as {entry.name}"
+    return replace(
+        checkpoint, source=entry.name, description=description, version=version, options=options,
+        num_classes=entry.num_classes, normalization=entry.normalization,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- formats

@@ -70,19 +70,21 @@ def checksum_problem(path: Path, expected: str | None) -> str | None:
     return f"its SHA-256 is {found[: max(len(expected), 8)]}..., expected {expected}"
 
 
-def download(url: str, *, sha256: str | None = None, refresh: bool = False) -> Path:
+def download(url: str, *, sha256: str | None = None, refresh: bool = False, to: Path | None = None) -> Path:
     """Return the cached copy of ``url``, downloading it first if it is not cached or fails its checksum.
 
     Args:
         url: An ``http(s)://``, ``file://`` or ``ftp://`` URL.
         sha256: The file's SHA-256 (or a prefix); None to use the prefix in the file name, if any.
         refresh: Fetch it again even if cached (a cached copy that turned out unreadable).
+        to: Where to keep it instead of :func:`cache_path` (named weights use their own file name, which
+            the registry keeps unique, so that a copy put there by hand or by torchvision is found).
 
     Raises:
         RuntimeError: the download failed (offline and not cached); the message says where to put the file.
         ValueError: the downloaded file fails its checksum.
     """
-    cached, expected = cache_path(url), expected_sha256(url, sha256)
+    cached, expected = to or cache_path(url), expected_sha256(url, sha256)
     if cached.is_file() and not refresh:
         problem = checksum_problem(cached, expected)
         if problem is None:

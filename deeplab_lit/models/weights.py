@@ -1,6 +1,6 @@
 """Load published and own DeepLab checkpoints into our models, checking everything they imply.
 
-:func:`load_weights` takes a path or URL, read by
+:func:`load_weights` takes a registered name (:mod:`deeplab_lit.models.registry`), a path or a URL, read by
 :func:`~deeplab_lit.models.checkpoint_formats.read_checkpoint` (this project's, torchvision's
 ``deeplabv3_resnet50/101`` and kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet checkpoints, recognised
 from their keys; the key maps are documented there), and loads it into a model built by
@@ -30,17 +30,19 @@ from deeplab_lit.models.checkpoint_formats import (
     OPTIONS,
     Checkpoint,
     UnsafeCheckpointError,
+    class_version,
     read_checkpoint,
 )
 from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
 from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead
 from deeplab_lit.models.options import module_version, resolve_options
+from deeplab_lit.models.registry import get_weights
 from deeplab_lit.models.state_dicts import compare_state
 from deeplab_lit.normalization import Normalization
 
 __all__ = [
-    "BUILDERS", "FORMATS", "Checkpoint", "UnsafeCheckpointError", "WeightsInfo", "classifier_keys",
-    "describe_model", "load_weights",
+    "BUILDERS", "FORMATS", "Checkpoint", "UnsafeCheckpointError", "WeightsInfo", "build_published",
+    "classifier_keys", "describe_model", "load_weights",
     "model_version", "module_version", "read_checkpoint", "resolve_options",
 ]  # fmt: skip
 
@@ -223,7 +225,8 @@ def load_weights(
 
     Args:
         model: A ``Segmenter`` or ``MultiScaleSegmenter``; changed in place.
-        source: Path or URL (see :func:`read_checkpoint`), or a :class:`Checkpoint` already read.
+        source: A registered weights name, a path or a URL (see :func:`read_checkpoint`), or a
+            :class:`Checkpoint` already read.
         num_classes: The model's class count (checked against its classifier when given).
         reinit_classifier: Load everything but the layers that output class scores, which keep their
             fresh initialisation; for fine-tuning on another label set, or from another DeepLab version
@@ -285,3 +288,27 @@ def load_weights(
         checkpoint.source, checkpoint.format, checkpoint.description, checkpoint.version,
         dict(checkpoint.options), checkpoint.num_classes, checkpoint.normalization, reinitialised,
     )  # fmt: skip
+
+
+def build_published(name: str, *, pretrained: bool = True) -> nn.Module:
+    """Build the network a registered entry describes and, with ``pretrained``, load its weights.
+
+    The plain ``Segmenter`` (``MultiScaleSegmenter`` for MSC entries) of :mod:`deeplab_lit.models.deeplab`,
+    in eval mode when pretrained; what ``torch.hub.load`` returns (``hubconf.py``). Its input must be
+    normalised with ``get_weights(name).normalization``.
+
+    Raises:
+        UnknownWeightsError: ``name`` is not registered (the message lists the names).
+        RuntimeError, FileNotFoundError, ValueError: the file cannot be had or is not the one registered
+            (see :func:`~deeplab_lit.models.registry.weights_file`).
+    """
+    entry = get_weights(name)
+    version = class_version(entry.module_class)
+    if version is None:
+        raise ValueError(f"Weights {name!r}: module_class {entry.module_class!r} is no DeepLab version")
+    builder = BUILDERS[version]
+    model = builder(**builder_kwargs(builder, {**entry.options, "num_classes": entry.num_classes}))
+    if pretrained:
+        load_weights(model, name, num_classes=entry.num_classes)
+        model.eval()
+    return model
