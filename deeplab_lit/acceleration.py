@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,28 +28,34 @@ __all__ = [
 def fast_sgd_options(params: Sequence[Tensor], fused_allowed: bool = True) -> dict[str, bool]:
     """Return the SGD keyword arguments that select torch's fastest step implementation for ``params``.
 
-    ``{"fused": True}`` (one kernel for all parameters) when torch has a fused SGD for every parameter's
-    device (CPU and CUDA do), else ``{"foreach": True}`` (multi-tensor kernels) where available, else ``{}``
-    (a loop over the parameters). Pass ``fused_allowed=False`` under fp16 loss scaling (``16-mixed``):
-    torch's fused SGD allocates its momentum buffers uninitialised (``empty_like``) on its first call even
-    when the GradScaler skips that step for overflowing gradients - which it does for the first steps of
-    nearly every run, its initial scale being 2**16 - and the next step then reads that garbage: the
-    weights turn NaN a few steps in (seen on an H100 and reproduced on the CPU; torch 2.11 and 2.14).
+    ``{"fused": True}`` (one kernel for all parameters) when torch's fused SGD runs on every parameter's
+    device (CPU and CUDA do), else ``{}``: torch's own default, its multi-tensor (``foreach``) kernels
+    where the devices have them (CUDA), else a loop over the parameters. Pass ``fused_allowed=False``
+    under fp16 loss scaling (``16-mixed``): torch's fused SGD allocates its momentum buffers
+    uninitialised (``empty_like``) on its first call even when the GradScaler skips that step for
+    overflowing gradients - which it does for the first steps of nearly every run, its initial scale
+    being 2**16 - and the next step then reads that garbage: the weights turn NaN a few steps in (seen
+    on an H100 and reproduced on the CPU; torch 2.11 and 2.14).
     """
-    # torch has no public way to ask which devices have fused or foreach kernels: these private helpers
-    # hold the device lists torch.optim itself checks (torch/optim/optimizer.py), so what is chosen here is
-    # what torch accepts. Imported at the call, so a torch release that moves them breaks only this step.
-    from torch.utils._foreach_utils import (
-        _get_foreach_kernels_supported_devices,
-        _get_fused_kernels_supported_devices,
-    )
-
-    devices = {p.device.type for p in params}
-    if fused_allowed and devices <= set(_get_fused_kernels_supported_devices()):
+    if fused_allowed and all(_fused_sgd_runs_on(device) for device in {p.device.type for p in params}):
         return {"fused": True}
-    if devices <= set(_get_foreach_kernels_supported_devices()):
-        return {"foreach": True}
     return {}
+
+
+@functools.cache
+def _fused_sgd_runs_on(device_type: str) -> bool:
+    """Whether torch's fused SGD steps a parameter on ``device_type``: tried once on a one-element one.
+
+    torch has no public list of the devices with fused optimiser kernels (``torch.optim`` checks a
+    private one at the first step), so the step itself is asked.
+    """
+    try:
+        weight = torch.zeros(1, device=device_type, requires_grad=True)
+        weight.grad = torch.zeros_like(weight)
+        torch.optim.SGD([weight], lr=0.1, momentum=0.9, fused=True).step()
+    except RuntimeError:  # "`fused=True` requires ... supported devices", or no kernel for the device
+        return False
+    return True
 
 
 #: ``torch.compile`` modes the ``compile`` option accepts by name (``True`` means torch's default mode).

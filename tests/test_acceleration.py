@@ -149,6 +149,16 @@ def test_fast_sgd_options_fall_back_when_fusing_is_not_allowed():
     assert fast_sgd_options(params, fused_allowed=False) == {}  # no foreach kernels on the CPU: a plain loop
 
 
+def test_fast_sgd_options_ask_torch_whether_the_fused_step_runs_on_each_device():
+    """torch's fused SGD refuses parameters on the meta device: one such parameter means no fused step."""
+    cpu, meta = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3, device="meta"))
+    meta.grad = torch.zeros_like(meta)
+    assert fast_sgd_options([meta]) == {} and fast_sgd_options([cpu, meta]) == {}
+    with pytest.raises(RuntimeError, match="fused=True"):  # what the options spare the user
+        torch.optim.SGD([meta], lr=0.1, fused=True).step()
+    torch.optim.SGD([meta], lr=0.1, **fast_sgd_options([meta])).step()
+
+
 def test_compile_option_keeps_state_dict_keys():
     plain, compiled = small_module(), small_module(compile=True)
     assert list(compiled.state_dict()) == list(plain.state_dict())

@@ -22,11 +22,11 @@ no BatchNorm). Use it for predict and export only: the folded model has no Batch
 from __future__ import annotations
 
 import copy
+from typing import TypeGuard
 
 from timm.layers import BatchNormAct2d, ConvNormAct
 from timm.models.xception_aligned import SeparableConv2d
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -47,9 +47,17 @@ FUSABLE_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
 SEQUENTIAL_FORWARD: tuple[type[nn.Module], ...] = (ASPPPooling,)
 #: Convolution classes a BatchNorm folds into (torch's fuse keeps the class, so its forward too).
 FOLDABLE_CONVS: tuple[type[nn.Conv2d], ...] = (nn.Conv2d, AtrousDepthwiseConv2d)
+#: Every BatchNorm class of torch (timm's norm + activation layers subclass these): the public classes
+#: that torch's private base ``torch.nn.modules.batchnorm._BatchNorm`` stands for.
+BATCHNORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)  # fmt: skip
+#: The BatchNorms that can follow a ``Conv2d`` (the others want 2-d, 3-d or 5-d input).
+BATCHNORMS_2D: tuple[type[nn.BatchNorm2d | nn.SyncBatchNorm], ...] = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def _runs_in_order(module: nn.Module) -> bool:
+def _runs_in_order(module: nn.Module) -> TypeGuard[nn.Sequential]:
     """Tell whether ``module`` is an ``nn.Sequential`` whose forward applies its children in order."""
     if not isinstance(module, nn.Sequential):
         return False
@@ -59,7 +67,7 @@ def _runs_in_order(module: nn.Module) -> bool:
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         type(conv) in FOLDABLE_CONVS
-        and isinstance(bn, _BatchNorm)
+        and isinstance(bn, BATCHNORMS_2D)
         and bn.track_running_stats
         and bn.running_mean is not None
         and bn.num_features == conv.out_channels
@@ -77,12 +85,11 @@ def _fold_children(module: nn.Module) -> int:
     """Fold the conv/BN pairs that are direct children of ``module``; return how many."""
     folded = 0
     if _runs_in_order(module):
-        names = list(module._modules)
-        for first, second in zip(names, names[1:]):
-            conv, bn = module._modules[first], module._modules[second]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm) and _foldable(conv, bn):
-                module._modules[first] = fuse_conv_bn_eval(conv, bn)
-                module._modules[second] = _replacement(bn)
+        for index in range(len(module) - 1):
+            conv, bn = module[index], module[index + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, BATCHNORMS_2D) and _foldable(conv, bn):
+                module[index] = fuse_conv_bn_eval(conv, bn)
+                module[index + 1] = _replacement(bn)
                 folded += 1
     for kind, pairs in FUSABLE_PAIRS.items():
         if isinstance(module, kind):
@@ -97,7 +104,7 @@ def _fold_children(module: nn.Module) -> int:
 
 def count_batchnorms(model: nn.Module) -> int:
     """Count the BatchNorm layers in ``model`` (0 once every one is folded)."""
-    return sum(isinstance(module, _BatchNorm) for module in model.modules())
+    return sum(isinstance(module, BATCHNORMS) for module in model.modules())
 
 
 def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -118,9 +125,13 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     folded = model if inplace else copy.deepcopy(model)
     folded.eval()
-    for module in folded.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None  # a copy's compiled wrapper still calls the original module
+    if inplace:  # a deep copy is never compiled: nn.Module.__getstate__ leaves the compiled wrapper out
+        for module in folded.modules():
+            # nn.Module.compile() keeps torch.compile(self._call_impl) in this private attribute and torch
+            # has no public way to undo it (checked in torch 2.14.1, the installed one; the attribute came
+            # with nn.Module.compile in torch 2.2): cleared so that the model folded in place runs eagerly.
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
     for module in list(folded.modules()):
         _fold_children(module)
     return folded

@@ -49,21 +49,25 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
 FOLDING_REL = 1e-5
 
 
+def assert_folds_exactly(model: nn.Module, images: torch.Tensor) -> None:
+    """Fold a copy of ``model``: no BatchNorm left, the same outputs to float rounding."""
+    with torch.no_grad():
+        expected = model(images)
+        folded = fuse_conv_bn(model)
+        actual = folded(images)
+    assert count_batchnorms(folded) == 0
+    assert_close_to_scale(actual, expected, FOLDING_REL)
+
+
 @pytest.mark.parametrize("name", VERSIONS)
 def test_folding_batchnorm_keeps_outputs_of_every_version(name):
     torch.manual_seed(0)
     model = VERSIONS[name]().eval()
     randomise_batchnorm(model)
     before = count_batchnorms(model)
-    images = torch.randn(2, 3, 37, 45)
-    with torch.no_grad():
-        expected = model(images)
-        folded = fuse_conv_bn(model)
-        actual = folded(images)
-    assert count_batchnorms(folded) == 0
+    assert_folds_exactly(model, torch.randn(2, 3, 37, 45))
     assert count_batchnorms(model) == before  # the original is untouched (a copy was folded)
     assert (before == 0) == name.startswith("v1-vgg16")
-    assert_close_to_scale(actual, expected, FOLDING_REL)
 
 
 def test_folding_covers_torchvision_style_bottlenecks_in_channels_last():
@@ -78,3 +82,46 @@ def test_folding_covers_torchvision_style_bottlenecks_in_channels_last():
     conv = folded.backbone.layer1[0].conv1
     assert conv.bias is not None and conv.weight.is_contiguous(memory_format=CL)
     assert_close_to_scale(actual, expected, FOLDING_REL)
+
+
+def _conv_bn_relu() -> nn.Sequential:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    randomise_batchnorm(model)
+    return model
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="nn.Module.compile needs dynamo")
+def test_a_compiled_model_is_folded_into_an_uncompiled_copy():
+    """Had the copy kept the compiled wrapper, it would run the original: changing the original after
+    folding must not change the folded copy's output (torch's deep copy leaves the wrapper out)."""
+    model, images = _conv_bn_relu(), torch.randn(1, 3, 9, 9)
+    model.compile(backend="eager")  # dynamo without a C compiler
+    with torch.no_grad():
+        expected = model(images)
+        folded = fuse_conv_bn(model)
+        model[1].running_mean.add_(10.0)  # the original's output changes; the folded copy's must not
+        actual = folded(images)
+    assert count_batchnorms(folded) == 0
+    assert_close_to_scale(actual, expected, FOLDING_REL)
+
+
+def test_a_compiled_model_folded_in_place_is_returned_uncompiled():
+    model = _conv_bn_relu()
+    model.compile(backend="eager")  # lazy: nothing is traced here
+    assert fuse_conv_bn(model, inplace=True) is model
+    assert model._compiled_call_impl is None and count_batchnorms(model) == 0
+
+
+def test_count_batchnorms_counts_every_kind_as_torchs_base_class_does():
+    model = nn.Sequential(
+        nn.BatchNorm1d(2), nn.BatchNorm2d(2), nn.BatchNorm3d(2), nn.SyncBatchNorm(2), nn.LazyBatchNorm2d(),
+        nn.InstanceNorm2d(2), nn.GroupNorm(1, 2), nn.LayerNorm(2),
+    )  # fmt: skip
+    assert count_batchnorms(model) == sum(isinstance(m, _BatchNorm) for m in model.modules()) == 5
+
+
+def test_a_module_shared_twice_in_a_sequential_is_folded_at_both_places():
+    conv, bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+    model = nn.Sequential(conv, bn, conv, bn).eval()
+    randomise_batchnorm(model)
+    assert_folds_exactly(model, torch.randn(1, 3, 5, 5))
