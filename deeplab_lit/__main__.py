@@ -1,6 +1,6 @@
-"""``python -m deeplab_lit`` runs the command line (see :mod:`deeplab_lit.cli`)."""
+"""``python -m deeplab_lit`` runs the ``deeplab-lit`` command (see :mod:`deeplab_lit.command`)."""
 
-from deeplab_lit.cli import main
+from deeplab_lit.command import main
 
 if __name__ == "__main__":
     main()

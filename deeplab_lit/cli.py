@@ -37,6 +37,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from deeplab_lit.callbacks.interrupt import InterruptCheckpoint
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
+from deeplab_lit.callbacks.summary import RunSummary
+from deeplab_lit.command import DESCRIPTION, PROG
 from deeplab_lit.data.datamodules import SegmentationDataModule
 from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
@@ -75,6 +77,7 @@ class DeepLabCLI(LightningCLI):
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")  # signals -> last.ckpt
+        parser.add_lightning_class_args(RunSummary, "summary")  # best mIoU, files, next commands at the end
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/mIoU",
@@ -246,6 +249,87 @@ def with_checkpoint_classes(words: list[str]) -> list[str]:
     return [*words[: subcommand + 1], *inserted, *rest]
 
 
+# ------------------------------------------------------------------------------------ predict by name
+PREDICT_DESCRIPTION = (
+    "Segment images: a palette PNG and an overlay per image (--prediction.output_dir). With published "
+    "weights and no config: predict --weights NAME photos/ --output masks/ (--list-weights names them; "
+    "any option below still applies, e.g. --model.init_args.inference.flip true). From a run: "
+    "predict --ckpt_path best.ckpt --data.init_args.predict_path photos/."
+)
+
+
+def _split_words(words: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """Split ``words`` into ``(--option, value)`` pairs (value None for a bare flag) and positionals."""
+    options: list[tuple[str, str | None]] = []
+    positionals: list[str] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word.startswith("--") and "=" in word:
+            name, value = word.split("=", 1)
+            options.append((name, value))
+        elif word.startswith("-"):
+            has_value = index + 1 < len(words) and not words[index + 1].startswith("--")
+            options.append((word, words[index + 1] if has_value else None))
+            index += has_value
+        else:
+            positionals.append(word)
+        index += 1
+    return options, positionals
+
+
+def with_named_weights(words: list[str]) -> list[str] | None:
+    """Rewrite ``predict --weights NAME PATH [--output DIR]`` into the LightningCLI's own options.
+
+    The model class, its architecture, class names and normalisation come from the registry entry
+    (:mod:`deeplab_lit.models.registry`); the images from ``PATH`` (a file, folder or glob); the masks go
+    to ``--output`` (default ``predictions``); no logger. Other options are passed on after these, so they
+    override. ``--list-weights`` prints the registered names and returns None. Words without ``--weights``
+    are returned unchanged.
+    """
+    from deeplab_lit.models import registry
+
+    options, positionals = _split_words(words[1:])
+    names = [name for name, _ in options]
+    if "--list-weights" in names:
+        print(registry.describe_weights())
+        return None
+    if "--weights" not in names:
+        return words
+    given = dict(options)
+    name = given["--weights"]
+    if not name:
+        raise SystemExit(f"predict --weights needs a name, one of: {', '.join(registry.list_weights())}")
+    if len(positionals) != 1:
+        raise SystemExit(
+            f"predict --weights {name} needs exactly one image file, folder or glob after the options "
+            f"(e.g. photos/), got {positionals or 'none'}"
+        )
+    if "--ckpt_path" in given or "--config" in given or "-c" in given:
+        raise SystemExit("predict --weights takes the model from the registry: drop --ckpt_path/--config")
+    entry = registry.get_weights(name)
+    if entry.data_class is None:
+        raise SystemExit(
+            f"{name} predicts {entry.num_classes} classes that no data module names ({entry.data}): it is "
+            f"published to start training from; fine-tune it with model.init_args.weights: {name}"
+        )
+    model = {"class_path": entry.module_class, "init_args": entry.module_options()}
+    data = {
+        "class_path": entry.data_class,
+        "init_args": {"predict_path": positionals[0], "normalization": entry.normalization.to_dict()},
+    }
+    rest = [word for option, value in options if option not in ("--weights", "--output")
+            for word in ((option,) if value is None else (f"{option}={value}",))]  # fmt: skip
+    return [
+        "predict",
+        f"--model={json.dumps(model)}",
+        f"--data={json.dumps(data)}",
+        "--trainer.logger=false",
+        f"--prediction.output_dir={given.get('--output') or 'predictions'}",
+        *rest,
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ export
 def _training_checkpoint_or_none(path: str) -> TrainingCheckpoint | None:
     """Return the training checkpoint at ``path``, or None when it is a plain/published weights file."""
@@ -328,11 +412,21 @@ def export(words: list[str]) -> Path:
 def main(args: list[str] | None = None, run: bool = True) -> DeepLabCLI | Path | None:
     """Run the CLI (``args=None`` reads ``sys.argv``); returns it so tests can inspect trainer and model.
 
-    ``export`` returns the ONNX file's path (``run=False``: None).
+    ``export`` returns the ONNX file's path (``run=False``: None). ``predict --weights NAME photos/`` is
+    rewritten into the LightningCLI's own options (:func:`with_named_weights`).
+
+    The optimiser is the module's own (the papers' SGD with momentum, a higher learning rate for the head
+    and the per-iteration poly schedule; ``model.init_args.lr`` etc.): LightningCLI's ``--optimizer`` and
+    ``--lr_scheduler`` would replace it without the head's learning-rate group, so they are not offered.
     """
     words = sys.argv[1:] if args is None else list(args)
     if words[:1] == ["export"]:
         return export(words[1:]) if run else None
+    if words[:1] == ["predict"]:
+        rewritten = with_named_weights(words)
+        if rewritten is None:  # --list-weights
+            return None
+        words = rewritten
     return DeepLabCLI(
         SegmentationModule,
         SegmentationDataModule,
@@ -342,4 +436,10 @@ def main(args: list[str] | None = None, run: bool = True) -> DeepLabCLI | Path |
         run=run,
         save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={
+            "prog": PROG,
+            "description": DESCRIPTION,
+            "predict": {"description": PREDICT_DESCRIPTION},
+        },
     )

@@ -91,6 +91,13 @@ class WandbLogger(_LightningWandbLogger):
         notes: str | None = None,
         **kwargs: Any,
     ) -> None:
+        try:
+            import wandb  # noqa: F401  (an optional extra: say how to get it, or how to log without it)
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                "WandbLogger needs the wandb package: pip install 'deeplab-lit[wandb]'. Or log without it: "
+                "--trainer.logger=CSVLogger --trainer.logger.save_dir=logs, or --trainer.logger=false"
+            ) from err
         self.offline, reason = resolve_offline(offline)
         save_dir = "." if save_dir is None else os.fspath(save_dir)
         # LightningCLI resolves **kwargs down to wandb.init's signature and passes every unset one as None

@@ -11,6 +11,7 @@ from deeplab_lit.callbacks.resume import (
     CheckpointWriteError,
     RandomStateCheckpoint,
 )
+from deeplab_lit.callbacks.summary import RunSummary
 from deeplab_lit.callbacks.sync_batchnorm import SyncBatchNorm
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PredictionGallery",
     "PredictionWriter",
     "RandomStateCheckpoint",
+    "RunSummary",
     "SyncBatchNorm",
     "TrainingInterrupted",
 ]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.plugins import TorchSyncBatchNorm
-from timm.layers import BatchNormAct2d, convert_sync_batchnorm
-from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
+
+# timm is imported inside the methods: the CLI imports this module for every run, timm costs ~1 s to
+# import, and a model without timm layers needs none of it.
 
 
 class SyncBatchNorm(TorchSyncBatchNorm):
@@ -25,6 +26,8 @@ class SyncBatchNorm(TorchSyncBatchNorm):
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert every BatchNorm (timm's fused ones included) to its synchronised variant."""
+        from timm.layers import convert_sync_batchnorm
+
         return convert_sync_batchnorm(model)
 
     def revert(self, model: nn.Module) -> nn.Module:
@@ -34,6 +37,9 @@ class SyncBatchNorm(TorchSyncBatchNorm):
 
 def _revert_norm_act(module: nn.Module) -> nn.Module:
     """Replace each ``SyncBatchNormAct`` below ``module`` by a ``BatchNormAct2d`` sharing its state."""
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import SyncBatchNormAct
+
     if isinstance(module, SyncBatchNormAct):
         # timm annotates momentum as a float; like torch's BatchNorm, its base, it also takes None
         plain = BatchNormAct2d(

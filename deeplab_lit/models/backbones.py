@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import timm
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -240,14 +239,11 @@ class XceptionBackbone(Backbone):
 
     def __init__(self, *, output_stride: int = 16) -> None:
         super().__init__("xception65", 256, 2048, None, output_stride)
+        import timm  # here, not at the top: `import deeplab_lit.models` stays free of timm and its imports
+
         self.body = timm.create_model(
             "xception65", output_stride=output_stride, num_classes=0, global_pool=""
         )
-        if not hasattr(self.body, "forward_intermediates"):
-            raise ImportError(
-                f"the xception65 backbone needs timm >= 1.0.31 (XceptionAligned.forward_intermediates); "
-                f"timm {timm.__version__} is installed: pip install -U 'timm>=1.0.31'"
-            )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return ``{"low": stride-4 entry-flow features, "out": exit-flow features}`` of ``x``."""

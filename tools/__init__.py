@@ -1,0 +1,1 @@
+"""Developer tools run by CI (not installed with the package)."""
