@@ -41,9 +41,9 @@ class PredictionGallery(Callback):
     """Log fixed validation images with ground truth, prediction and CRF prediction, plus IoU and confusion.
 
     Every logged validation run (sanity checks excluded) writes, whatever the logger (none included), to
-    :attr:`folder` = ``<trainer.log_dir>/gallery/`` (``trainer.log_dir`` is the W&B logger's ``save_dir``,
-    i.e. ``trainer.default_root_dir`` in the CLI; the CSV/TensorBoard logger's version folder; with
-    ``logger: false``, ``trainer.default_root_dir``):
+    :attr:`output_folder` = ``<trainer.log_dir>/gallery/`` (``trainer.log_dir`` is the W&B logger's
+    ``save_dir``, i.e. ``trainer.default_root_dir`` in the CLI; the CSV/TensorBoard logger's version folder;
+    with ``logger: false``, ``trainer.default_root_dir``):
 
     - ``epoch_003.png``: one picture of the run (epochs count from 0, as in checkpoint names). Top to
       bottom, per image: a caption line ``name: image | ground truth | prediction | CRF``, then those
@@ -75,7 +75,7 @@ class PredictionGallery(Callback):
         normalization: Maps model input back to uint8 RGB; default: the datamodule's ``normalization``.
 
     Attributes:
-        folder: Where the files are written (None before the first logged validation run).
+        output_folder: Where the files are written (None before the first logged validation run).
         last_picture: The latest ``epoch_*.png`` written (None before).
 
     Raises:
@@ -123,7 +123,7 @@ class PredictionGallery(Callback):
         self.normalization = normalization
         self.class_names: list[str] = []
         self.ignore_index = 255
-        self.folder: Path | None = None
+        self.output_folder: Path | None = None
         self.last_picture: Path | None = None
         self._stems: set[str] = (
             set()
@@ -281,9 +281,9 @@ class PredictionGallery(Callback):
         panels = self.panels()
         labels = self.class_labels()
         if panels:
-            self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "gallery"
+            self.output_folder = Path(trainer.log_dir or trainer.default_root_dir) / "gallery"
             grid = render_grid(panels, self.palette, list(labels.items()))
-            self.last_picture = write_files(self.folder, self._stem(trainer), grid, rows, confusion)
+            self.last_picture = write_files(self.output_folder, self._stem(trainer), grid, rows, confusion)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 log_wandb(logger, step, self._samples, labels, rows, confusion)

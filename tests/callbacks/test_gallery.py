@@ -26,13 +26,14 @@ def tiny_data(root) -> SyntheticDataModule:
                                crop_size=SIZE, val_batch_size=2, num_workers=0)  # fmt: skip
 
 
-def fit_with_gallery(tmp_path, gallery, epochs=2, logger=False, callbacks=()):
+def fit_with_gallery(tmp_path, gallery, epochs=2, logger=False, callbacks=(), **trainer_options):
     data = tiny_data(tmp_path / "data")
     module = DeepLabV3Plus(num_classes=data.num_classes, backbone="resnet18", class_names=data.class_names)
+    options = {"limit_train_batches": 1, **trainer_options}
     trainer = Trainer(
-        max_epochs=epochs, limit_train_batches=1, accelerator="cpu", logger=logger,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[gallery, *callbacks],
+        max_epochs=epochs, accelerator="cpu", logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[gallery, *callbacks], **options,
     )  # fmt: skip
     trainer.fit(module, data)
     return trainer, data
@@ -55,7 +56,7 @@ def test_one_picture_per_epoch_shows_the_same_images_with_truth_and_prediction(t
     trainer, data = fit_with_gallery(tmp_path, gallery, epochs=2)
     folder = tmp_path / "gallery"  # logger=False: under default_root_dir
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.png", "epoch_001.png"]  # no sanity check
-    assert gallery.folder == folder and gallery.last_picture == folder / "epoch_001.png"
+    assert gallery.output_folder == folder and gallery.last_picture == folder / "epoch_001.png"
     first, second = (np.asarray(Image.open(folder / f"epoch_00{e}.png")) for e in (0, 1))
     assert first.shape == second.shape == (*grid_size(3, 3, data.num_classes), 3)
     for index in range(3):
@@ -75,6 +76,13 @@ def test_gallery_indices_crf_panel_and_every_n(tmp_path):
     files = sorted((tmp_path / "gallery").glob("*.png"))
     assert [f.name for f in files] == ["epoch_000.png", "epoch_002.png"]  # runs 1 and 3 of 3
     assert np.asarray(Image.open(files[0])).shape == (*grid_size(1, 4, data.num_classes), 3)  # + CRF panel
+
+
+def test_a_second_validation_in_one_epoch_gets_its_own_picture(tmp_path):
+    gallery = PredictionGallery(num_images=1, confusion_matrix=False, iou_table=False, crf=False)
+    fit_with_gallery(tmp_path, gallery, epochs=1, limit_train_batches=2, val_check_interval=1)
+    names = sorted(p.name for p in (tmp_path / "gallery").iterdir())
+    assert names == ["epoch_000.png", "epoch_000_step0000002.png"]  # validations after steps 1 and 2
 
 
 class KeepConfusion(Callback):
