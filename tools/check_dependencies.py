@@ -29,6 +29,9 @@ import tomllib  # Python >= 3.11; CI runs 3.11
 from packaging.requirements import Requirement
 
 FIRST_PARTY = {"deeplab_lit", "tests", "benchmarks", "tools", "hubconf"}
+#: Core dependencies whose floor .ci/floors installs and tests (the package registry serves them with
+#: wheels for this Python; torch/torchvision are pinned by the machine, the rest are not API-sensitive).
+TESTED_FLOORS = ("lightning", "torchmetrics", "albumentations", "jsonargparse")
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,27 @@ def problems(root: Path) -> list[str]:
     return found
 
 
+def floors(pyproject: Path) -> list[str]:
+    """Return ``name[extras]==floor`` of the :data:`TESTED_FLOORS` core dependencies (their ``>=`` bound)."""
+    pins = []
+    for text in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+        requirement = Requirement(text)
+        if normalize(requirement.name) in TESTED_FLOORS:
+            (low,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+            pins.append(f"{requirement.name}{extras}=={low}")
+    return pins
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the problems under ROOT (default: the current folder); 1 if there are any."""
+    """Print the problems under ROOT (default: the current folder); 1 if there are any.
+
+    ``--floors`` prints the pins that install the tested floors instead, one per line.
+    """
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--floors"]:
+        print("\n".join(floors(Path(args[1] if len(args) > 1 else ".") / "pyproject.toml")))
+        return 0
     root = Path(args[0] if args else ".").resolve()
     found = problems(root)
     for line in found:
