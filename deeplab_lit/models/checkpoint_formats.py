@@ -227,7 +227,7 @@ def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None
             ``http(s)://``/``file://``/``ftp://`` URL, downloaded once into torch's cache (see
             :mod:`deeplab_lit.models.download`).
         sha256: The file's SHA-256 (or a prefix), checked if given; for URLs, a ``-<hex>`` prefix in the
-            file name (torchvision's convention) is checked too.
+            file name (torchvision's convention) is checked too. A registered name uses its entry's.
 
     Raises:
         FileNotFoundError: a local path that does not exist.
@@ -271,6 +271,20 @@ def _as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
+def entry_options(entry: WeightsEntry) -> dict[str, Any]:
+    """The entry's architecture options, checked to be ones the builders know (:data:`OPTIONS`).
+
+    Raises:
+        ValueError: an option no builder takes (a typo would otherwise be ignored silently).
+    """
+    unknown = sorted(set(entry.options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"Weights {entry.name!r} name unknown architecture options {unknown}; known: {', '.join(OPTIONS)}"
+        )
+    return dict(entry.options)
+
+
 def _read_named(entry: WeightsEntry) -> Checkpoint:
     """Read a registered entry's file and check that it holds what the entry says; the entry completes it.
 
@@ -278,11 +292,12 @@ def _read_named(entry: WeightsEntry) -> Checkpoint:
     implies (a plain state dict implies little); where both say something they must agree, else the file is
     not the one registered. The checkpoint's ``source`` is the name, which messages and ``weights:`` show.
     """
+    options = entry_options(entry)
     checkpoint = read_checkpoint(weights_file(entry))
     version = class_version(entry.module_class)
     found = dict(checkpoint.options, version=checkpoint.version, num_classes=checkpoint.num_classes,
                  normalization=checkpoint.normalization)  # fmt: skip
-    claimed = dict(entry.options, version=version, num_classes=entry.num_classes,
+    claimed = dict(options, version=version, num_classes=entry.num_classes,
                    normalization=entry.normalization)  # fmt: skip
     conflicts = [
         f"{key}={found[key]!r} (the entry says {value!r})"
@@ -299,7 +314,7 @@ def _read_named(entry: WeightsEntry) -> Checkpoint:
             f"Weights {entry.name!r}: the file {checkpoint.source!r} ({checkpoint.description}) is not what "
             f"the entry describes: {'; '.join(conflicts)}. {fix}"
         )
-    options = {**entry.options, **checkpoint.options}
+    options.update(checkpoint.options)
     description = f"{checkpoint.description}, registered as {entry.name}"
     return replace(
         checkpoint, source=entry.name, description=description, version=version, options=options,

@@ -121,6 +121,9 @@ class WeightsEntry:
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
 
+    def __hash__(self) -> int:  # the generated one would hash the (unhashable) read-only mappings
+        return hash(self.name)
+
     @property
     def path(self) -> Path:
         """Where the file is kept, or must be put by hand when it cannot be downloaded."""

@@ -31,6 +31,7 @@ from deeplab_lit.models.checkpoint_formats import (
     Checkpoint,
     UnsafeCheckpointError,
     class_version,
+    entry_options,
     read_checkpoint,
 )
 from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
@@ -307,7 +308,7 @@ def build_published(name: str, *, pretrained: bool = True) -> nn.Module:
     if version is None:
         raise ValueError(f"Weights {name!r}: module_class {entry.module_class!r} is no DeepLab version")
     builder = BUILDERS[version]
-    model = builder(**builder_kwargs(builder, {**entry.options, "num_classes": entry.num_classes}))
+    model = builder(**builder_kwargs(builder, {**entry_options(entry), "num_classes": entry.num_classes}))
     if pretrained:
         load_weights(model, name, num_classes=entry.num_classes)
         model.eval()

@@ -267,3 +267,7 @@ def test_registering_refuses_taken_names_and_file_names_and_bad_entries(tmp_path
         dataclasses.replace(entry, name="Tiny", sha256="xyz", class_names=("a", "b"))
     with pytest.raises(TypeError):
         entry.options["backbone"] = "resnet50"  # type: ignore[index]  # entries are read-only
+    typo = register(dataclasses.replace(entry, name="tiny_v3.typo", file_name="b.pth",
+                                        options={**TINY_OPTIONS, "outputstride": 8}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"tiny_v3\.typo.* unknown architecture options \['outputstride'\]"):
+        build_published(typo.name, pretrained=False)
