@@ -283,9 +283,9 @@ def with_named_weights(words: list[str]) -> list[str] | None:
 
     The model class, its architecture, class names and normalisation come from the registry entry
     (:mod:`deeplab_lit.models.registry`); the images from ``PATH`` (a file, folder or glob); the masks go
-    to ``--output`` (default ``predictions``); no logger. Other options are passed on after these, so they
-    override. ``--list-weights`` prints the registered names and returns None. Words without ``--weights``
-    are returned unchanged.
+    to ``--output`` (default ``predictions``), with the run's ``config.yaml``; no logger. Other options
+    are passed on after these, so they override. ``--list-weights`` prints the registered names and
+    returns None. Words without ``--weights`` are returned unchanged.
     """
     from deeplab_lit.models import registry
 
@@ -307,25 +307,30 @@ def with_named_weights(words: list[str]) -> list[str] | None:
         )
     if "--ckpt_path" in given or "--config" in given or "-c" in given:
         raise SystemExit("predict --weights takes the model from the registry: drop --ckpt_path/--config")
-    entry = registry.get_weights(name)
+    try:
+        entry = registry.get_weights(name)
+    except registry.UnknownWeightsError as err:
+        raise SystemExit(str(err)) from None
     if entry.data_class is None:
         raise SystemExit(
             f"{name} predicts {entry.num_classes} classes that no data module names ({entry.data}): it is "
             f"published to start training from; fine-tune it with model.init_args.weights: {name}"
         )
     model = {"class_path": entry.module_class, "init_args": entry.module_options()}
-    data = {
-        "class_path": entry.data_class,
-        "init_args": {"predict_path": positionals[0], "normalization": entry.normalization.to_dict()},
-    }
+    # root: the data set's folder, which the data modules require and predict never reads
+    normalization = entry.normalization.to_dict()
+    data_options = {"root": ".", "predict_path": positionals[0], "normalization": normalization}
+    data = {"class_path": entry.data_class, "init_args": data_options}
     rest = [word for option, value in options if option not in ("--weights", "--output")
             for word in ((option,) if value is None else (f"{option}={value}",))]  # fmt: skip
+    output = given.get("--output") or "predictions"
     return [
         "predict",
         f"--model={json.dumps(model)}",
         f"--data={json.dumps(data)}",
         "--trainer.logger=false",
-        f"--prediction.output_dir={given.get('--output') or 'predictions'}",
+        f"--trainer.default_root_dir={output}",  # the run's config.yaml goes beside the masks
+        f"--prediction.output_dir={output}",
         *rest,
     ]
 
