@@ -54,7 +54,8 @@ class SegmentationModule(LightningModule):
         pretrained_backbone: ``True`` for torchvision/timm ImageNet weights, a weights-enum name, or a
             local state-dict path; ``False`` for random initialisation. With ``vgg16`` the builder also
             initialises the LargeFOV fc6/fc7 from VGG's ImageNet fc layers, subsampled (DeepLab v1 Sec. 3.1).
-        weights: Path or URL of a whole-model checkpoint to start from: this project's, torchvision's
+        weights: A registered name (``deeplabv3_resnet101.coco_voc``; :mod:`deeplab_lit.models.registry`),
+            or the path or URL of a whole-model checkpoint to start from: this project's, torchvision's
             ``deeplabv3_resnet50/101`` or kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet-101 (see
             :mod:`deeplab_lit.models.weights`). Architecture options left at their defaults are taken from
             it (e.g. ``style``, ``msc_scales``); options set to other values than it needs raise ValueError.
