@@ -1,6 +1,7 @@
 """Exact and safe resumption: an up-to-date ``last.ckpt``, random-number state in it, atomic writes.
 
-``BestAndLastCheckpoint`` is Lightning's ``ModelCheckpoint`` with ``last.ckpt`` always the newest state.
+``BestAndLastCheckpoint`` is Lightning's ``ModelCheckpoint`` with ``last.ckpt`` always the newest state,
+written by a second, plain ``ModelCheckpoint`` that it drives (public API only).
 Since Lightning 2.2, ``save_last=True`` writes ``last.ckpt`` only "whenever a checkpoint file gets saved",
 i.e. with ``monitor: val/mIoU`` only when the score improved: a run that stops improving keeps an old
 ``last.ckpt`` and ``--ckpt_path last`` would silently go back to its last improvement. The CLI's
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import random
 import shutil
@@ -66,37 +68,124 @@ warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but the
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also refreshes ``last.ckpt`` when no top-k file is written (see module doc).
+    """``ModelCheckpoint`` for the best files, with ``last.ckpt`` refreshed at every validation (module doc).
 
-    Same arguments as ``ModelCheckpoint``. With ``save_last=True`` every validation (or training-epoch
-    end, when that is where this callback saves) leaves ``last.ckpt`` at the current step.
+    Same arguments as ``ModelCheckpoint``. With ``save_last=True``, ``last.ckpt`` is written by a second,
+    plain ``ModelCheckpoint`` (``filename="last"``, no monitor, top 1, the same folder, file system,
+    ``save_weights_only``, ``save_on_train_epoch_end`` and ``enable_version_counter``) that this one
+    drives through its public hooks: so every validation (or training-epoch end, when that is where
+    this callback saves) leaves ``last.ckpt`` at the current step, whatever the score, and Lightning's
+    own ``save_last`` (a copy only when a best file is written) is off (``save_last`` reads False).
+    ``last_model_path`` is that file. ``save_last="link"`` is Lightning's (a link to the newest best
+    file). The schedule is the default one, every validation: ``every_n_train_steps`` or
+    ``train_time_interval`` steer the best files only.
     """
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Save top-k as usual, then ``last.ckpt`` if it was not saved at this step."""
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+    def __init__(self, **kwargs: Any) -> None:
+        """Take ``ModelCheckpoint``'s arguments, by name (see the class doc)."""
+        options = inspect.signature(ModelCheckpoint).bind(**kwargs)
+        options.apply_defaults()
+        newest = options.arguments["save_last"] is True
+        if newest:
+            kwargs["save_last"] = False
+        self._newest: ModelCheckpoint | None = None  # before super().__init__, which sets last_model_path
+        self._last_model_path = ""
+        super().__init__(**kwargs)
+        if newest:
+            self._newest = ModelCheckpoint(
+                dirpath=options.arguments["dirpath"],
+                filename=self.CHECKPOINT_NAME_LAST,
+                save_weights_only=options.arguments["save_weights_only"],
+                save_on_train_epoch_end=options.arguments["save_on_train_epoch_end"],
+                enable_version_counter=options.arguments["enable_version_counter"],
+            )
+
+    @property  # an attribute in ModelCheckpoint
+    def last_model_path(self) -> str:
+        """The newest ``last.ckpt`` this callback wrote (or the resumed run's), ``""`` before the first."""
+        return self._newest.best_model_path if self._newest is not None else self._last_model_path
+
+    @last_model_path.setter
+    def last_model_path(self, path: str) -> None:
+        self._last_model_path = path
+
+    # ModelCheckpoint's hooks, each passed on to the last.ckpt checkpoint after the best files' turn
+    # (tests/callbacks/test_resume.py checks that no hook ModelCheckpoint implements is left out).
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the folder, then give it to the ``last.ckpt`` checkpoint too."""
+        super().setup(trainer, pl_module, stage)
+        if self._newest is not None:
+            self._newest.dirpath = self.dirpath
+            self._newest.setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start both checkpoints' clocks."""
+        super().on_train_start(trainer, pl_module)
+        if self._newest is not None:
+            self._newest.on_train_start(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Step-triggered best files; the ``last.ckpt`` checkpoint has no step trigger."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._newest is not None:
+            self._newest.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Save top-k as usual, then ``last.ckpt`` if it was not saved at this step."""
+        """Best files, then ``last.ckpt``, when this is where the callback saves."""
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
+        if self._newest is not None:
+            self._newest.on_train_epoch_end(trainer, pl_module)
 
-    def _refresh_last(self, trainer: Trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips if saved this step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Best files, then ``last.ckpt``, when this is where the callback saves."""
+        super().on_validation_end(trainer, pl_module)
+        if self._newest is not None:
+            self._newest.on_validation_end(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """``save_on_exception`` is the best files' option."""
+        super().on_exception(trainer, pl_module, exception)
+        if self._newest is not None:
+            self._newest.on_exception(trainer, pl_module, exception)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Pass the end of training on."""
+        super().on_train_end(trainer, pl_module)
+        if self._newest is not None:
+            self._newest.on_train_end(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """ModelCheckpoint's state, with the ``last.ckpt`` checkpoint's under ``"newest"``."""
+        state = super().state_dict()
+        if self._newest is not None:
+            state["newest"] = self._newest.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore both; a checkpoint from before the split names its ``last.ckpt`` in ``last_model_path``."""
+        super().load_state_dict(state_dict)
+        if self._newest is None:
+            return
+        if "newest" in state_dict:
+            self._newest.load_state_dict(state_dict["newest"])
+        elif state_dict.get("dirpath", self.dirpath) == self.dirpath:  # so the resumed run overwrites it
+            self._newest.best_model_path = state_dict.get("last_model_path", "")
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """Return the ``last*.ckpt`` files for ``ckpt_path="last"``, saying plainly when there is none.
 
-        Lightning calls this private method only to resolve ``ckpt_path="last"`` (checked up to 2.6, hence
-        the upper bound on lightning) and, when it finds nothing, warns with a hint about ``save_last``
-        that does not apply here. ``fit`` then starts a new run, on purpose, so that a cluster script can
-        always pass ``--ckpt_path last`` (the first submission starts, a requeued one resumes): this says
-        so, naming the folder that was searched. ``validate``/``test``/``predict`` have nothing to evaluate
-        without a checkpoint: a FileNotFoundError naming the folder.
+        Lightning calls this private method only to resolve ``ckpt_path="last"`` and, when it finds
+        nothing, warns with a hint about ``save_last`` that does not apply here. ``fit`` then starts a
+        new run, on purpose, so that a cluster script can always pass ``--ckpt_path last`` (the first
+        submission starts, a requeued one resumes): this says so, naming the folder that was searched.
+        ``validate``/``test``/``predict`` have nothing to evaluate without a checkpoint: a
+        FileNotFoundError naming the folder.
+
+        Private on purpose: no public hook sees ``ckpt_path="last"`` before Lightning resolves it
+        (``trainer.ckpt_path`` is then None, as without any checkpoint). Checked in lightning 2.6.6, the
+        installed one; the upper bound on lightning in pyproject.toml covers it.
         """
         found = super()._find_last_checkpoints(trainer)
         if found or _other_last_checkpoints(trainer, self):

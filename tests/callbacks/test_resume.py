@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -50,6 +50,45 @@ def test_last_ckpt_follows_the_newest_state_even_without_improvement(tmp_path):
                           enable_model_summary=False, callbacks=[callback])  # fmt: skip
         trainer.fit(WorseningModule(), data, data)
         assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == expected_step
+
+
+def test_every_hook_of_model_checkpoint_reaches_the_last_ckpt_checkpoint():
+    """``last.ckpt`` is a second ModelCheckpoint driven through the hooks: a hook that a newer Lightning
+    adds to ModelCheckpoint and this class does not pass on would silently never reach it."""
+    hooks = {name for name, value in vars(Callback).items() if callable(value) and not name.startswith("_")}
+    implemented = {name for name in hooks if name in vars(ModelCheckpoint)}
+    assert implemented and implemented <= set(vars(BestAndLastCheckpoint))
+
+
+def fit_worsening(folder, epochs, ckpt_path=None):
+    data = DataLoader(torch.zeros(4, 1), batch_size=2)
+    callback = BestAndLastCheckpoint(dirpath=folder, monitor="val/score", mode="max", save_last=True)
+    trainer = Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer.fit(WorseningModule(), data, data, ckpt_path=ckpt_path)
+    return callback
+
+
+@pytest.mark.parametrize("written_by", ["this version", "the single-callback version"])
+def test_a_resumed_run_goes_on_writing_the_last_ckpt_it_resumed_from(written_by, tmp_path):
+    fit_worsening(tmp_path, epochs=1)
+    if written_by == "the single-callback version":  # whose state names last.ckpt in last_model_path only
+        checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("BestAndLastCheckpoint")]
+        del state["newest"]
+        torch.save(checkpoint, tmp_path / "last.ckpt")
+    callback = fit_worsening(tmp_path, epochs=3, ckpt_path=tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.glob("last*")) == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert callback.last_model_path == str(tmp_path / "last.ckpt")
+
+
+def test_a_new_run_keeps_an_earlier_runs_last_ckpt(tmp_path):
+    torch.save({"global_step": 99}, tmp_path / "last.ckpt")
+    callback = fit_worsening(tmp_path, epochs=2)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 99
+    assert torch.load(tmp_path / "last-v1.ckpt", weights_only=True)["global_step"] == 4
+    assert callback.last_model_path == str(tmp_path / "last-v1.ckpt") and callback.save_last is False
 
 
 # ------------------------------------------------------------------------------------ atomic checkpoints
