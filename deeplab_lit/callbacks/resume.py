@@ -89,6 +89,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if newest:
             kwargs["save_last"] = False
         self._newest: ModelCheckpoint | None = None  # before super().__init__, which sets last_model_path
+        self._newest_step = -1  # the global step of the newest last.ckpt this run wrote
         self._last_model_path = ""
         super().__init__(**kwargs)
         if newest:
@@ -129,32 +130,51 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     ) -> None:
         """Step-triggered best files; the ``last.ckpt`` checkpoint has no step trigger."""
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._newest is not None:
-            self._newest.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._pass_on("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Best files, then ``last.ckpt``, when this is where the callback saves."""
         super().on_train_epoch_end(trainer, pl_module)
-        if self._newest is not None:
-            self._newest.on_train_epoch_end(trainer, pl_module)
+        self._pass_on("on_train_epoch_end", trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Best files, then ``last.ckpt``, when this is where the callback saves."""
         super().on_validation_end(trainer, pl_module)
-        if self._newest is not None:
-            self._newest.on_validation_end(trainer, pl_module)
+        self._pass_on("on_validation_end", trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """``save_on_exception`` is the best files' option."""
         super().on_exception(trainer, pl_module, exception)
-        if self._newest is not None:
-            self._newest.on_exception(trainer, pl_module, exception)
+        self._pass_on("on_exception", trainer, pl_module, exception)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Pass the end of training on."""
+        """Pass the end of training on; leave ``last.ckpt`` at the final step.
+
+        A run that stops between validations (``max_steps`` inside an epoch, ``max_time``) would otherwise
+        end with ``last.ckpt`` at the previous validation (or none): ``--ckpt_path last`` must resume from
+        where the run stopped. Written through the trainer's public ``save_checkpoint`` (atomic with
+        :class:`AtomicCheckpointIO`).
+        """
         super().on_train_end(trainer, pl_module)
-        if self._newest is not None:
-            self._newest.on_train_end(trainer, pl_module)
+        if self._newest is None:
+            return
+        self._newest.on_train_end(trainer, pl_module)
+        if trainer.global_step > 0 and self._newest_step != trainer.global_step:
+            path = self._newest.best_model_path or os.path.join(
+                str(self._newest.dirpath), self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+            )
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)
+            self._newest.best_model_path = path
+            self._newest_step = trainer.global_step
+
+    def _pass_on(self, hook: str, trainer: Trainer, *args: Any) -> None:
+        """Call the ``last.ckpt`` checkpoint's ``hook``; remember the step when it wrote its file."""
+        if self._newest is None:
+            return
+        before = _file_version(self._newest.best_model_path)
+        getattr(self._newest, hook)(trainer, *args)
+        if _file_version(self._newest.best_model_path) != before:
+            self._newest_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         """ModelCheckpoint's state, with the ``last.ckpt`` checkpoint's under ``"newest"``."""
@@ -203,6 +223,14 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             )
             return found
         raise FileNotFoundError(f"{missing}. Give a checkpoint file instead (--ckpt_path path/to/file.ckpt).")
+
+
+def _file_version(path: str) -> tuple[str, int] | None:
+    """``(path, modification time in ns)`` of an existing file, else None: tells a rewrite apart."""
+    try:
+        return path, os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _other_last_checkpoints(trainer: Trainer, this: ModelCheckpoint) -> bool:

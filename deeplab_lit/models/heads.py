@@ -44,7 +44,9 @@ class AtrousDepthwiseConv2d(nn.Conv2d):
             # clone, not contiguous(): a (C, 1, 3, 3) channels-last weight already counts as contiguous,
             # and oneDNN would follow its strides back to the channels-last kernel
             weight = self.weight.clone(memory_format=torch.contiguous_format)
-            return self._conv_forward(x.contiguous(), weight, self.bias)
+            # Conv2d's own call for padding_mode="zeros", the only mode these layers are built with
+            x = x.contiguous()
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return super().forward(x)
 
 

@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode, fast_sgd_options
 from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.metrics import SegmentationMetrics
 from deeplab_lit.models.deeplab import builder_kwargs
-from deeplab_lit.models.fusion import fuse_conv_bn
+from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
 from deeplab_lit.models.weights import (
     Checkpoint,
     load_weights,
@@ -36,6 +34,9 @@ from deeplab_lit.models.weights import (
 )
 from deeplab_lit.modules.restore import class_defaults
 from deeplab_lit.normalization import Normalization
+
+if TYPE_CHECKING:  # annotation only: its home moved between Lightning releases
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 # Checkpoints store these small config objects in their hyper-parameters; torch.load(weights_only=True),
 # Lightning's default, refuses unknown classes, so they are declared safe to unpickle.
@@ -142,7 +143,7 @@ class SegmentationModule(LightningModule):
             self.normalization = info.normalization
         if freeze_bn:
             for module in self.backbone_modules():
-                if isinstance(module, _BatchNorm):
+                if isinstance(module, BATCHNORMS):
                     module.requires_grad_(False)
             self.train(self.training)  # frozen BatchNorm starts in eval mode
         self.metrics = nn.ModuleDict(
@@ -221,7 +222,7 @@ class SegmentationModule(LightningModule):
         super().train(mode)
         if mode and self.hparams["freeze_bn"]:
             for module in self.backbone_modules():
-                if isinstance(module, _BatchNorm):
+                if isinstance(module, BATCHNORMS):
                     module.eval()
         return self
 
