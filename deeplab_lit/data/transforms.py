@@ -11,7 +11,6 @@ Output of every pipeline: ``image`` float32 ``(3, H, W)`` normalised, ``mask`` i
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -28,17 +27,6 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from deeplab_lit.normalization import IMAGENET, Normalization
 
 IGNORE_INDEX = 255
-
-
-def _pad_fill_kwargs(image_fill: tuple[int, ...], mask_fill: int) -> dict[str, Any]:
-    """Constant-padding arguments in the names the installed albumentations uses.
-
-    albumentations >= 1.4.21 calls them ``fill``/``fill_mask``; older releases ``value``/``mask_value``.
-    """
-    params = inspect.signature(A.PadIfNeeded.__init__).parameters
-    if "fill" in params:
-        return {"fill": image_fill, "fill_mask": mask_fill}
-    return {"value": image_fill, "mask_value": mask_fill}
 
 
 class SegmentationTransform:
@@ -121,7 +109,8 @@ def train_transform(
             min_width=crop_size,
             position="top_left",
             border_mode=cv2.BORDER_CONSTANT,
-            **_pad_fill_kwargs(mean_pixel, IGNORE_INDEX),
+            fill=mean_pixel,
+            fill_mask=IGNORE_INDEX,
         ),
         A.RandomCrop(height=crop_size, width=crop_size),
         A.HorizontalFlip(p=0.5),
