@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from deeplab_lit.data import synthetic
 from deeplab_lit.data.synthetic import MANIFEST, SYNTHETIC_CLASSES, generate_synthetic
@@ -101,3 +101,17 @@ def test_colour_does_not_tell_the_class(tmp_path):
             mean_colours.setdefault(int(label), []).append(image[mask == label].mean(0))
     spreads = [np.std(np.array(c), axis=0).mean() for c in mean_colours.values() if len(c) >= 3]
     assert len(spreads) >= 3 and min(spreads) > 30  # each class appears in widely varying colours
+
+
+def test_shapes_never_touch_each_other():
+    """Every shape is whole: no two shapes overlap or touch (an occluded shape could be any class)."""
+    for index in range(40):
+        rng = np.random.default_rng([0, index])
+        _, mask = synthetic.render_sample(rng, 64, max_objects=4, void_border=False)
+        labels = set(np.unique(mask).tolist()) - {0}
+        for label in labels:
+            grown = np.asarray(
+                Image.fromarray((mask == label).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))
+            )
+            others = (mask != label) & (mask != 0)
+            assert not (others & (grown > 127)).any(), f"sample {index}: class {label} touches another class"
