@@ -1,4 +1,4 @@
-"""Command line: ``python -m deeplab_lit {fit,validate,test,predict} --config experiments/X.yaml``.
+"""Command line: ``deeplab-lit {fit,validate,test,predict} --config experiments/X.yaml``.
 
 LightningCLI in subclass mode: ``model.class_path`` picks the DeepLab version, ``data.class_path`` the
 data set, and every ``__init__`` argument is a config key (``--print_config`` shows them all). The
@@ -13,7 +13,7 @@ run a new version folder). The resolved config goes to ``config.yaml`` and to ev
 :class:`~deeplab_lit.callbacks.PredictionWriter` (``prediction.*`` options, e.g.
 ``--prediction.output_dir out/``); logits are not also kept in memory unless ``--return_predictions true``.
 
-``python -m deeplab_lit export --config X.yaml [--ckpt_path Y] --output model.onnx [--exporter torchscript]``
+``deeplab-lit export --config X.yaml [--ckpt_path Y] --output model.onnx [--exporter torchscript]``
 builds the config's model, loads ``--ckpt_path`` (this project's, torchvision's or kazuto1011's checkpoint;
 without it, the config's ``model.init_args.weights``) and writes ONNX with dynamic batch, height and width
 (:func:`deeplab_lit.export.export_onnx`).
@@ -362,7 +362,7 @@ def _export_parser() -> ArgumentParser:
     ``trainer`` and the rest are read and ignored), so no data set and no trainer are built.
     """
     parser = ArgumentParser(
-        prog="python -m deeplab_lit export",
+        prog=f"{PROG} export",
         description="Write a DeepLab network as ONNX (dynamic batch, height, width), checked in onnxruntime.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A training config (its model section)")
@@ -387,7 +387,7 @@ def _configured_normalization(data: Any) -> Normalization | None:
 
 
 def export(words: list[str]) -> Path:
-    """``python -m deeplab_lit export``: build the network, load ``--ckpt_path``, write ``--output``."""
+    """``deeplab-lit export``: build the network, load ``--ckpt_path``, write ``--output``."""
     parser = _export_parser()
     config = parser.parse_args(words)
     check_writable(config.output, "the ONNX file", "--output", is_file=True)

@@ -1,6 +1,6 @@
 """``PredictionWriter``: ``predict`` writes a palette PNG of the labels and an overlay for every image.
 
-``python -m deeplab_lit predict --config X.yaml --ckpt_path best.ckpt --data.init_args.predict_path photos/
+``deeplab-lit predict --config X.yaml --ckpt_path best.ckpt --data.init_args.predict_path photos/
 --prediction.output_dir out/`` turns a file, a folder or a glob of images into, per image,
 
 - ``out/<name>.png``: the label mask as a palette ("P") PNG, one class index per pixel, coloured with the
