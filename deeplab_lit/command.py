@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 PROG = "deeplab-lit"
 DESCRIPTION = (
@@ -56,15 +55,20 @@ def front_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: Sequence[str] | None = None) -> Any:
-    """Run ``deeplab-lit``: help and version here, subcommands in :func:`deeplab_lit.cli.main`."""
+def main(args: Sequence[str] | None = None) -> int:
+    """Run ``deeplab-lit``: help and version here, subcommands in :func:`deeplab_lit.cli.main`.
+
+    Returns the exit status 0 (errors exit through ``SystemExit`` or an exception): the console script
+    passes the return value to ``sys.exit``, where anything else would print it and exit with status 1.
+    """
     words = list(sys.argv[1:] if args is None else args)
     if not words or words[0] in ("-h", "--help", "--version"):
         parser = front_parser()
         if not words:
             parser.print_help()
-            return None
-        return parser.parse_args(words)  # prints and exits
+            return 0
+        parser.parse_args(words)  # prints and exits
     from deeplab_lit.cli import main as run_cli
 
-    return run_cli(words)
+    run_cli(words)
+    return 0

@@ -134,3 +134,12 @@ def test_the_w_and_b_logger_without_wandb_says_how_to_install_it_or_log_elsewher
     result = run([sys.executable, "-c", code])
     assert result.returncode != 0
     assert "pip install 'deeplab-lit[wandb]'" in result.stderr and "--trainer.logger=false" in result.stderr
+
+
+def test_the_console_entry_returns_exit_status_zero_whatever_the_cli_returns(monkeypatch):
+    """The console script calls sys.exit(main()): an object there (the CLI) would exit with status 1."""
+    import deeplab_lit.cli
+    from deeplab_lit.command import main
+
+    monkeypatch.setattr(deeplab_lit.cli, "main", lambda words: object())  # what a finished fit returns
+    assert main(["fit", "--config", "x.yaml"]) == 0
