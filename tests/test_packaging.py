@@ -143,3 +143,16 @@ def test_the_console_entry_returns_exit_status_zero_whatever_the_cli_returns(mon
 
     monkeypatch.setattr(deeplab_lit.cli, "main", lambda words: object())  # what a finished fit returns
     assert main(["fit", "--config", "x.yaml"]) == 0
+
+
+def test_the_command_line_imports_neither_timm_nor_wandb_for_a_resnet_run():
+    """timm (~1 s) only when a timm layer is built or converted, wandb only when a W&B logger is made."""
+    result = run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, deeplab_lit.cli; print(sorted({'timm', 'wandb'} & set(sys.modules)))",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ Pairs are found by structure, never guessed from names alone:
   followed by a ``BatchNorm2d``;
 - in modules whose ``forward`` is known to apply a convolution then its BatchNorm directly: torchvision's
   ResNet blocks (``conv1/bn1``, ...), our :class:`~deeplab_lit.models.backbones.ResNetBackbone` stem, timm's
-  ``ConvNormAct`` and aligned-Xception ``SeparableConv2d`` (see :data:`FUSABLE_PAIRS`).
+  ``ConvNormAct`` and aligned-Xception ``SeparableConv2d`` (see :func:`_fusable_pairs`).
 
 A folded BatchNorm becomes ``nn.Identity``; timm's ``BatchNormAct2d`` (BatchNorm + dropout + activation)
 becomes its dropout and activation. This covers every layer of every DeepLab version's model (VGG-16 has
@@ -22,10 +22,9 @@ no BatchNorm). Use it for predict and export only: the folded model has no Batch
 from __future__ import annotations
 
 import copy
+import sys
 from typing import TypeGuard
 
-from timm.layers import BatchNormAct2d, ConvNormAct
-from timm.models.xception_aligned import SeparableConv2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -39,9 +38,24 @@ FUSABLE_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
     Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
     ResNet: (("conv1", "bn1"),),
     ResNetBackbone: (("conv1", "bn1"),),
-    ConvNormAct: (("conv", "bn"),),
-    SeparableConv2d: (("conv_dw", "bn_dw"), ("conv_pw", "bn_pw")),
 }
+
+
+def _timm_loaded() -> bool:
+    """Whether timm is imported: a model holds timm layers only then, and importing it costs ~1 s."""
+    return "timm" in sys.modules
+
+
+def _fusable_pairs() -> dict[type[nn.Module], tuple[tuple[str, str], ...]]:
+    """:data:`FUSABLE_PAIRS`, plus timm's ``ConvNormAct`` and Xception ``SeparableConv2d`` once loaded."""
+    if not _timm_loaded():
+        return FUSABLE_PAIRS
+    from timm.layers import ConvNormAct
+    from timm.models.xception_aligned import SeparableConv2d
+
+    separable = (("conv_dw", "bn_dw"), ("conv_pw", "bn_pw"))
+    return {**FUSABLE_PAIRS, ConvNormAct: (("conv", "bn"),), SeparableConv2d: separable}
+
 
 #: ``nn.Sequential`` subclasses with their own ``forward`` that still run their children in order.
 SEQUENTIAL_FORWARD: tuple[type[nn.Module], ...] = (ASPPPooling,)
@@ -76,8 +90,11 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def _replacement(bn: nn.Module) -> nn.Module:
     """Return what stays of a folded BatchNorm: nothing, or timm's dropout + activation."""
-    if isinstance(bn, BatchNormAct2d):
-        return nn.Sequential(bn.drop, bn.act)
+    if _timm_loaded():
+        from timm.layers import BatchNormAct2d
+
+        if isinstance(bn, BatchNormAct2d):
+            return nn.Sequential(bn.drop, bn.act)
     return nn.Identity()
 
 
@@ -91,7 +108,7 @@ def _fold_children(module: nn.Module) -> int:
                 module[index] = fuse_conv_bn_eval(conv, bn)
                 module[index + 1] = _replacement(bn)
                 folded += 1
-    for kind, pairs in FUSABLE_PAIRS.items():
+    for kind, pairs in _fusable_pairs().items():
         if isinstance(module, kind):
             for conv_name, bn_name in pairs:
                 conv, bn = getattr(module, conv_name), getattr(module, bn_name)
