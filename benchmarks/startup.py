@@ -38,7 +38,7 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True)
             times[name].append(time.perf_counter() - start)
-    print(f"load average before/after: {os.getloadavg()[0]:.2f}; {args.rounds} rounds, {os.cpu_count()} CPUs")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; {args.rounds} rounds, {os.cpu_count()} CPUs")
     base = statistics.median(times["import lightning.pytorch"])
     for name, values in times.items():
         median = statistics.median(values)
