@@ -38,7 +38,8 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True)
             times[name].append(time.perf_counter() - start)
-    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; {args.rounds} rounds, {os.cpu_count()} CPUs")
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) at the end: {load:.2f}; {args.rounds} rounds, {os.cpu_count()} CPUs")
     base = statistics.median(times["import lightning.pytorch"])
     for name, values in times.items():
         median = statistics.median(values)
