@@ -37,11 +37,14 @@ class RunSummary(Callback):
         """Remember the best value of the monitored metric and of the CRF's figures seen so far."""
         if trainer.sanity_checking:
             return
-        for name, value in trainer.callback_metrics.items():
-            if name in (self.monitor, f"{self.monitor}_crf", f"{self.monitor}_crf_baseline"):
-                number = float(value)
-                if math.isfinite(number) and number > self.best.get(name, (-math.inf, 0))[0]:
-                    self.best[name] = (number, trainer.current_epoch)
+        metrics, epoch = trainer.callback_metrics, trainer.current_epoch
+        crf, baseline = f"{self.monitor}_crf", f"{self.monitor}_crf_baseline"
+        for name in (self.monitor, crf):
+            number = float(metrics[name]) if name in metrics else math.nan
+            if math.isfinite(number) and number > self.best.get(name, (-math.inf, 0))[0]:
+                self.best[name] = (number, epoch)
+                if name == crf and baseline in metrics:  # the same images without the CRF, same epoch
+                    self.best[baseline] = (float(metrics[baseline]), epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Keep the best figures in checkpoints, so a resumed run reports over the whole run."""
