@@ -126,10 +126,11 @@ class DeepLabCLI(LightningCLI):
         """Do nothing: :meth:`reconcile_checkpoint` has combined the checkpoint's options with the user's.
 
         Overrides a private LightningCLI method (lightning >= 2.5 calls it from ``LightningCLI.__init__``
-        after parsing; older releases have none) because it merges the checkpoint's hyper-parameters over
-        the user's: an evaluation option given on the command line did nothing, and another model class
-        silently evaluated the checkpoint's. Checked on lightning 2.4-2.6, hence the upper bound in
-        pyproject.toml: a release that renames it would merge again (tests/modules/test_restore.py fails).
+        after parsing; 2.4 has none) because it merges the checkpoint's hyper-parameters over the user's:
+        an evaluation option given on the command line did nothing, and another model class silently
+        evaluated the checkpoint's. Checked on lightning 2.6.0 and 2.6.6 (the floor and the newest), hence
+        the upper bound in pyproject.toml: a release that renames it would merge again
+        (tests/modules/test_restore.py fails).
         """
 
     def before_instantiate_classes(self) -> None:
@@ -216,15 +217,29 @@ def _checkpoint_file(config: Namespace) -> Path | None:
     return Path(ckpt_path)
 
 
+def _split_words(words: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """Split ``words`` into ``(--option, value)`` pairs (value None for a bare flag) and positionals."""
+    options: list[tuple[str, str | None]] = []
+    positionals: list[str] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word.startswith("--") and "=" in word:
+            name, value = word.split("=", 1)
+            options.append((name, value))
+        elif word.startswith("-"):
+            has_value = index + 1 < len(words) and not words[index + 1].startswith("--")
+            options.append((word, words[index + 1] if has_value else None))
+            index += has_value
+        else:
+            positionals.append(word)
+        index += 1
+    return options, positionals
+
+
 def _option_value(words: list[str], name: str) -> str | None:
     """Return the value of ``--name X`` or ``--name=X`` in ``words`` (the last one), None if absent."""
-    found = None
-    for index, word in enumerate(words):
-        if word == f"--{name}" and index + 1 < len(words):
-            found = words[index + 1]
-        elif word.startswith(f"--{name}="):
-            found = word.split("=", 1)[1]
-    return found
+    return dict(_split_words(words)[0]).get(f"--{name}")
 
 
 def _gives(words: list[str], group: str) -> bool:
@@ -265,26 +280,6 @@ PREDICT_DESCRIPTION = (
     "any option below still applies, e.g. --model.init_args.inference.flip true). From a run: "
     "predict --ckpt_path best.ckpt --data.init_args.predict_path photos/."
 )
-
-
-def _split_words(words: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """Split ``words`` into ``(--option, value)`` pairs (value None for a bare flag) and positionals."""
-    options: list[tuple[str, str | None]] = []
-    positionals: list[str] = []
-    index = 0
-    while index < len(words):
-        word = words[index]
-        if word.startswith("--") and "=" in word:
-            name, value = word.split("=", 1)
-            options.append((name, value))
-        elif word.startswith("-"):
-            has_value = index + 1 < len(words) and not words[index + 1].startswith("--")
-            options.append((word, words[index + 1] if has_value else None))
-            index += has_value
-        else:
-            positionals.append(word)
-        index += 1
-    return options, positionals
 
 
 def with_named_weights(words: list[str]) -> list[str] | None:

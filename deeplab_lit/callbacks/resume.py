@@ -158,7 +158,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self._newest is None:
             return
-        self._newest.on_train_end(trainer, pl_module)
+        self._pass_on("on_train_end", trainer, pl_module)
         if trainer.global_step > 0 and self._newest_step != trainer.global_step:
             path = self._newest.best_model_path or os.path.join(
                 str(self._newest.dirpath), self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION

@@ -96,7 +96,7 @@ class RunSummary(Callback):
 
 def _checkpoint_callback(trainer: Trainer) -> ModelCheckpoint | None:
     """Return the trainer's checkpoint callback that saved a best model (else the first one), or None."""
-    found = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]  # type: ignore[attr-defined]
+    found = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     return next((c for c in found if c.best_model_path), found[0] if found else None)
 
 
