@@ -146,6 +146,28 @@ class PermutohedralLattice:
             out.slice = _csr(t.crow_indices(), t.col_indices(), t.values() * after[rows], t.shape)
         return out
 
+    def transposed(self) -> PermutohedralLattice:
+        """Return a copy whose :meth:`filter` is the exact transpose (adjoint) of this one's.
+
+        The filter is ``slice @ blur_d ... blur_0 @ splat`` with ``slice = alpha * splat^T`` and every blur
+        symmetric, so its transpose is the same product with the blurs in reverse order (the blurs along
+        different lattice directions do not commute where vertices are missing, so the filter itself is
+        not exactly symmetric). A copy made by :meth:`scaled` has its factors swapped in the transpose:
+        take the transpose before scaling. Used by the differentiable CRF's backward pass.
+        """
+        out = copy.copy(self)
+        out.blurs = self.blurs[::-1]
+        return out
+
+    def to(self, dtype: torch.dtype) -> PermutohedralLattice:
+        """Return a copy whose matrices hold ``dtype`` values (float64 for gradient checks); same indices."""
+        out = copy.copy(self)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            out.splat, out.slice = self.splat.to(dtype), self.slice.to(dtype)
+            out.blurs = [blur.to(dtype) for blur in self.blurs]
+        return out
+
 
 def _product(sparse: Tensor, dense: Tensor, out: Tensor) -> None:
     """Compute ``out = sparse @ dense`` in place.

@@ -1,0 +1,381 @@
+"""The dense CRF as a trainable layer: mean-field inference unrolled as a recurrent network (CRF-as-RNN).
+
+Zheng et al., "Conditional Random Fields as Recurrent Neural Networks" (ICCV 2015), Sec. 4: each mean-field
+iteration of the fully-connected CRF is a stack of differentiable operations, so ``T`` unrolled iterations
+can be trained with the network, learning the kernels' weights and a class-compatibility matrix instead of
+grid-searching them. Here the Gaussian filtering of every iteration is the *exact* permutohedral lattice of
+the offline ``torch`` backend (:mod:`~deeplab_lit.crf.permutohedral`, equal to pydensecrf's), on the CPU or
+the GPU, for a whole batch at once.
+
+One iteration, for network logits ``L`` (``N, C, H, W``; ``Q_0 = softmax(L)``)::
+
+    m_t     = sum_k w_k D_k^-1/2 K_k D_k^-1/2 Q_t     (k: spatial and bilateral kernel, Sec. 4.1)
+    Z_t+1   = L - m_t mu^T                           (compatibility transform, mu is C x C)
+    Q_t+1   = softmax(Z_t+1)
+
+and the layer returns ``Z_T``: logits whose softmax is the CRF's marginals. Initialised with a preset's
+weights and the Potts compatibility ``mu = 1 - I``, ``Z_T`` differs from the offline backend's energy by a
+per-pixel constant, so the marginals are the same (:func:`~deeplab_lit.crf.dense_crf` clamps the
+probabilities at ``PROB_EPS`` before ``-log``; where every probability is above it, the two agree).
+
+The backward pass is one custom ``autograd.Function`` over all iterations. It keeps only the marginals
+``Q_0 .. Q_T-1`` (``T`` tensors the size of the logits) and no lattice buffers: the filter's transpose is
+the same lattice with its blurs in reverse order (:meth:`PermutohedralLattice.transposed`), so the gradient
+of ``K Q`` is one more filtering of the incoming gradient. Per iteration the backward filters twice per
+kernel (the transposed filter, and the forward one again when the compatibility learns): forward plus
+backward costs about three forward passes, and the memory is ``T + 2`` logits plus the lattices.
+
+The kernels' bandwidths are fixed by default. With ``learn_bandwidths=True`` their logarithms learn too,
+with the gradient of the Gaussian kernel ``exp(-|f_i - f_j|^2 / 2)`` (features ``f`` divided by the
+bandwidths), in which the lattice stands for the Gaussian: the lattice's own output is piecewise linear
+in the features, so this is the gradient of what it approximates, not of its interpolation. It costs the
+bilateral filter on ``d + 3`` times the channels per iteration of the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deeplab_lit.crf.mean_field import grid_features, pixel_features
+from deeplab_lit.crf.params import CRFParams
+from deeplab_lit.crf.permutohedral import PermutohedralLattice
+
+#: Gaussian filters: ``"lattice"`` (permutohedral, linear in the pixels) or ``"exact"`` (the dense
+#: ``P x P`` Gaussian: a reference for tiny images, and for checking the bandwidth gradients).
+FILTERS = ("lattice", "exact")
+#: Names of the kernels, in the order of :attr:`CRFasRNN.kernel_weights`.
+KERNELS = ("spatial", "bilateral")
+#: Names of the bandwidths, in the order of :attr:`CRFasRNN.log_bandwidths`.
+BANDWIDTHS = ("pos_xy_std", "bi_xy_std", "bi_rgb_std")
+
+#: The bandwidth (index in :data:`BANDWIDTHS`) that divides each group of feature dimensions.
+SPATIAL_GROUPS = ((0, (0, 1)),)
+BILATERAL_GROUPS = ((1, (0, 1)), (2, (2, 3, 4)))
+
+RawFilter = Callable[[Tensor, bool], Tensor]
+
+
+class CRFasRNN(nn.Module):
+    """Differentiable fully-connected CRF: ``layer(logits, images)`` -> refined logits (CRF-as-RNN).
+
+    Args:
+        num_classes: Classes ``C`` of the logits.
+        preset: Named parameters the layer starts from (:data:`~deeplab_lit.crf.PRESETS`): the kernels'
+            weights and bandwidths. The preset's iteration count is not used (see ``iterations``).
+        iterations: Unrolled mean-field iterations in training (5 in Zheng et al., Sec. 5).
+        eval_iterations: Iterations in eval mode; None = ``iterations``. More iterations at test time
+            converge further (the offline CRF runs 10).
+        learn_bandwidths: Learn the logarithms of the three bandwidths (spatial ``xy``, bilateral ``xy``
+            and ``rgb``) as well. Off by default: the bandwidth gradient is that of the exact Gaussian
+            (see the module docstring) and costs extra filtering.
+        filter: ``"lattice"`` (default) or ``"exact"``, the dense Gaussian, ``O((H W)^2)``: only for tiny
+            images (tests, references).
+
+    Attributes:
+        kernel_weights: ``(2,)`` weights of the spatial and the bilateral kernel (:data:`KERNELS`).
+        compatibility: ``(C, C)`` label compatibility ``mu``; initialised to the Potts model ``1 - I``.
+        log_bandwidths: ``(3,)`` logarithms of the bandwidths (:data:`BANDWIDTHS`); a parameter that
+            requires a gradient only with ``learn_bandwidths``.
+
+    Shapes:
+        ``logits`` ``(N, C, H, W)`` float; ``images`` ``(N, 3, H, W)`` uint8 RGB, the raw pixels as
+        :func:`~deeplab_lit.crf.dense_crf` takes them; output ``(N, C, H, W)`` float32 (float64 for float64
+        logits). Under autocast the layer runs in float32.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        preset: str = "deeplab_v2",
+        iterations: int = 5,
+        eval_iterations: int | None = None,
+        learn_bandwidths: bool = False,
+        filter: str = "lattice",
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"CRFasRNN needs num_classes >= 2, got {num_classes!r}")
+        for name, value in (("iterations", iterations), ("eval_iterations", eval_iterations)):
+            if value is None and name == "eval_iterations":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CRFasRNN {name} must be a positive int, got {value!r}")
+        if filter not in FILTERS:
+            raise ValueError(f"unknown CRFasRNN filter {filter!r}; expected one of {FILTERS}")
+        params = CRFParams.from_preset(preset)
+        self.num_classes = num_classes
+        self.preset = preset
+        self.iterations = iterations
+        self.eval_iterations = eval_iterations
+        self.filter = filter
+        self.kernel_weights = nn.Parameter(torch.tensor([params.pos_w, params.bi_w]))
+        self.compatibility = nn.Parameter(1.0 - torch.eye(num_classes))
+        stds = [params.pos_xy_std, params.bi_xy_std, params.bi_rgb_std]
+        self.log_bandwidths = nn.Parameter(torch.tensor(stds).log(), requires_grad=learn_bandwidths)
+
+    @property
+    def bandwidths(self) -> dict[str, float]:
+        """The current bandwidths by name (:data:`BANDWIDTHS`), in pixels and 0-255 intensity units."""
+        return dict(zip(BANDWIDTHS, self.log_bandwidths.detach().exp().tolist()))
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(model)``."""
+        learned = "learned" if self.log_bandwidths.requires_grad else "fixed"
+        return (
+            f"num_classes={self.num_classes}, preset={self.preset!r}, iterations={self.iterations}, "
+            f"eval_iterations={self.eval_iterations}, bandwidths {learned}, filter={self.filter!r}"
+        )
+
+    def forward(self, logits: Tensor, images: Tensor, iterations: int | None = None) -> Tensor:
+        """Refine ``logits`` on ``images``: ``softmax`` of the result is the CRF's marginals.
+
+        Args:
+            logits: ``(N, C, H, W)`` float class scores at the images' resolution.
+            images: ``(N, 3, H, W)`` uint8 RGB images.
+            iterations: Override the number of iterations (default: ``iterations`` in training mode,
+                ``eval_iterations`` in eval mode).
+
+        Raises:
+            TypeError: ``logits`` not floating point or ``images`` not uint8.
+            ValueError: Wrong shapes or class count.
+        """
+        self._check(logits, images)
+        if iterations is None:
+            iterations = self.iterations if self.training else (self.eval_iterations or self.iterations)
+        n, c, h, w = logits.shape
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        with torch.autocast(logits.device.type, enabled=False):
+            unary = logits.to(dtype).permute(0, 2, 3, 1).reshape(n, h * w, c)
+            if n == 0:
+                return logits.to(dtype)
+            log_bandwidths = self.log_bandwidths.to(dtype)
+            kernels = self._kernels(images, log_bandwidths.detach().exp().tolist(), dtype)
+            weights, compatibility = self.kernel_weights.to(dtype), self.compatibility.to(dtype)
+            refined = _MeanField.apply(unary, weights, compatibility, log_bandwidths, kernels, iterations)
+        return refined.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+    def _kernels(self, images: Tensor, stds: Sequence[float], dtype: torch.dtype) -> list[NormalisedKernel]:
+        """The spatial and the bilateral kernel of this batch, their features divided by ``stds``."""
+        pos_xy, bi_xy, bi_rgb = stds
+        h, w = images.shape[-2:]
+        # Features as the offline backend computes them (float32), so that both build the same lattices.
+        bilateral = pixel_features(images, bi_xy, bi_rgb)
+        if self.filter == "exact":  # in dtype: float64 features for gradient checks of the bandwidths
+            raw = pixel_features(images, 1.0, 1.0).to(dtype)
+            spatial = raw[:1, :, :2] / pos_xy
+            bilateral = torch.cat([raw[..., :2] / bi_xy, raw[..., 2:] / bi_rgb], -1)
+            return [
+                NormalisedKernel(_exact_filter(spatial), spatial, SPATIAL_GROUPS),
+                NormalisedKernel(_exact_filter(bilateral), bilateral, BILATERAL_GROUPS),
+            ]
+        return [
+            _spatial_kernel(h, w, pos_xy, images.device, dtype),
+            NormalisedKernel(_lattice_filter(bilateral, dtype), bilateral.to(dtype), BILATERAL_GROUPS),
+        ]
+
+    def _check(self, logits: Tensor, images: Tensor) -> None:
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 4:
+            raise TypeError(
+                "CRFasRNN expects float logits of shape (N, C, H, W), got "
+                f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}"
+            )
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"CRFasRNN was built for {self.num_classes} classes, the logits have {logits.shape[1]}"
+            )
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+            raise TypeError(
+                f"CRFasRNN expects the raw uint8 RGB images, got {getattr(images, 'dtype', type(images))}; "
+                "use Normalization.denormalize on the normalised model input"
+            )
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"images must be (N, 3, H, W) with N = {logits.shape[0]} like the logits, "
+                f"got {tuple(images.shape)}"
+            )
+        if images.shape[-2:] != logits.shape[-2:]:
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} differs from the logits' {tuple(logits.shape[-2:])}: "
+                "upsample the logits to the image's resolution first"
+            )
+
+
+class NormalisedKernel:
+    """One Gaussian kernel with the CRF's symmetric normalisation, ``D^-1/2 K D^-1/2`` (``D = K 1``).
+
+    Args:
+        raw: The unnormalised filter, ``raw(values, transpose) -> K values`` (or ``K^T values``), for
+            ``(B, P, C)`` values; a filter built on one point set (``B = 1``) filters every image of the
+            batch (the spatial kernel, the same for all images).
+        features: ``(B or 1, P, d)`` the features the filter was built on (divided by the bandwidths).
+        groups: ``(bandwidth index, feature dimensions)`` of each bandwidth that scales some features.
+    """
+
+    def __init__(self, raw: RawFilter, features: Tensor, groups: Sequence[tuple[int, Sequence[int]]]) -> None:
+        self.raw, self.features, self.groups = raw, features, groups
+        ones = features.new_ones(features.shape[0], features.shape[1], 1)
+        self.norm = (raw(ones, False) + 1e-20).rsqrt()  # (B or 1, P, 1)
+
+    def __call__(self, values: Tensor, transpose: bool = False) -> Tensor:
+        """``D^-1/2 K D^-1/2 values`` (or the transpose: ``K^T`` in the middle) for ``(B, P, C)`` values."""
+        return self.norm * self.raw(self.norm * values, transpose)
+
+    def log_bandwidth_grads(self, q: Tensor, grad: Tensor) -> dict[int, Tensor]:
+        """``<grad, d(D^-1/2 K D^-1/2 q) / d log(bandwidth)>`` for each bandwidth of :attr:`groups`.
+
+        With ``y = n K(n q)``, ``n = (K 1)^-1/2`` and ``B(x, y) = <x, (dK / d log s) y>``, the product rule
+        gives ``B(n g, n q) - B(n^3 h, 1) / 2`` where ``h = sum_c (g K(n q) + q K^T(n g))``. For the Gaussian
+        ``K_ij = exp(-|f_i - f_j|^2 / 2)`` with the features of group ``G`` divided by ``s``,
+        ``dK_ij / d log s = K_ij |f_iG - f_jG|^2``, so ``B(x, y) = <x |f_G|^2, K y> - 2 sum_{d in G}
+        <x f_d, K(f_d y)> + <x, K(|f_G|^2 y)>``: filters of ``y`` times powers of the features.
+        """
+        n = self.norm
+        nq, ng = n * q, n * grad
+        h = (grad * self.raw(nq, False) + q * self.raw(ng, True)).sum(-1, keepdim=True)
+        first = self._bilinear(ng, nq)
+        second = self._bilinear(n**3 * h, torch.ones_like(h))
+        return {index: first[index] - second[index] / 2 for index, _ in self.groups}
+
+    def _bilinear(self, x: Tensor, y: Tensor) -> dict[int, Tensor]:
+        f = self.features
+        dims = sorted({d for _, group in self.groups for d in group})
+        squares = [(f[..., list(group)] ** 2).sum(-1, keepdim=True) for _, group in self.groups]
+        channels = y.shape[-1]
+        stacked = torch.cat([y] + [f[..., d : d + 1] * y for d in dims] + [s * y for s in squares], -1)
+        filtered = self.raw(stacked, False).split(channels, -1)
+        k_y, k_fy, k_sy = filtered[0], dict(zip(dims, filtered[1:])), filtered[1 + len(dims) :]
+        out = {}
+        for (index, group), square, k_square_y in zip(self.groups, squares, k_sy):
+            value = (x * square * k_y).sum() + (x * k_square_y).sum()
+            for d in group:
+                value = value - 2 * (x * f[..., d : d + 1] * k_fy[d]).sum()
+            out[index] = value
+        return out
+
+
+class _MeanField(torch.autograd.Function):
+    """``T`` mean-field iterations with a backward that stores only the marginals (module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        unary: Tensor,
+        weights: Tensor,
+        compatibility: Tensor,
+        log_bandwidths: Tensor,
+        kernels: list[NormalisedKernel],
+        iterations: int,
+    ) -> Tensor:
+        q = torch.softmax(unary, -1)
+        marginals = []
+        refined = unary
+        for _ in range(iterations):
+            marginals.append(q)
+            refined = unary - _message(kernels, weights, q) @ compatibility.T
+            q = torch.softmax(refined, -1)
+        ctx.save_for_backward(weights, compatibility, *marginals)
+        ctx.kernels = kernels
+        return refined
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_refined: Tensor) -> tuple[Tensor | None, ...]:
+        weights, compatibility, *marginals = ctx.saved_tensors
+        kernels: list[NormalisedKernel] = ctx.kernels
+        _, need_weights, need_compatibility, need_bandwidths = ctx.needs_input_grad[:4]
+        grad_unary = grad_refined.clone()
+        grad_weights = torch.zeros_like(weights)
+        grad_compatibility = torch.zeros_like(compatibility)
+        grad_bandwidths = weights.new_zeros(len(BANDWIDTHS))
+        grad_z = grad_refined  # gradient of Z_t+1 = unary - m_t mu^T
+        for q in reversed(marginals):
+            grad_message = -(grad_z @ compatibility)  # of m_t
+            if need_compatibility:
+                message = _message(kernels, weights, q)
+                grad_compatibility -= grad_z.flatten(0, 1).T @ message.flatten(0, 1)
+            grad_q = torch.zeros_like(q)
+            for k, kernel in enumerate(kernels):
+                back = kernel(grad_message, transpose=True)
+                grad_q += weights[k] * back
+                if need_weights:
+                    grad_weights[k] += (back * q).sum()
+                if need_bandwidths:
+                    for index, value in kernel.log_bandwidth_grads(q, grad_message).items():
+                        grad_bandwidths[index] += weights[k] * value
+            # through Q_t = softmax(Z_t) (or softmax(unary) for t = 0); Z_t depends on the unary directly
+            grad_z = q * (grad_q - (grad_q * q).sum(-1, keepdim=True))
+            grad_unary += grad_z
+        return (
+            grad_unary,
+            grad_weights if need_weights else None,
+            grad_compatibility if need_compatibility else None,
+            grad_bandwidths if need_bandwidths else None,
+            None,
+            None,
+        )
+
+
+def _message(kernels: Sequence[NormalisedKernel], weights: Tensor, q: Tensor) -> Tensor:
+    """``sum_k w_k D_k^-1/2 K_k D_k^-1/2 q``: the filtered marginals of one iteration, ``(B, P, C)``."""
+    message = weights[0] * kernels[0](q)
+    for k in range(1, len(kernels)):
+        message = message + weights[k] * kernels[k](q)
+    return message
+
+
+def _lattice_filter(features: Tensor, dtype: torch.dtype) -> RawFilter:
+    """The permutohedral filter on ``features`` ``(B, P, d)`` and its exact transpose, in ``dtype``."""
+    lattice = PermutohedralLattice(features)
+    return _as_raw(lattice.to(dtype) if dtype != torch.float32 else lattice)
+
+
+@functools.lru_cache(maxsize=8)
+def _spatial_kernel(
+    height: int, width: int, std: float, device: torch.device, dtype: torch.dtype
+) -> NormalisedKernel:
+    """The spatial kernel depends only on the image size and its bandwidth: built once per pair, cached."""
+    features = grid_features(height, width, std, device)[None]
+    return NormalisedKernel(_lattice_filter(features, dtype), features.to(dtype), SPATIAL_GROUPS)
+
+
+def _as_raw(lattice: PermutohedralLattice) -> RawFilter:
+    transposed = lattice.transposed()
+
+    def raw(values: Tensor, transpose: bool) -> Tensor:
+        chosen = transposed if transpose else lattice
+        return _filter_batch(chosen, values)
+
+    return raw
+
+
+def _filter_batch(lattice: PermutohedralLattice, values: Tensor) -> Tensor:
+    """Filter ``(B, P, C)`` values; a lattice of one point set filters the images as extra channels."""
+    batch, points, channels = values.shape
+    if lattice.batch == batch:
+        return lattice.filter(values.contiguous())
+    if lattice.batch != 1:
+        raise ValueError(f"a lattice of {lattice.batch} point sets cannot filter a batch of {batch}")
+    folded = values.transpose(0, 1).reshape(1, points, batch * channels)
+    return lattice.filter(folded).reshape(points, batch, channels).transpose(0, 1)
+
+
+def _exact_filter(features: Tensor) -> RawFilter:
+    """The dense Gaussian ``exp(-|f_i - f_j|^2 / 2)`` on ``features`` ``(B, P, d)``: symmetric, O(P^2)."""
+    squared = (features[:, :, None, :] - features[:, None, :, :]).square().sum(-1)
+    kernel = torch.exp(-squared / 2)  # (B, P, P)
+
+    def raw(values: Tensor, transpose: bool) -> Tensor:
+        if kernel.shape[0] == values.shape[0]:
+            return kernel @ values
+        return (
+            (kernel[0] @ values.transpose(0, 1).reshape(values.shape[1], -1))
+            .reshape(values.shape[1], values.shape[0], values.shape[2])
+            .transpose(0, 1)
+        )
+
+    return raw
