@@ -4,6 +4,8 @@
 * ``torch``: the same mean-field inference with permutohedral-lattice filtering in PyTorch, batched, on
   the CPU or the GPU.
 
+:class:`CRFasRNN` is the same CRF as a trainable layer (CRF-as-RNN), trained with the network.
+
 Pure numpy/torch: nothing here knows about Lightning, data or models.
 
 Example:
@@ -13,5 +15,6 @@ Example:
 from deeplab_lit.crf.dense import BACKENDS, PROB_EPS, dense_crf
 from deeplab_lit.crf.params import PRESETS, CRFParams
 from deeplab_lit.crf.permutohedral import PermutohedralLattice
+from deeplab_lit.crf.trainable import CRFasRNN
 
-__all__ = ["BACKENDS", "PRESETS", "PROB_EPS", "CRFParams", "PermutohedralLattice", "dense_crf"]
+__all__ = ["BACKENDS", "PRESETS", "PROB_EPS", "CRFParams", "CRFasRNN", "PermutohedralLattice", "dense_crf"]

@@ -33,6 +33,7 @@ from deeplab_lit.models.weights import (
     resolve_options,
 )
 from deeplab_lit.modules.restore import class_defaults
+from deeplab_lit.modules.trainable_crf import NETWORK_OUTPUT, build_trainable_crf
 from deeplab_lit.normalization import Normalization
 
 if TYPE_CHECKING:  # annotation only: its home moved between Lightning releases
@@ -44,6 +45,8 @@ torch.serialization.add_safe_globals([InferenceConfig, Normalization])
 
 Batch = dict[str, Any]
 STAGES = ("val", "test")
+#: Suffix of the trainable CRF's metrics and logged scores (``val/mIoU_crf_rnn``).
+CRF_RNN_SUFFIX = "_crf_rnn"
 
 
 class SegmentationModule(LightningModule):
@@ -89,6 +92,15 @@ class SegmentationModule(LightningModule):
             into the preceding convolution (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`): same
             outputs to 1e-5, fewer memory passes. Training, validation and test use the network as is,
             and checkpoints keep the unfolded weights.
+        crf_rnn: Put a trainable dense CRF after the network (CRF-as-RNN, Zheng et al. 2015;
+            :class:`~deeplab_lit.crf.trainable.CRFasRNN`), e.g. ``{"iterations": 5}``: in training the
+            loss is taken on its output, and validation/test log the network's scores (``val/mIoU``)
+            and the CRF's (``val/mIoU_crf_rnn``) side by side; predict returns the CRF's output. Keys:
+            the layer's (``preset``, ``iterations``, ``eval_iterations``, ``learn_bandwidths``),
+            ``network_loss_weight`` (0: a second loss on the network's own logits) and ``lr_mult``
+            (the CRF's learning rate ``lr * lr_mult``, no weight decay); see
+            :mod:`~deeplab_lit.modules.trainable_crf`. It needs the raw images, recovered through the
+            input normalisation (the data's or the weights'). None (default): no trainable CRF.
 
     The optimiser is SGD with torch's fused kernel where every parameter's device has one (CPU, CUDA),
     else its multi-tensor (``foreach``) kernel; see :func:`~deeplab_lit.acceleration.fast_sgd_options`.
@@ -118,6 +130,7 @@ class SegmentationModule(LightningModule):
         channels_last: bool = False,
         compile: bool | str = False,
         fuse_bn_for_inference: bool = True,
+        crf_rnn: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -134,6 +147,8 @@ class SegmentationModule(LightningModule):
         if checkpoint is not None:
             self._adopt_weights_options(checkpoint)
         self.model = self.build_model()
+        #: The trainable CRF after the network (``crf_rnn``), or None.
+        self.crf_rnn, self.crf_rnn_options = build_trainable_crf(crf_rnn, self.hparams["num_classes"])
         #: Input normalisation the weights need: the checkpoint's, else the data's (adopted at ``setup``).
         self.normalization: Normalization | None = None
         if checkpoint is not None:
@@ -146,8 +161,9 @@ class SegmentationModule(LightningModule):
                 if isinstance(module, BATCHNORMS):
                     module.requires_grad_(False)
             self.train(self.training)  # frozen BatchNorm starts in eval mode
+        suffixes = [""] if self.crf_rnn is None else ["", CRF_RNN_SUFFIX]
         self.metrics = nn.ModuleDict(
-            {stage: SegmentationMetrics(num_classes, ignore_index) for stage in STAGES}
+            {s + x: SegmentationMetrics(num_classes, ignore_index) for s in STAGES for x in suffixes}
         )
         accelerate(self.model, channels_last=channels_last, compile=compile)
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
@@ -214,8 +230,20 @@ class SegmentationModule(LightningModule):
         return [m for name, m in self.model.named_modules() if ".backbone." in f".{name}."]
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits (N, C, H, W) at the input's size for normalised images (N, 3, H, W)."""
-        return self.model(images)
+        """Logits (N, C, H, W) at the input's size for normalised images (N, 3, H, W), after ``crf_rnn``."""
+        return self._refine(self.model(images), images)
+
+    def _refine(self, logits: Tensor, images: Tensor) -> Tensor:
+        """The trainable CRF's output on ``logits`` (the network's, at the images' size); as is without it."""
+        if self.crf_rnn is None:
+            return logits
+        if self.normalization is None:
+            raise ValueError(
+                "crf_rnn needs the raw RGB images, recovered through the input normalisation, and none is "
+                "known: train with a deeplab_lit data module (it provides one), load weights that record "
+                "one, or set module.normalization = deeplab_lit.normalization.Normalization(...)"
+            )
+        return self.crf_rnn(logits, self.normalization.denormalize(images))
 
     def train(self, mode: bool = True) -> SegmentationModule:
         """Switch train/eval mode, keeping frozen BatchNorm layers in eval mode."""
@@ -232,6 +260,8 @@ class SegmentationModule(LightningModule):
         total = masks.new_zeros((), dtype=torch.float32)
         for name, logits in outputs.items():
             weight = self.hparams["aux_weight"] if name.startswith("aux") else 1.0
+            if name == NETWORK_OUTPUT:
+                weight = self.crf_rnn_options.network_loss_weight
             loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams["ignore_index"])
             total = total + weight * loss
         return total
@@ -241,7 +271,12 @@ class SegmentationModule(LightningModule):
         """One iteration: every output of ``forward_train`` against the mask."""
         images, masks = batch["image"], batch["mask"]
         # build_model may return any nn.Module with forward_train, an attribute torch types Tensor | Module
-        loss = self.compute_loss(self.model.forward_train(images), masks)  # type: ignore[operator]
+        outputs = self.model.forward_train(images)  # type: ignore[operator]
+        if self.crf_rnn is not None:
+            if self.crf_rnn_options.network_loss_weight:
+                outputs[NETWORK_OUTPUT] = outputs["out"]
+            outputs["out"] = self._refine(outputs["out"], images)
+        loss = self.compute_loss(outputs, masks)
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
@@ -254,10 +289,27 @@ class SegmentationModule(LightningModule):
         self.log(
             f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True
         )
-        return {"logits": logits, "preds": preds}
+        if self.crf_rnn is None:
+            return {"logits": logits, "preds": preds}
+        refined = self._refine(logits, images)
+        self._metrics(stage + CRF_RNN_SUFFIX).update(refined.argmax(dim=1), masks)
+        loss = F.cross_entropy(refined, masks, ignore_index=self.hparams["ignore_index"])
+        self.log(
+            f"{stage}/loss{CRF_RNN_SUFFIX}",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=images.shape[0],
+            sync_dist=True,
+        )
+        return {"logits": logits, "preds": preds, "logits" + CRF_RNN_SUFFIX: refined}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """Whole-image inference; returns ``{"logits", "preds"}`` for callbacks (e.g. the dense CRF)."""
+        """Whole-image inference; returns ``{"logits", "preds"}`` for callbacks (e.g. the dense CRF).
+
+        With ``crf_rnn``, ``"logits"`` stays the network's (the offline CRF refines those) and the
+        trainable CRF's output is added as ``"logits_crf_rnn"``.
+        """
         return self._evaluate(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
@@ -265,8 +317,9 @@ class SegmentationModule(LightningModule):
         return self._evaluate(batch, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        """Logits and labels for a batch of images, with the batch's names/paths passed through."""
+        """Logits and labels of a batch of images (after ``crf_rnn``), its names/paths passed through."""
         logits = segment(self._folded.get("model", self.model), batch["image"], self.inference_config)
+        logits = self._refine(logits, batch["image"])
         extras = {k: v for k, v in batch.items() if k != "image"}
         return {"logits": logits, "preds": logits.argmax(dim=1), **extras}
 
@@ -286,18 +339,19 @@ class SegmentationModule(LightningModule):
         return cast(SegmentationMetrics, self.metrics[stage])
 
     def _log_epoch_scores(self, stage: str) -> None:
-        scores = self._metrics(stage).compute()
-        self.log_dict(
-            {f"{stage}/{key}": scores[key] for key in ("mIoU", "pixel_acc", "mean_acc")},
-            prog_bar=stage == "val",
-        )
-        per_class = {
-            f"{stage}/IoU/{name}": iou
-            for name, iou in zip(self.class_names, scores["iou"])
-            if not iou.isnan()
-        }
-        self.log_dict(per_class)
-        self._metrics(stage).reset()
+        for suffix in ("", CRF_RNN_SUFFIX) if self.crf_rnn is not None else ("",):
+            scores = self._metrics(stage + suffix).compute()
+            self.log_dict(
+                {f"{stage}/{key}{suffix}": scores[key] for key in ("mIoU", "pixel_acc", "mean_acc")},
+                prog_bar=stage == "val",
+            )
+            per_class = {
+                f"{stage}/IoU{suffix}/{name}": iou
+                for name, iou in zip(self.class_names, scores["iou"])
+                if not iou.isnan()
+            }
+            self.log_dict(per_class)
+            self._metrics(stage + suffix).reset()
 
     def on_validation_epoch_end(self) -> None:
         """Log mIoU, pixel accuracy, mean accuracy and per-class IoU over the whole validation set."""
@@ -318,6 +372,10 @@ class SegmentationModule(LightningModule):
                 (backbone if id(param) in backbone_ids else head).append(param)
         hp = self.hparams
         groups = [{"params": backbone, "lr": hp["lr"]}, {"params": head, "lr": hp["lr"] * hp["head_lr_mult"]}]
+        crf: list[nn.Parameter] = []
+        if self.crf_rnn is not None:  # own group, no weight decay (see deeplab_lit.modules.trainable_crf)
+            crf = [p for p in self.crf_rnn.parameters() if p.requires_grad]
+            groups.append({"params": crf, "lr": hp["lr"] * self.crf_rnn_options.lr_mult, "weight_decay": 0.0})
         # fp16 loss scaling skips steps, which the fused SGD mishandles (see fast_sgd_options): foreach then.
         fused_allowed = str(self.trainer.precision) not in ("16-mixed", "16")
         optimizer = torch.optim.SGD(
@@ -325,7 +383,7 @@ class SegmentationModule(LightningModule):
             lr=hp["lr"],
             momentum=hp["momentum"],
             weight_decay=hp["weight_decay"],
-            **fast_sgd_options(backbone + head, fused_allowed),
+            **fast_sgd_options(backbone + head + crf, fused_allowed),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.PolynomialLR(
