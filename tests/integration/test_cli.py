@@ -142,3 +142,13 @@ def test_checkpoints_best_and_last_are_written(tmp_path):
     written = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert "last.ckpt" in written
     assert any(name.startswith("epoch000-mIoU") for name in written), written
+
+
+def test_one_option_adds_the_trainable_crf_to_an_experiment(tmp_path):
+    config = EXPERIMENTS / "v2.yaml"
+    options = ["--model.init_args.crf_rnn={iterations: 2, network_loss_weight: 0.5}"]
+    cli = main(["fit", "--config", str(config), *small_overrides(config, tmp_path), *options])
+    metrics = cli.trainer.callback_metrics
+    assert cli.model.crf_rnn is not None and cli.model.crf_rnn.iterations == 2
+    # network, network + offline CRF (the config's DenseCRFCallback), network + trained CRF: one run
+    assert {"val/mIoU", "val/mIoU_crf", "val/mIoU_crf_rnn"} <= set(metrics)
