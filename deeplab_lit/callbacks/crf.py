@@ -85,7 +85,8 @@ class DenseCRFCallback(Callback):
         bi_w: Weight of the bilateral (appearance) kernel.
         bi_xy_std: Spatial standard deviation of the bilateral kernel, in pixels.
         bi_rgb_std: Colour standard deviation of the bilateral kernel, in 0-255 units.
-        backend: ``"auto"`` (torch on a GPU, pydensecrf on the CPU), ``"pydensecrf"`` or ``"torch"``.
+        backend: ``"auto"`` (the faster where it runs: torch, but pydensecrf with one CPU thread; see
+            :func:`deeplab_lit.crf.dense.auto_backend`), ``"pydensecrf"`` or ``"torch"``.
         num_workers: Processes of the pydensecrf pool (per training process); None = the cores available.
         every_n_epochs: During ``fit``, run in the validations of every N-th epoch (epochs ``N-1, 2N-1, ...``
             counted from 0, as ``ModelCheckpoint(every_n_epochs=N)``) and of the last epoch, so the final

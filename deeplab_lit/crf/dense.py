@@ -44,8 +44,9 @@ def dense_crf(
         params: CRF parameters; the default is the DeepLab v2 preset (``CRFParams()``).
         backend: ``"pydensecrf"`` (C++ reference on the CPU, images spread over ``num_workers``
             processes), ``"torch"`` (permutohedral mean field on ``probs``' device, CPU or GPU) or
-            ``"auto"``: torch when ``probs`` is not on the CPU; on the CPU pydensecrf, or torch with a
-            one-time warning when pydensecrf is not installed.
+            ``"auto"``, the faster where it runs (:func:`auto_backend`): torch, except on the CPU with
+            a single torch thread, where pydensecrf is (torch with a one-time warning if it is not
+            installed).
         num_workers: Processes of the pydensecrf pool; None = the cores available. Ignored by torch.
 
     Returns:
@@ -116,6 +117,19 @@ def _check_inputs(probs: Tensor, images: Tensor) -> None:
         )
 
 
+def auto_backend(device: torch.device) -> str:
+    """The backend ``"auto"`` picks on ``device``: the one measured faster there (BENCHMARKS.md).
+
+    Measured per image at 500x375, 21 classes, 10 iterations (``benchmarks/crf_speed.py``): with 2 cores,
+    torch on 2 threads 1.41 s against 1.63 s for a pool of 2 pydensecrf processes; with 16 cores, 0.218 s
+    against 0.437 s; on a GPU torch is the only choice. With a single torch thread, though, torch costs
+    2.81 CPU seconds per image and one pydensecrf process 2.36: pydensecrf is then faster.
+    """
+    if device.type != "cpu" or torch.get_num_threads() > 1:
+        return "torch"
+    return "pydensecrf"
+
+
 def _resolve_backend(backend: str, probs: Tensor) -> str:
     global _warned_fallback
     if backend not in BACKENDS:
@@ -123,14 +137,15 @@ def _resolve_backend(backend: str, probs: Tensor) -> str:
     if backend == "pydensecrf":
         pydensecrf_backend.require_pydensecrf()
         return "pydensecrf"
-    if backend == "torch" or probs.device.type != "cpu":
+    if backend == "torch" or auto_backend(probs.device) == "torch":
         return "torch"
     if pydensecrf_backend.is_available():
         return "pydensecrf"
     if not _warned_fallback:
         warnings.warn(
-            "backend='auto' on the CPU uses pydensecrf, which is not installed (`pip install pydensecrf2`); "
-            "falling back to the torch backend, which agrees with it but is slower on the CPU",
+            "backend='auto' with one torch thread on the CPU uses pydensecrf, which is not installed "
+            "(`pip install pydensecrf2`); falling back to the torch backend, which agrees with it but is "
+            "slower with one thread",
             stacklevel=3,
         )
         _warned_fallback = True

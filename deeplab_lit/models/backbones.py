@@ -1,10 +1,11 @@
-"""Feature extractors for DeepLab: dilated ResNets, the LargeFOV VGG-16, MobileNetV2 and aligned Xception-65.
+"""Feature extractors for DeepLab: dilated ResNets, LargeFOV VGG-16, MobileNetV2/V3 and aligned Xception-65.
 
 Every backbone maps a normalised image ``(N, 3, H, W)`` to a dict of feature maps:
 
 - ``"low"``: stride-4 features (``ceil(H / 4)``), the skip input of the DeepLab v3+ decoder;
 - ``"out"``: the last features, at the backbone's ``output_stride`` (``ceil(H / output_stride)``);
-- ``"aux"`` (ResNets only): the ``layer3`` output, input of torchvision's auxiliary FCN head.
+- ``"aux"`` (ResNets and MobileNetV3-Large only): the input of torchvision's auxiliary FCN head, ResNet
+  ``layer3`` and MobileNetV3's ``features.4`` (stride 8).
 
 The output stride is set by replacing strides with atrous (dilated) convolution (DeepLab v1 Sec. 3.1,
 v3 Sec. 3.1). Module names follow torchvision (and timm for Xception), so their ImageNet state dicts load
@@ -23,7 +24,7 @@ from torchvision.models.vgg import cfgs, make_layers
 from deeplab_lit.models.imagenet import load_imagenet_weights
 
 RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES: tuple[str, ...] = (*RESNETS, "vgg16", "mobilenet_v2", "xception65")
+BACKBONES: tuple[str, ...] = (*RESNETS, "vgg16", "mobilenet_v2", "mobilenet_v3_large", "xception65")
 STYLES: tuple[str, ...] = ("torchvision", "caffe")
 #: Blocks in each ResNet's last stage (layer4), where multi-grid applies.
 LAYER4_BLOCKS: dict[str, int] = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "resnet101": 3}
@@ -33,6 +34,7 @@ OUTPUT_STRIDES: dict[str, tuple[int, ...]] = {
     **dict.fromkeys(RESNETS, (8, 16, 32)),
     "vgg16": (8,),
     "mobilenet_v2": (8, 16, 32),
+    "mobilenet_v3_large": (8, 16, 32),
     "xception65": (8, 16, 32),
 }
 
@@ -225,6 +227,51 @@ class MobileNetV2Backbone(Backbone):
         return {"low": low, "out": self.features[self._LOW + 1 :](low)}
 
 
+class MobileNetV3Backbone(Backbone):
+    """torchvision's MobileNetV3-Large ``features`` (stem, 15 inverted residual blocks, 1x1 conv), dilated.
+
+    All 17 layers of ``torchvision.models.mobilenet_v3_large().features`` keep their torchvision names, so
+    its ImageNet weights load once the ``classifier.*`` keys are dropped; ``"out"`` is the 960-channel
+    ``features.16``, as in torchvision's ``deeplabv3_mobilenet_v3_large``. Dilation follows torchvision's
+    ``mobilenet_v3_large(dilated=True)``: a block whose stride is removed already uses the new rate (rate x
+    removed stride) in its depthwise convolution, and so do the blocks after it (the MobileNetV2 rule of
+    :class:`MobileNetV2Backbone` keeps the old rate in that block). At output stride 16 this is exactly
+    torchvision's layout (``features.13-15`` at rate 2); at 8, ``features.7-12`` run at rate 2 and
+    ``features.13-15`` at 4. There is no multi-grid: it is defined on ResNet's layer4.
+
+    Features: ``"low"`` is ``features.3`` (24 ch, stride 4, the end of the stride-4 stage); ``"aux"`` is
+    ``features.4`` (40 ch, stride 8 at every output stride), the *first* block of the stride-8 stage, which
+    torchvision's ``_deeplabv3_mobilenetv3`` takes for its FCN head (its ``stage_indices[-4]``).
+    """
+
+    _LOW = 3
+    _AUX = 4
+
+    def __init__(self, *, output_stride: int = 16) -> None:
+        super().__init__("mobilenet_v3_large", 24, 960, 40, output_stride)
+        self.features = torchvision.models.mobilenet_v3_large(weights=None).features
+        current_stride, rate = 1, 1
+        for layer in self.features:
+            # the stem's 3x3 conv, or a block's depthwise conv (3x3 or 5x5); the last 1x1 conv has none
+            spatial = [m for m in layer.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+            if not spatial:
+                continue
+            conv = spatial[0]
+            stride = conv.stride[0]
+            if stride > 1 and current_stride * stride > output_stride:
+                rate *= stride
+                stride = 1
+            else:
+                current_stride *= stride
+            _set_conv(conv, stride=stride, dilation=rate)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``{"low": features.3, "aux": features.4, "out": features.16}`` of ``x`` (N, 3, H, W)."""
+        low = self.features[: self._LOW + 1](x)
+        aux = self.features[self._LOW + 1 : self._AUX + 1](low)
+        return {"low": low, "aux": aux, "out": self.features[self._AUX + 1 :](aux)}
+
+
 class XceptionBackbone(Backbone):
     """timm's modified aligned Xception-65 (DeepLab v3+ Sec. 3.2), with timm's output-stride support.
 
@@ -325,7 +372,8 @@ def build_backbone(
             :func:`~deeplab_lit.models.imagenet.load_imagenet_weights`.
 
     Returns:
-        The backbone; ``forward(x)`` returns ``{"low", "out"}`` (plus ``"aux"`` for ResNets).
+        The backbone; ``forward(x)`` returns ``{"low", "out"}`` (plus ``"aux"`` for ResNets and
+        mobilenet_v3_large).
 
     Raises:
         ValueError: unknown name, unsupported output stride, style or multi-grid.
@@ -338,6 +386,8 @@ def build_backbone(
         backbone = VGG16LargeFOV()
     elif name == "mobilenet_v2":
         backbone = MobileNetV2Backbone(output_stride=output_stride)
+    elif name == "mobilenet_v3_large":
+        backbone = MobileNetV3Backbone(output_stride=output_stride)
     else:
         backbone = XceptionBackbone(output_stride=output_stride)
     if pretrained is not False:

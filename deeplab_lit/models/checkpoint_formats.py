@@ -5,7 +5,8 @@ Formats (a ``module.`` prefix, left by ``DataParallel``, is dropped first):
 - ``deeplab_lit``: this project's Lightning checkpoint (``{"state_dict": {"model.<key>": ...},
   "hyper_parameters": ..., "normalization": ...}``) or a plain ``Segmenter``/``MultiScaleSegmenter``
   state dict (``torch.save(model.state_dict())``).
-- ``torchvision``: ``torchvision.models.segmentation.deeplabv3_resnet50/101`` (COCO with VOC labels).
+- ``torchvision``: ``torchvision.models.segmentation.deeplabv3_resnet50/101`` and
+  ``deeplabv3_mobilenet_v3_large`` (COCO with VOC labels).
 - ``kazuto1011``: kazuto1011/deeplab-pytorch's DeepLab v2 ResNet-101 MSC (VOC ``train_aug``) and its
   COCO-initialised DeepLab v1 ResNet-101 (Caffe-style ResNet, BGR 0-255 input, mean subtraction). The v2
   layout is that of the project's ``libs/models``; the v1 file is assumed to hold the same body with a 1x1
@@ -23,6 +24,12 @@ aux_classifier)``, ResNet with ``replace_stride_with_dilation=[False, True, True
     classifier.0.convs.* / .project  head.0.convs.* / .project  (ASPP)
     classifier.{1,2,4}               head.{1,2,4}               (3x3 conv, BN, 1x1 classifier)
     aux_classifier.{0,1,4}           aux_classifier.{0,1,4}     (FCN head on layer3)
+
+torchvision's MobileNetV3-Large (``_deeplabv3_mobilenetv3``: the ``features`` of
+``mobilenet_v3_large(dilated=True)``, output stride 16, ASPP rates 12/24/36, FCN aux head on ``features.4``)
+keeps the head keys above; its backbone keys are the feature indices::
+
+    backbone.<i>.*                   backbone.features.<i>.*    (i = 0..16)
 
 kazuto1011/deeplab-pytorch (``libs/models/resnet.py``, ``deeplabv2.py``, ``deeplabv1.py``, ``msc.py``;
 ``_ConvBnReLU`` = ``conv`` + ``bn``; layer1 is the stem, layer2..5 are ResNet stages 1..4)::
@@ -72,6 +79,8 @@ _RESNET_DEPTHS: dict[tuple[int | bool, ...], str] = {  # (blocks in layer1..4, h
     (3, 4, 6, 3, True): "resnet50",
     (3, 4, 23, 3, True): "resnet101",
 }
+#: torchvision's MobileNetV3-Large ``features``: 17 layers, the last a 1x1 conv from 160 to 960 channels.
+_MOBILENET_V3_LARGE = (17, (960, 160, 1, 1))
 _KAZUTO_BLOCK = re.compile(r"^layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut)\.(conv|bn)\.(.+)$")
 _KAZUTO_PARTS = {
     ("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1", ("conv3x3", "conv"): "conv2",
@@ -262,7 +271,8 @@ def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None
         hint = " It looks like an ImageNet classification checkpoint: pass it as pretrained_backbone instead."
     raise ValueError(
         f"Weights file {shown} is of no supported format (this project's checkpoints, torchvision's "
-        f"deeplabv3_resnet50/101, kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet); its first keys are "
+        f"deeplabv3_resnet50/101 and deeplabv3_mobilenet_v3_large, "
+        f"kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet); its first keys are "
         f"{list(state)[:5]}.{hint}"
     )
 
@@ -332,6 +342,27 @@ def _resnet_name(state: Mapping[str, Tensor], prefix: str = "backbone.") -> str 
     return _RESNET_DEPTHS.get((*counts, f"{prefix}layer1.0.conv3.weight" in state))
 
 
+def _torchvision_mobilenet(state: Mapping[str, Tensor], source: str) -> bool:
+    """Whether the backbone keys are MobileNet ``features`` indices (``backbone.<i>.``); only V3-Large's pass.
+
+    Raises:
+        ValueError: indexed features of another network (MobileNetV3-Small, a narrower width).
+    """
+    indices = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.(\d+)\.", k))}
+    if not indices:
+        return False
+    count, last = _MOBILENET_V3_LARGE
+    found = state.get(f"backbone.{count - 1}.0.weight")
+    if indices != set(range(count)) or found is None or tuple(found.shape) != last:
+        raise ValueError(
+            f"Weights file {source!r} is a torchvision DeepLabV3 whose backbone is not MobileNetV3-Large "
+            f"({len(indices)} feature layers, last conv "
+            f"{None if found is None else tuple(found.shape)}; MobileNetV3-Large has {count}, last conv "
+            f"{last}); only deeplabv3_resnet50/101 and deeplabv3_mobilenet_v3_large are supported"
+        )
+    return True
+
+
 def _from_torchvision(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
     if not any(k.startswith("classifier.") for k in state) or not any(
         k.startswith("backbone.") for k in state
@@ -340,15 +371,25 @@ def _from_torchvision(state: dict[str, Tensor], extra: dict[str, Any], source: s
     if "classifier.0.convs.0.0.weight" not in state:
         raise ValueError(
             f"Weights file {source!r} is a torchvision segmentation checkpoint but not DeepLabV3 (its "
-            "classifier has no ASPP; FCN or LR-ASPP?); only deeplabv3_resnet50/101 are supported"
+            "classifier has no ASPP; FCN or LR-ASPP?); only deeplabv3_resnet50/101 and "
+            "deeplabv3_mobilenet_v3_large are supported"
         )
-    backbone = _resnet_name(state)
     aux = any(k.startswith("aux_classifier.") for k in state)
-    options = {"backbone": backbone, "style": "torchvision", "output_stride": 8, "atrous_rates": (12, 24, 36),
-               "multi_grid": None, "aux_head": aux}  # fmt: skip
-    converted = {
-        ("head." + k[len("classifier.") :] if k.startswith("classifier.") else k): v for k, v in state.items()
-    }
+    rename = {"classifier.": "head."}
+    options: dict[str, Any]
+    backbone: str | None
+    if _torchvision_mobilenet(state, source):  # torchvision's _deeplabv3_mobilenetv3: the dilated features
+        backbone, rename["backbone."] = "mobilenet_v3_large", "backbone.features."
+        options = {"backbone": backbone, "output_stride": 16, "atrous_rates": (12, 24, 36),
+                   "multi_grid": None, "aux_head": aux}  # fmt: skip
+    else:
+        backbone = _resnet_name(state)
+        options = {"backbone": backbone, "style": "torchvision", "output_stride": 8,
+                   "atrous_rates": (12, 24, 36), "multi_grid": None, "aux_head": aux}  # fmt: skip
+    converted = {}
+    for key, value in state.items():
+        prefix = next((p for p in rename if key.startswith(p)), "")
+        converted[rename[prefix] + key[len(prefix) :] if prefix else key] = value
     return Checkpoint(
         source, "torchvision", f"torchvision deeplabv3_{backbone}", converted, "v3", options,
         int(state["classifier.4.weight"].shape[0]), IMAGENET,

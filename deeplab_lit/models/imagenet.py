@@ -4,7 +4,7 @@
 
 - ``True``: the default ImageNet weights (:data:`DEFAULT_WEIGHTS`). For torchvision backbones this is
   ``IMAGENET1K_V1``, the classic weights torchvision's own DeepLabV3/FCN models were trained from; pass
-  ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101, MobileNetV2). For
+  ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101, MobileNetV2/V3). For
   vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect 0-255 inputs with the mean
   subtracted, and hold no usable fc layers). For xception65 the default is timm's ``ra3_in1k``; ``"tf_in1k"``
   is the TensorFlow port. timm's Xception weights expect inputs scaled with mean = std = 0.5.
@@ -48,6 +48,7 @@ DEFAULT_WEIGHTS: dict[str, str] = {
     "resnet101": "IMAGENET1K_V1",
     "vgg16": "IMAGENET1K_V1",
     "mobilenet_v2": "IMAGENET1K_V1",
+    "mobilenet_v3_large": "IMAGENET1K_V1",  # what torchvision's deeplabv3_mobilenet_v3_large starts from
     "xception65": "ra3_in1k",
 }
 # ImageNet checkpoint keys that are not part of the backbone body, and the body's key prefix.
@@ -55,6 +56,7 @@ _DROPPED: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("resnet18", "resnet34", "resnet50", "resnet101"), ("fc.",)),
     "vgg16": ("classifier.",),
     "mobilenet_v2": ("classifier.", "features.18."),
+    "mobilenet_v3_large": ("classifier.",),
     "xception65": ("head.",),
 }
 _PREFIX: dict[str, str] = {"xception65": "body."}

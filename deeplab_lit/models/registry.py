@@ -293,6 +293,43 @@ for _backbone, _enum, _hash, _miou in (("resnet50", "ResNet50", "cd0a2569", 66.4
 
 register_weights(
     WeightsEntry(
+        name="deeplabv3_mobilenet_v3_large.coco_voc",
+        url="https://download.pytorch.org/models/deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+        file_name="deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+        sha256="fc3c493d",
+        module_class="deeplab_lit.DeepLabV3",
+        # torchvision's _deeplabv3_mobilenetv3: mobilenet_v3_large(dilated=True), OS 16, DeepLabHead's
+        # default rates (12, 24, 36) kept at that stride, FCN aux head on features.4
+        options={
+            "backbone": "mobilenet_v3_large",
+            "output_stride": 16,
+            "atrous_rates": (12, 24, 36),
+            "multi_grid": None,
+            "aux_head": True,
+        },
+        num_classes=21,
+        class_names=VOC_CLASSES,
+        normalization=IMAGENET,
+        data="COCO train2017, 20 VOC categories",
+        metrics={"COCO-val2017-VOC-labels": {"miou": 60.3, "pixel_acc": 91.2}},
+        source=_TORCHVISION_SOURCE,
+        recipe=(
+            "torchvision references/segmentation (https://github.com/pytorch/vision/tree/main/references/"
+            "segmentation#deeplabv3_mobilenet_v3_large): MobileNetV3-Large initialised from ImageNet "
+            "(MobileNet_V3_Large_Weights.IMAGENET1K_V1), dilated to output stride 16, trained with an "
+            "auxiliary FCN head on the COCO train2017 images that hold the 20 VOC categories, other objects "
+            "labelled background (8 GPUs x batch 4, SGD at the script's default lr 0.01, weight decay 1e-6, "
+            "poly schedule, 30 epochs); evaluated with images resized to 520 px. Figures from torchvision's "
+            "weights metadata (DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1.meta)."
+        ),
+        publisher="torchvision",
+        data_class="deeplab_lit.data.VOCDataModule",
+        instructions=_TORCHVISION_CHECKSUM,
+    )
+)
+
+register_weights(
+    WeightsEntry(
         name="deeplabv2_resnet101_msc.voc_trainaug",
         url="https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/"
         "deeplabv2_resnet101_msc-vocaug-20000.pth",

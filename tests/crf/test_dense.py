@@ -175,11 +175,20 @@ def test_pool_workers_exit_when_the_parent_is_killed():
             os.kill(pid, signal.SIGKILL)
 
 
-def test_auto_picks_pydensecrf_on_cpu_and_falls_back_with_one_warning(monkeypatch):
-    _, images, probs = synthetic_scene(1, 3, 10, 12, seed=7)
+def test_auto_picks_torch_with_several_threads_and_pydensecrf_with_one(monkeypatch):
+    _, _, probs = synthetic_scene(1, 3, 10, 12, seed=7)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert dense._resolve_backend("auto", probs) == "torch"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert dense._resolve_backend("auto", probs) == (
         "pydensecrf" if backend_module.is_available() else "torch"
     )
+    assert dense.auto_backend(torch.device("cuda")) == "torch"
+
+
+def test_auto_with_one_thread_falls_back_to_torch_with_one_warning(monkeypatch):
+    _, images, probs = synthetic_scene(1, 3, 10, 12, seed=7)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     monkeypatch.setattr(backend_module, "is_available", lambda: False)
     monkeypatch.setattr(dense, "_warned_fallback", False)
     with pytest.warns(UserWarning, match="pip install pydensecrf2"):

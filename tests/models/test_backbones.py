@@ -204,7 +204,7 @@ def test_bad_options_name_the_value():
         build_backbone("resnet18", style="pytorch")
     with pytest.raises(ValueError, match="ResNet option"):
         build_backbone("mobilenet_v2", style="caffe")
-    assert len(BACKBONES) == 7
+    assert len(BACKBONES) == 8
 
 
 def test_vgg16_largefov_layout():
