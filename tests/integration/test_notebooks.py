@@ -22,7 +22,13 @@ from deeplab_lit.crf import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
-NAMES = ["01_quickstart", "02_ablation_crf", "03_ablation_aspp_output_stride", "04_versions"]
+NAMES = [
+    "01_quickstart",
+    "02_ablation_crf",
+    "03_ablation_aspp_output_stride",
+    "04_versions",
+    "05_trainable_crf",
+]
 
 #: The tiny run: 12 training and 8 validation images of 48 px, one epoch of batches of 4.
 TINY_SETTINGS = {
@@ -182,3 +188,42 @@ def test_04_versions(tmp_path, monkeypatch):
     assert rows["v1"]["params_M"] < rows["v2"]["params_M"]
     assert rows["v3"]["params_M"] < rows["v3+"]["params_M"]
     assert (tmp_path / "out" / "versions.png").stat().st_size > 0
+
+
+def test_05_trainable_crf(tmp_path, monkeypatch):
+    results, _, notebook = run_notebook("05_trainable_crf", tmp_path, monkeypatch)
+    scores = results["scores"]
+    assert set(scores) == {"base", "finetuned", "finetuned_crf_rnn"}
+    widths = {f"{w}px" for w in results["band_widths"]}
+    for model, predictions in scores.items():
+        expected = {"network", "offline CRF"} | ({"trained CRF"} if model == "finetuned_crf_rnn" else set())
+        assert set(predictions) == expected, (model, predictions)
+        for figures in predictions.values():
+            assert is_score(figures["mIoU"]) and set(figures["trimap"]) == widths, (model, figures)
+            assert all(is_score(v) for v in figures["trimap"].values()), (model, figures)
+    # One fit logs all three figures, and the notebook's own scoring of the same model agrees with them.
+    logged, own = results["logged"]["finetuned_crf_rnn"], scores["finetuned_crf_rnn"]
+    assert logged["val/mIoU"] == pytest.approx(own["network"]["mIoU"], abs=1e-6)
+    assert logged["val/mIoU_crf"] == pytest.approx(own["offline CRF"]["mIoU"], abs=1e-6)
+    assert logged["val/mIoU_crf_rnn"] == pytest.approx(own["trained CRF"]["mIoU"], abs=1e-6)
+    control = results["logged"]["finetuned"]
+    assert control["val/mIoU"] == pytest.approx(scores["finetuned"]["network"]["mIoU"], abs=1e-6)
+    assert control["val/mIoU_crf"] == pytest.approx(scores["finetuned"]["offline CRF"]["mIoU"], abs=1e-6)
+    assert "val/mIoU_crf_rnn" not in control
+    # The CRF started at the Potts model and the preset's weights, and learned: its parameters moved.
+    crf = results["crf_rnn"]
+    classes = len(crf["class_names"])
+    potts = [[0.0 if i == j else 1.0 for j in range(classes)] for i in range(classes)]
+    assert crf["compatibility_start"] == potts
+    learned = crf["compatibility"]
+    assert len(learned) == classes and all(len(row) == classes for row in learned)
+    assert max(abs(a - b) for row, start in zip(learned, potts) for a, b in zip(row, start)) > 1e-6
+    preset = PRESETS["deeplab_v2"]
+    assert crf["kernel_weights_start"] == pytest.approx({"spatial": preset.pos_w, "bilateral": preset.bi_w})
+    assert crf["kernel_weights"] != pytest.approx(crf["kernel_weights_start"], abs=1e-9)
+    assert results["settings"]["finetune_epochs"] == 1 and results["settings"]["image_size"] == 48
+    for figure in ("trimap.png", "compatibility.png", "kernel_weights.png", "predictions.png"):
+        assert (tmp_path / "out" / figure).stat().st_size > 0
+    checkpoint = tmp_path / "out" / "deeplab_v3plus.ckpt"
+    model_cell = next(cell for cell in notebook.cells if "CKPT =" in cell.source)
+    assert f"saved {checkpoint}" in "".join(output.get("text", "") for output in model_cell.outputs)
