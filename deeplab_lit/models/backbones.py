@@ -301,18 +301,22 @@ class XceptionBackbone(Backbone):
         return {"low": low, "out": out}
 
 
-def resolve_multi_grid(name: str, multi_grid: Sequence[int] | None) -> tuple[int, ...] | None:
+def resolve_multi_grid(
+    name: str, multi_grid: Sequence[int] | None, blocks: int | None = None
+) -> tuple[int, ...] | None:
     """Return the layer4 multi-grid that ResNet ``name`` is built with (DeepLab v3 Sec. 3.2).
 
     The paper's (1, 2, 4) is truncated to the blocks the ResNet has ((1, 2) on ResNet-18); any other grid
-    must give one rate per block. Other backbones have no layer4: their grid is left as given (None).
+    must give one rate per block. ``blocks`` is layer4's block count for a ResNet not in :data:`RESNETS`
+    (timm's, :mod:`~deeplab_lit.models.timm_backbones`). Other backbones have no layer4: their grid is
+    left as given (None).
 
     Raises:
         ValueError: a grid other than the paper's whose length is not layer4's block count.
     """
-    if multi_grid is None or name not in RESNETS:
+    if multi_grid is None or (blocks is None and name not in RESNETS):
         return None if multi_grid is None else tuple(multi_grid)
-    grid, blocks = tuple(multi_grid), LAYER4_BLOCKS[name]
+    grid, blocks = tuple(multi_grid), LAYER4_BLOCKS[name] if blocks is None else blocks
     if grid == PAPER_MULTI_GRID and blocks < len(grid):
         return grid[:blocks]
     if len(grid) != blocks:
@@ -328,6 +332,11 @@ def check_backbone_options(
     name: str, output_stride: int, multi_grid: Sequence[int] | None = None, style: str = "torchvision"
 ) -> None:
     """Raise one clear ValueError for a bad backbone option (see :func:`build_backbone`)."""
+    from deeplab_lit.models import timm_backbones  # here: it subclasses Backbone (an import cycle)
+
+    if timm_backbones.is_timm_name(name):
+        timm_backbones.check_timm_backbone(name, output_stride, multi_grid, style)
+        return
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {BACKBONES}")
     if output_stride not in OUTPUT_STRIDES[name]:
@@ -361,10 +370,12 @@ def build_backbone(
     """Build a backbone by name.
 
     Args:
-        name: One of :data:`BACKBONES`.
+        name: One of :data:`BACKBONES`, or ``"timm:<model name>"`` for a timm encoder
+            (:class:`~deeplab_lit.models.timm_backbones.TimmBackbone`, e.g. ``"timm:convnext_tiny"``).
         output_stride: Input size / ``"out"`` size: 8, 16 or 32 (32 = no dilation); VGG-16 allows only 8.
         multi_grid: ResNets only: per-block rate multipliers of layer4 (DeepLab v3 Sec. 3.2), e.g. (1, 2, 4),
             the paper's, which ResNet-18 (two blocks) takes as (1, 2); see :func:`resolve_multi_grid`.
+            timm's ResNet family (``"timm:resnet50d"``, ...) takes it too.
         style: ResNets only: ``"torchvision"`` or ``"caffe"`` (see :class:`ResNetBackbone`).
         pretrained: False for random initialisation, True for the default ImageNet weights, or a string:
             a torchvision weights name (``"IMAGENET1K_V2"``), a timm tag for xception65 (``"tf_in1k"``),
@@ -378,9 +389,13 @@ def build_backbone(
     Raises:
         ValueError: unknown name, unsupported output stride, style or multi-grid.
     """
+    from deeplab_lit.models import timm_backbones  # here: it subclasses Backbone (an import cycle)
+
     check_backbone_options(name, output_stride, multi_grid, style)
     backbone: Backbone
-    if name in RESNETS:
+    if timm_backbones.is_timm_name(name):
+        backbone = timm_backbones.TimmBackbone(name, output_stride=output_stride, multi_grid=multi_grid)
+    elif name in RESNETS:
         backbone = ResNetBackbone(name, output_stride=output_stride, multi_grid=multi_grid, style=style)
     elif name == "vgg16":
         backbone = VGG16LargeFOV()

@@ -185,7 +185,7 @@ def _not_vgg(backbone: str, version: str) -> None:
     if backbone == "vgg16":
         raise ValueError(
             f"vgg16 is the DeepLab v1/v2 backbone; {version} takes one of "
-            f"{tuple(name for name in BACKBONES if name != 'vgg16')}"
+            f"{tuple(name for name in BACKBONES if name != 'vgg16')} or a timm encoder, 'timm:<model name>'"
         )
 
 
@@ -273,14 +273,14 @@ def deeplab_v3(
 
     Args:
         num_classes: Number of classes.
-        backbone: Any backbone but vgg16.
+        backbone: Any backbone but vgg16, e.g. a timm encoder ``"timm:convnext_tiny"``.
         output_stride: 16 (train) or 8 (the paper's best evaluation setting).
         atrous_rates: ASPP rates; None = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
         multi_grid: ResNet layer4 multi-grid (1, 2, 4) of the paper, truncated to the blocks there are
             ((1, 2) on ResNet-18, whose layer4 has two blocks; any other grid gives one rate per block);
             None for no multi-grid (torchvision's layout, needed to match torchvision's deeplabv3
             weights). Other backbones have no layer4: pass None for them (anything else raises ValueError).
-        aux_head: Add torchvision's auxiliary FCN head on layer3 (ResNets only).
+        aux_head: Add torchvision's auxiliary FCN head on layer3 (backbones with an ``"aux"`` output).
         style: ResNet style.
         pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
     """
@@ -311,13 +311,13 @@ def deeplab_v3plus(
 
     Args:
         num_classes: Number of classes.
-        backbone: Any backbone but vgg16 (xception65 in the paper).
+        backbone: Any backbone but vgg16 (xception65 in the paper), e.g. ``"timm:convnext_tiny"``.
         output_stride: 16 or 8.
         atrous_rates: ASPP rates; None = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
         multi_grid: ResNets only, e.g. (1, 2, 4) (ResNet-18: truncated to (1, 2), see ``deeplab_v3``);
             None = no multi-grid.
         separable: Atrous depthwise-separable convolutions in the ASPP branches and the decoder.
-        aux_head: Add an auxiliary FCN head on layer3 (ResNets only).
+        aux_head: Add an auxiliary FCN head on layer3 (backbones with an ``"aux"`` output).
         style: ResNet style.
         pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
         channels: Width of the ASPP and of the decoder's 3x3 convolutions (256 in the paper). At the

@@ -47,14 +47,76 @@ def _timm_loaded() -> bool:
 
 
 def _fusable_pairs() -> dict[type[nn.Module], tuple[tuple[str, str], ...]]:
-    """:data:`FUSABLE_PAIRS`, plus timm's ``ConvNormAct`` and Xception ``SeparableConv2d`` once loaded."""
+    """:data:`FUSABLE_PAIRS`, plus timm's layers once timm is loaded.
+
+    Each pair was read off the timm 1.0.31 ``forward`` of its class (conv, then its BatchNorm, nothing
+    between): ``ConvNormAct`` (RegNet and many more), aligned-Xception ``SeparableConv2d``, the ResNet
+    blocks of ``timm.models.resnet`` (ResNet-D, ResNeXt, SE-ResNet, ...), the EfficientNet/MobileNetV3
+    blocks of ``timm.models._efficientnet_blocks`` and the stems of their feature extractors. Subclasses
+    whose convolution is another class (``CondConvResidual``'s ``CondConv2d``, timm's ``Conv2dSame`` of
+    the ``tf_`` models) are left alone by :func:`_foldable`, which folds only into :data:`FOLDABLE_CONVS`.
+    """
     if not _timm_loaded():
         return FUSABLE_PAIRS
     from timm.layers import ConvNormAct
+
+    # timm exports no public name for its EfficientNet/MobileNetV3 blocks (checked in timm 1.0.31): this
+    # private module is their only home; the pairs below were read off 1.0.31's forwards (re-check <2).
+    from timm.models import _efficientnet_blocks as blocks
+    from timm.models import efficientnet, mobilenetv3, resnet
     from timm.models.xception_aligned import SeparableConv2d
 
-    separable = (("conv_dw", "bn_dw"), ("conv_pw", "bn_pw"))
-    return {**FUSABLE_PAIRS, ConvNormAct: (("conv", "bn"),), SeparableConv2d: separable}
+    stem = (("conv_stem", "bn1"),)
+    return {
+        **FUSABLE_PAIRS,
+        ConvNormAct: (("conv", "bn"),),
+        SeparableConv2d: (("conv_dw", "bn_dw"), ("conv_pw", "bn_pw")),
+        resnet.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+        resnet.Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+        resnet.ResNet: (("conv1", "bn1"),),  # a Conv2d stem; the ResNet-D deep stem is a Sequential
+        blocks.ConvBnAct: (("conv", "bn1"),),
+        blocks.DepthwiseSeparableConv: (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+        blocks.InvertedResidual: (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+        blocks.EdgeResidual: (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+        efficientnet.EfficientNet: stem,
+        efficientnet.EfficientNetFeatures: stem,
+        mobilenetv3.MobileNetV3: stem,
+        mobilenetv3.MobileNetV3Features: stem,
+    }
+
+
+def _fold_feature_wrapper(module: nn.Module) -> int:
+    """Fold the convolution/BatchNorm children of timm's ``features_only`` wrapper; return how many.
+
+    ``FeatureDictNet`` (and ``FeatureListNet``) run their children in order, so a ``Conv2d`` child, or the
+    last ``Conv2d`` of a ``Sequential`` child, followed by a BatchNorm child is a pair: the stem of a timm
+    ResNet (``conv1`` then ``bn1``; for ResNet-D a deep-stem ``Sequential`` then ``bn1``). A convolution
+    whose output the wrapper returns as a feature is left as it is.
+    """
+    if not _timm_loaded():
+        return 0
+    from timm.models import FeatureDictNet
+
+    if not isinstance(module, FeatureDictNet):
+        return 0
+    folded, names = 0, list(module.keys())
+    for name, next_name in zip(names, names[1:]):
+        holder: nn.Module = module
+        key, child, bn = name, module[name], module[next_name]
+        if _runs_in_order(child) and len(child) and isinstance(child[-1], nn.Conv2d):
+            holder, key = child, str(len(child) - 1)
+        conv = holder.get_submodule(key)
+        returned = name in module.return_layers
+        if (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(bn, BATCHNORMS_2D)
+            and _foldable(conv, bn)
+            and not returned
+        ):
+            holder.register_module(key, fuse_conv_bn_eval(conv, bn))
+            module[next_name] = _replacement(bn)
+            folded += 1
+    return folded
 
 
 #: ``nn.Sequential`` subclasses with their own ``forward`` that still run their children in order.
@@ -108,6 +170,7 @@ def _fold_children(module: nn.Module) -> int:
                 module[index] = fuse_conv_bn_eval(conv, bn)
                 module[index + 1] = _replacement(bn)
                 folded += 1
+    folded += _fold_feature_wrapper(module)
     for kind, pairs in _fusable_pairs().items():
         if isinstance(module, kind):
             for conv_name, bn_name in pairs:

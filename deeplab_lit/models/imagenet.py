@@ -8,6 +8,10 @@
   vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect 0-255 inputs with the mean
   subtracted, and hold no usable fc layers). For xception65 the default is timm's ``ra3_in1k``; ``"tf_in1k"``
   is the TensorFlow port. timm's Xception weights expect inputs scaled with mean = std = 0.5.
+- for a timm encoder (``"timm:<model>"``, :mod:`~deeplab_lit.models.timm_backbones`): True is timm's
+  default weights of that model (``timm.models.get_pretrained_cfg("<model>").tag``), a string a tag of
+  ``timm.list_pretrained("<model>.*")`` (``"fb_in22k"``) or a local file in timm's format (timm's
+  ``model.safetensors``) or the backbone's; timm loads them (:func:`_timm_encoder_state_dict`).
 - a string: a weights name of that backbone (as above) or the path of a local state-dict file
   (``.pth``/``.pt`` via ``torch.load``, or ``.safetensors``) in torchvision's/timm's key format (classifier
   keys may be present; they are dropped) or in the backbone's own format (``backbone.state_dict()``).
@@ -149,6 +153,63 @@ def _timm_state_dict(name: str, tag: str) -> dict[str, Tensor]:
         raise RuntimeError(message) from err
 
 
+def _timm_encoder_state_dict(
+    backbone: nn.Module, name: str, source: bool | str | os.PathLike[str]
+) -> tuple[dict[str, Tensor], str]:
+    """ImageNet weights of a ``"timm:<model>"`` backbone, in its own key format, through timm's mechanism.
+
+    timm builds the same ``features_only`` encoder with ``pretrained=True`` (the default weights, a tag of
+    ``timm.list_pretrained("<model>.*")``, or a local file through ``pretrained_cfg_overlay={"file": ...}``,
+    timm's documented way to load one): timm then adapts the checkpoint (its ``checkpoint_filter_fn``) and
+    renames it for the feature wrapper, which a key map here would have to repeat for every family. A local
+    file already in the backbone's format (``backbone.state_dict()``) is returned as it is.
+    """
+    import timm
+    from huggingface_hub import constants
+
+    from deeplab_lit.models.timm_backbones import TimmBackbone  # here: it imports this module's importer
+
+    if not isinstance(backbone, TimmBackbone):
+        raise TypeError(f"Backbone {name!r} must be a TimmBackbone, got {type(backbone).__name__}")
+    model_name, overlay = backbone.model_name, {}
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and Path(source).is_file()):
+        path = os.fspath(source)
+        state, origin = read_state_dict(path), f"weights file {path!r}"
+        if set(state) == set(backbone.state_dict()):
+            return state, origin
+        overlay, full_name = {"file": path}, model_name
+    elif isinstance(source, str) and _looks_like_path(source):
+        raise FileNotFoundError(f"ImageNet weights file {source!r} for backbone {name!r} does not exist")
+    else:
+        known = timm.list_pretrained(f"{model_name}.*")
+        tags = tuple(k.split(".", 1)[1] for k in known)
+        if not known:
+            raise ValueError(
+                f"timm has no pretrained weights for {model_name!r} (backbone {name!r}); pass "
+                "pretrained_backbone=False or the path of a local weights file"
+            )
+        if source is not True and source not in tags:
+            raise ValueError(
+                f"Unknown ImageNet weights {source!r} for backbone {name!r}; expected one of {tags}, True, "
+                "False, or the path of a local state-dict file"
+            )
+        default = timm.models.get_pretrained_cfg(model_name)  # what timm loads for pretrained=True
+        tag = source if isinstance(source, str) else str(default.tag if default else tags[0])
+        full_name = f"{model_name}.{tag}"
+        origin = f"timm weights {full_name}"
+    try:
+        model = timm.create_model(
+            full_name, pretrained=True, pretrained_cfg_overlay=overlay, **backbone.timm_kwargs
+        )
+    except _download_errors() as err:
+        extra = f" (timm's Hugging Face weights in {constants.HF_HUB_CACHE})"
+        raise RuntimeError(_offline_message(name, origin, err, "model.safetensors", extra)) from err
+    except (RuntimeError, KeyError) as err:  # load_state_dict, or timm's filter_fn: weights of another model
+        why = f"{type(err).__name__}: {str(err)[:500]}"
+        raise ValueError(f"{origin} does not match timm's {model_name} ({why})") from None
+    return {f"body.{key}": value for key, value in model.state_dict().items()}, origin
+
+
 def imagenet_state_dict(name: str, source: bool | str | os.PathLike[str]) -> tuple[dict[str, Tensor], str]:
     """Fetch an ImageNet classification state dict (classifier included) for backbone ``name``.
 
@@ -206,11 +267,14 @@ def load_imagenet_weights(
     """
     if source is False or source is None:
         return {}
-    read, origin = imagenet_state_dict(name, source)
+    if name.startswith("timm:"):
+        read, origin = _timm_encoder_state_dict(backbone, name, source)
+    else:
+        read, origin = imagenet_state_dict(name, source)
     state, expected = dict(read), backbone.state_dict()
     if set(state) != set(expected):  # torchvision/timm format: drop the classifier, add the body prefix
         prefix = _PREFIX.get(name, "")
-        state = {prefix + k: v for k, v in state.items() if not k.startswith(_DROPPED[name])}
+        state = {prefix + k: v for k, v in state.items() if not k.startswith(_DROPPED.get(name, ()))}
     report = compare_state(expected, state)
     if report.missing or report.unexpected:
         missing, unexpected = report.missing, report.unexpected

@@ -25,6 +25,13 @@ SYNC_BN_MODELS = {
     "v3-resnet18-aux": lambda: deeplab_v3(num_classes=3, backbone="resnet18", multi_grid=None, aux_head=True),
     "v3plus-mobilenet_v2": lambda: deeplab_v3plus(num_classes=3, backbone="mobilenet_v2", separable=True),
     "v3plus-xception65": lambda: deeplab_v3plus(num_classes=3, backbone="xception65", separable=True),
+    # timm encoders: plain BatchNorm2d (ResNet-D), BatchNormAct2d (EfficientNet, RegNet, MobileNetV3)
+    **{
+        f"v3plus-timm-{name}": lambda name=name: deeplab_v3plus(
+            num_classes=3, backbone=f"timm:{name}", channels=16
+        )
+        for name in ("efficientnet_b0", "resnet18d", "regnety_002", "mobilenetv3_small_050")
+    },
 }
 
 

@@ -34,6 +34,8 @@ def small_overrides(config: Path, tmp_path: Path) -> list[str]:
         args.append("--model.init_args.backbone=resnet18")
         if model_args.get("multi_grid"):
             args.append("--model.init_args.multi_grid=[1, 2]")
+    if model_args.get("backbone", "").startswith("timm:convnext"):  # the smallest ConvNeXt, as resnet18 above
+        args.append("--model.init_args.backbone=timm:convnext_atto")
     if data_class == "VOCDataModule":
         fakes.make_voc_sbd(tmp_path / "voc")
         args.append(f"--data.init_args.root={tmp_path / 'voc'}")
