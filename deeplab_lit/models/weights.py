@@ -2,9 +2,9 @@
 
 :func:`load_weights` takes a registered name (:mod:`deeplab_lit.models.registry`), a path or a URL, read by
 :func:`~deeplab_lit.models.checkpoint_formats.read_checkpoint` (this project's, torchvision's
-``deeplabv3_resnet50/101`` and kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet checkpoints, recognised
-from their keys; the key maps are documented there), and loads it into a model built by
-:mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``).
+``deeplabv3_resnet50/101`` and ``deeplabv3_mobilenet_v3_large``, kazuto1011/deeplab-pytorch's DeepLab v1/v2
+ResNet checkpoints, recognised from their keys; the key maps are documented there), and loads it into a
+model built by :mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``).
 
 A checkpoint also implies options that are not in its tensors (output stride, ASPP rates, ResNet style,
 MSC, auxiliary head). The model's structure (strides, dilations, paddings, pooling of every layer) is

@@ -60,10 +60,11 @@ class SegmentationModule(LightningModule):
             initialises the LargeFOV fc6/fc7 from VGG's ImageNet fc layers, subsampled (DeepLab v1 Sec. 3.1).
         weights: A registered name (``deeplabv3_resnet101.coco_voc``; :mod:`deeplab_lit.models.registry`),
             or the path or URL of a whole-model checkpoint to start from: this project's, torchvision's
-            ``deeplabv3_resnet50/101`` or kazuto1011/deeplab-pytorch's DeepLab v1/v2 ResNet-101 (see
-            :mod:`deeplab_lit.models.weights`). Architecture options left at their defaults are taken from
-            it (e.g. ``style``, ``msc_scales``); options set to other values than it needs raise ValueError.
-            The input normalisation it needs is checked against the data's at ``setup``.
+            ``deeplabv3_resnet50/101`` and ``deeplabv3_mobilenet_v3_large``, or kazuto1011/deeplab-pytorch's
+            DeepLab v1/v2 ResNet-101 (see :mod:`deeplab_lit.models.weights`). Architecture options left at
+            their defaults are taken from it (e.g. ``style``, ``msc_scales``); options set to other values
+            than it needs raise ValueError. The input normalisation it needs is checked against the data's
+            at ``setup``.
         reinit_classifier: With ``weights``, load everything except the layers that output class scores
             (another class count or label set).
         lr: Base learning rate (backbone); new layers get ``lr * head_lr_mult``.
