@@ -107,3 +107,14 @@ def test_speed_py_entry_point_runs_the_data_section_and_writes_the_report(tmp_pa
     text = out.read_text()
     assert text.startswith(f"# Mine\n\n{BEGIN}\n## Speed\n") and text.endswith(f"{END}\n\nafter\n")
     assert "old" not in text and re.search(row, text) and "--quick: tiny sizes" in text
+
+
+def test_crf_rnn_benchmark_row_reports_times_memory_and_the_targets():
+    from benchmarks.crf_rnn_speed import row
+
+    cells = [c.strip() for c in row(17, 2, 3, 2, 1, "cpu").strip("|").split("|")]
+    size, batch, offline, forward, both, ratio, logits, saved, lattice, peak, target = cells
+    assert (size, batch) == ("17", "2")
+    assert all(float(v) > 0 for v in (offline, forward, both, ratio))
+    assert peak == "-" or float(peak) >= 0
+    assert float(target) >= float(lattice)  # (iterations + 2) x logits + one lattice
