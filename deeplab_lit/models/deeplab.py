@@ -177,7 +177,10 @@ def _aux_head(body: Backbone, num_classes: int, aux_head: bool) -> FCNHead | Non
     if not aux_head:
         return None
     if body.aux_channels is None:
-        raise ValueError(f"aux_head=True needs a ResNet backbone (an FCN head on layer3); got {body.name}")
+        raise ValueError(
+            f"aux_head=True needs a backbone with an 'aux' output for the FCN head (ResNets: layer3; "
+            f"mobilenet_v3_large: features.4; timm encoders: the level before the last); {body.name} has none"
+        )
     return FCNHead(body.aux_channels, num_classes)
 
 

@@ -152,7 +152,7 @@ def test_builder_argument_errors():
         deeplab_v3(num_classes=2, backbone="vgg16")
     with pytest.raises(ValueError, match="pass multi_grid=None"):
         deeplab_v3(num_classes=2, backbone="mobilenet_v2")
-    with pytest.raises(ValueError, match="aux_head=True needs a ResNet"):
+    with pytest.raises(ValueError, match="aux_head=True needs .*'aux' output.*mobilenet_v2 has none"):
         deeplab_v3plus(num_classes=2, backbone="mobilenet_v2", aux_head=True)
     with pytest.raises(ValueError, match="output_stride=16.*vgg16"):
         deeplab_v1(num_classes=2, output_stride=16)
@@ -168,7 +168,7 @@ def test_option_errors_come_before_the_imagenet_weights_are_read(tmp_path):
         deeplab_v3(num_classes=2, backbone="resnet18", atrous_rates=(0,), pretrained_backbone=missing)
     with pytest.raises(ValueError, match="including 1.0"):
         deeplab_v2(num_classes=2, backbone="resnet18", msc_scales=(0.5,), pretrained_backbone=missing)
-    with pytest.raises(ValueError, match="aux_head=True needs a ResNet"):
+    with pytest.raises(ValueError, match="aux_head=True needs .*'aux' output.*mobilenet_v2 has none"):
         deeplab_v3plus(num_classes=2, backbone="mobilenet_v2", aux_head=True, pretrained_backbone=missing)
     with pytest.raises(FileNotFoundError, match="missing.pth"):  # good options: the file is read last
         deeplab_v2(num_classes=2, backbone="resnet18", msc_scales=(1.0, 0.5), pretrained_backbone=missing)
