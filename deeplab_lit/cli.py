@@ -415,6 +415,12 @@ def export(words: list[str]) -> Path:
     path = export_onnx(module.model, config.output, exporter=config.exporter, opset=config.opset,
                        metadata=metadata)  # fmt: skip
     print(f"Wrote {path}: input 'image' (N, 3, H, W) normalised as {normalization}, output 'logits'")
+    if module.crf_rnn is not None:
+        print(
+            "Note: the file holds the network alone, without its trained CRF (crf_rnn): ONNX has no sparse "
+            "lattice filtering. Its logits are the network's (val/mIoU, not val/mIoU_crf_rnn); the CRF's "
+            "parameters stay in the checkpoint (deeplab_lit.crf.CRFasRNN applies them)."
+        )
     return path
 
 

@@ -104,3 +104,13 @@ def test_export_subcommand_loads_a_plain_state_dict_into_the_configs_model(tmp_p
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     assert json.loads(metadata["class_names"]) == names and metadata["num_classes"] == "6"
     assert json.loads(metadata["normalization"])["std"] == [58.395, 57.12, 57.375]
+
+
+def test_export_of_a_model_with_a_trained_crf_says_the_file_holds_the_network_alone(tmp_path, capsys):
+    model = with_unit_logits(deeplab_v3plus(num_classes=6, backbone="resnet18", channels=64))
+    torch.save(model.state_dict(), tmp_path / "trained.pth")
+    main(["export", "--config", str(QUICKSTART), "--exporter=torchscript", "--model.init_args.num_classes=6",
+          "--model.init_args.crf_rnn={iterations: 5}", f"--ckpt_path={tmp_path / 'trained.pth'}",
+          f"--output={tmp_path / 'model.onnx'}"])  # fmt: skip
+    assert_matches_pytorch(model, tmp_path / "model.onnx")  # the network's logits
+    assert "without its trained CRF (crf_rnn)" in capsys.readouterr().out
