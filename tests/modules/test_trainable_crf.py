@@ -131,3 +131,12 @@ def test_bad_crf_rnn_options_and_a_missing_normalisation_are_refused():
     module = DeepLabV3(num_classes=3, backbone="resnet18", multi_grid=None, crf_rnn={})
     with pytest.raises(ValueError, match="crf_rnn needs the raw RGB images"):
         module(torch.randn(1, 3, 17, 19))
+
+
+def test_learn_bandwidths_trains_the_bandwidths_through_the_lattice():
+    options = {"iterations": 2, "learn_bandwidths": True, "lr_mult": 10}
+    module = DeepLabV3(num_classes=3, backbone="resnet18", multi_grid=None, lr=0.01, crf_rnn=options)
+    before = _crf_state(module)
+    _trainer(limit_val_batches=0).fit(module, datamodule=TinyData())
+    moved = (_crf_state(module)["log_bandwidths"] - before["log_bandwidths"]).abs()
+    assert (moved > 0).all() and torch.isfinite(moved).all()
