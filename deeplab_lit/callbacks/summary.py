@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class RunSummary(Callback):
-    """Print the best mIoU (before/after the CRF), the checkpoint and picture folders, and next commands.
+    """Print the best mIoU (offline and trained CRF too), the checkpoint and picture folders, next commands.
 
     Args:
         monitor: The validation metric whose best value is reported (the checkpoint callback's, when one
@@ -39,12 +39,16 @@ class RunSummary(Callback):
             return
         metrics, epoch = trainer.callback_metrics, trainer.current_epoch
         crf, baseline = f"{self.monitor}_crf", f"{self.monitor}_crf_baseline"
-        for name in (self.monitor, crf):
+        # the trained CRF (crf_rnn) and the network alone at its best epoch
+        trained, network = f"{self.monitor}_crf_rnn", f"{self.monitor}_crf_rnn_network"
+        for name in (self.monitor, crf, trained):
             number = float(metrics[name]) if name in metrics else math.nan
             if math.isfinite(number) and number > self.best.get(name, (-math.inf, 0))[0]:
                 self.best[name] = (number, epoch)
                 if name == crf and baseline in metrics:  # the same images without the CRF, same epoch
                     self.best[baseline] = (float(metrics[baseline]), epoch)
+                if name == trained and self.monitor in metrics:
+                    self.best[network] = (float(metrics[self.monitor]), epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Keep the best figures in checkpoints, so a resumed run reports over the whole run."""
@@ -71,6 +75,13 @@ class RunSummary(Callback):
         if crf is not None:
             before = f"{baseline[0]:.4f} without" if baseline is not None else "no figure without"
             lines.append(f"  best with the dense CRF: {crf[0]:.4f} (epoch {crf[1]}; {before} it, same set)")
+        trained = self.best.get(f"{self.monitor}_crf_rnn")
+        if trained is not None:
+            network = self.best.get(f"{self.monitor}_crf_rnn_network")
+            alone = f"; the network alone {network[0]:.4f}" if network is not None else ""
+            lines.append(
+                f"  best with the trained CRF (crf_rnn): {trained[0]:.4f} (epoch {trained[1]}{alone})"
+            )
         checkpoint = _checkpoint_callback(trainer)
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
         if checkpoint is not None:

@@ -54,3 +54,22 @@ def test_a_resumed_run_keeps_the_best_figures_of_the_run_before():
     after = RunSummary()
     after.load_state_dict(before.state_dict())
     assert after.best == {"val/mIoU": (0.5, 3)}
+
+
+def test_the_summary_reports_the_trained_crf_with_the_network_alone_at_its_best_epoch():
+    from types import SimpleNamespace
+
+    import torch
+
+    summary = RunSummary()
+    trainer = SimpleNamespace(sanity_checking=False, checkpoint_callbacks=[], callbacks=[], loggers=[])
+    for epoch, (network, trained) in enumerate([(0.40, 0.45), (0.50, 0.48), (0.52, 0.47)]):
+        trainer.current_epoch = epoch
+        trainer.callback_metrics = {
+            "val/mIoU": torch.tensor(network),
+            "val/mIoU_crf_rnn": torch.tensor(trained),
+        }
+        summary.on_validation_end(trainer, None)
+    text = summary.render(trainer)
+    assert "best val/mIoU: 0.5200 (epoch 2)" in text
+    assert "best with the trained CRF (crf_rnn): 0.4800 (epoch 1; the network alone 0.5000)" in text
