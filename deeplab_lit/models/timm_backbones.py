@@ -123,6 +123,18 @@ def _refusal(model_name: str, family: str, output_stride: int, why: str) -> Valu
     )
 
 
+def _builds_at_stride_32(model_name: str) -> bool:
+    """Whether timm builds ``model_name``'s feature extractor at output stride 32 (on the meta device)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            timm.create_model(model_name, features_only=True, output_stride=32)
+    except Exception:  # any failure: the model is refused with timm's own error either way
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=64)
 def _probe(model_name: str, output_stride: int) -> TimmLevels:
     """Build ``model_name`` on the meta device, read its levels and run one batch-1 training forward."""
@@ -143,8 +155,11 @@ def _probe(model_name: str, output_stride: int) -> TimmLevels:
             "features cannot be kept at stride 8 or 16. Use a convolutional family timm can dilate, "
             "e.g. timm:convnext_tiny, timm:resnet50d, timm:efficientnet_b0, timm:regnety_016",
         ) from None
-    except Exception as err:  # timm's own refusals are bare asserts or RuntimeErrors
-        why = f"timm cannot build it with features_only=True: {type(err).__name__}: {str(err) or 'assert'}"
+    except Exception as err:  # timm's own refusals are bare asserts (hrnet, dla, dpn) or RuntimeErrors
+        error = f"{type(err).__name__}: {str(err) or 'assert'}"
+        why = f"timm cannot build it with features_only=True ({error})"
+        if output_stride != 32 and _builds_at_stride_32(model_name):
+            why = f"timm builds it only at output_stride=32: no dilated variant ({error})"
         raise _refusal(model_name, family, output_stride, why) from None
     from timm.models import FeatureInfo
 

@@ -31,3 +31,13 @@ def test_v3plus_on_convnext_trains_through_the_cli_and_reloads_from_its_checkpoi
     with torch.no_grad():
         expected, actual = cli.model.eval()(images), restored.eval()(images)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # the same weights, the same arithmetic
+
+
+def test_freeze_bn_reaches_timm_norm_act_layers():
+    # timm's BatchNormAct2d (BatchNorm + activation, EfficientNet's every norm) is a BatchNorm to freeze_bn
+    module = DeepLabV3Plus(num_classes=3, backbone="timm:efficientnet_b0", channels=16, freeze_bn=True)
+    module.train()
+    norms = [m for m in module.model.backbone.modules() if type(m).__name__ == "BatchNormAct2d"]
+    assert len(norms) > 40
+    assert all(not m.training and not m.weight.requires_grad for m in norms)
+    assert module.model.decoder.training  # the rest trains
