@@ -25,6 +25,12 @@ from benchmarks.settings import Settings
 BEGIN, END = "<!-- speed.py: begin -->", "<!-- speed.py: end -->"
 
 
+def markers(block: str = "") -> tuple[str, str]:
+    """The begin and end markers of a named block of the report (``""``: the main one, :data:`BEGIN`)."""
+    name = f" {block}" if block else ""
+    return f"<!-- speed.py{name}: begin -->", f"<!-- speed.py{name}: end -->"
+
+
 @dataclass
 class Row:
     """One contender's results: images/s per round, peak step memory, GFLOPs, and a note."""
@@ -176,16 +182,18 @@ def environment(s: Settings, load_start: tuple[float, ...]) -> list[str]:
     ]
 
 
-def write_report(path: Path, lines: list[str]) -> None:
+def write_report(path: Path, lines: list[str], block_name: str = "") -> None:
     """Write ``lines`` between the markers in ``path``, replacing an earlier block and keeping the rest.
 
-    A file without the markers gets the block appended; a missing file starts as "# Benchmarks".
+    ``block_name`` names a block of its own (:func:`markers`), so a section run alone keeps the others. A
+    file without the markers gets the block appended; a missing file starts as "# Benchmarks".
     """
-    block = "\n".join([BEGIN, *lines, END])
+    begin, end = markers(block_name)
+    block = "\n".join([begin, *lines, end])
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

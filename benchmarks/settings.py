@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("train", "infer", "data", "versions")
+SECTIONS = ("train", "infer", "data", "versions", "backbones")
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Settings:
     versions_batch: int
     versions_size: int
     flops_size: int
+    learn_steps: int  # backbones section: training steps of the learning comparison (0: none)
     amp_dtype: str
     memory: bool
     ablations: bool
@@ -59,11 +60,11 @@ def default_settings(device: str, quick: bool) -> dict:
     if quick:
         return dict(train_batch=2, train_size=65, infer_sizes=[(49, 65)], infer_batch=1, warmup=1, rounds=2,
                     train_iters=1, infer_iters=1, data_images=8, data_batches=4, versions_batch=1,
-                    versions_size=65, flops_size=129)  # fmt: skip
+                    versions_size=65, flops_size=129, learn_steps=2)  # fmt: skip
     if device == "cuda":
         return dict(train_batch=8, train_size=513, infer_sizes=[(375, 500), (1024, 2048)], infer_batch=1,
                     warmup=3, rounds=5, train_iters=10, infer_iters=10, data_images=200, data_batches=60,
-                    versions_batch=8, versions_size=513, flops_size=513)  # fmt: skip
+                    versions_batch=8, versions_size=513, flops_size=513, learn_steps=1050)  # fmt: skip
     return dict(train_batch=2, train_size=321, infer_sizes=[(375, 500)], infer_batch=1, warmup=1, rounds=3,
                 train_iters=1, infer_iters=1, data_images=48, data_batches=24, versions_batch=2,
-                versions_size=161, flops_size=513)  # fmt: skip
+                versions_size=161, flops_size=513, learn_steps=300)  # fmt: skip

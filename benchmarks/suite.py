@@ -17,6 +17,9 @@ Sections:
 - data: images/s out of VOCDataModule's training loader (default workers, DeepLab augmentation) on a
   generated VOC-layout data set of 500x375 JPEGs, against the training step's rate.
 - versions: every DeepLab version's training and inference rate, parameters and FLOPs.
+- backbones: every head (v1, v2, v3, v3+) on ResNet-50, ConvNeXt-T, EfficientNet-B0, RegNetY-1.6GF and
+  MobileNetV3-L at output stride 16, as the versions section, plus how each backbone learns under the v3+
+  head at the quickstart's recipe (``--learn-steps``); written to a block of its own in ``--out``.
 
 Recipes. "ours" is what our module does: channels-last weights, fused SGD, and on a GPU mixed precision;
 for inference BatchNorm folded into the convolutions and ``torch.inference_mode``. "plain" is the other
@@ -46,6 +49,7 @@ import torch
 
 from benchmarks.recipes import COMPILE_MODES
 from benchmarks.report import Target, environment, targets_markdown, write_report
+from benchmarks.sections.backbones import backbones_section
 from benchmarks.sections.data import data_section
 from benchmarks.sections.infer import infer_section
 from benchmarks.sections.train import train_section
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--versions-batch", type=int)
     parser.add_argument("--versions-size", type=int)
     parser.add_argument("--flops-size", type=int)
+    parser.add_argument(
+        "--learn-steps", type=int, help="backbones section: steps of the learning comparison (0: skip it)"
+    )
     parser.add_argument(
         "--amp-dtype",
         choices=("float16", "bfloat16"),
@@ -138,6 +145,12 @@ def run_sections(s: Settings, targets: list[Target]) -> list[str]:
     return body
 
 
+def _quick_notice(s: Settings) -> list[str]:
+    if not s.quick:
+        return []
+    return ["**--quick: tiny sizes and counts, a smoke test of the script; these are not figures.**", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the suite: print every table and the targets, and write the report into ``--out``."""
     s = parse_args(argv)
@@ -145,12 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     if s.cuda:
         torch.backends.cudnn.benchmark = True  # fixed input sizes; the same for every contender
     load_start = os.getloadavg()
+    if "backbones" in s.sections:  # a block of its own: running it alone keeps the main tables
+        notice = _quick_notice(s)
+        body = backbones_section(s)
+        write_report(s.out, ["## Backbones", "", *notice, *environment(s, load_start), *body], "backbones")
+        print(f"written to {s.out}")
+        if set(s.sections) == {"backbones"}:
+            return
+        load_start = os.getloadavg()
     lines = ["## Speed", ""]
-    if s.quick:
-        lines += [
-            "**--quick: tiny sizes and counts, a smoke test of the script; these are not figures.**",
-            "",
-        ]
+    lines += _quick_notice(s)
     targets: list[Target] = []
     body = run_sections(s, targets)
     lines += environment(s, load_start) + targets_markdown(targets) + body

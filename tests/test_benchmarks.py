@@ -118,3 +118,28 @@ def test_crf_rnn_benchmark_row_reports_times_memory_and_the_targets():
     assert all(float(v) > 0 for v in (offline, forward, both, ratio))
     assert peak == "-" or float(peak) >= 0
     assert float(target) >= float(lattice)  # (iterations + 2) x logits + one lattice
+
+
+def test_backbones_section_times_every_head_and_reports_how_the_backbone_learns(tmp_path):
+    from benchmarks.sections.backbones import backbones_section
+
+    family = (("MobileNetV3-L", "mobilenet_v3_large"),)
+    lines = backbones_section(quick_settings(learn_steps=2), family, root=str(tmp_path / "synthetic"))
+    rows = [line for line in lines if line.startswith("| MobileNetV3-L |")]
+    assert [row.split("|")[2].strip() for row in rows[:4]] == ["v1", "v2", "v3", "v3+"]
+    assert all(re.search(rf"\| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|", row) for row in rows[:4])
+    miou = float(rows[4].split("|")[2])  # the learning table's row
+    assert 0.0 <= miou <= 1.0
+
+
+def test_a_named_report_block_keeps_the_main_block(tmp_path):
+    from benchmarks.report import markers
+
+    path = tmp_path / "BENCHMARKS.md"
+    write_report(path, ["main tables"])
+    write_report(path, ["backbones table"], "backbones")
+    write_report(path, ["backbones again"], "backbones")
+    text = path.read_text()
+    begin, end = markers("backbones")
+    assert f"{BEGIN}\nmain tables\n{END}" in text and f"{begin}\nbackbones again\n{end}" in text
+    assert "backbones table" not in text
