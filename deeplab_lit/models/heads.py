@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +50,43 @@ class AtrousDepthwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+#: The two forms of the atrous separable convolution (:func:`conv_bn_relu`, ``separable_form``).
+SEPARABLE_FORMS: tuple[str, ...] = ("deeplab", "xception")
+
+
+def check_separable_form(separable_form: str) -> str:
+    """Return ``separable_form``, or raise ValueError unless it is one of :data:`SEPARABLE_FORMS`."""
+    if separable_form not in SEPARABLE_FORMS:
+        raise ValueError(
+            f"separable_form must be 'deeplab' (depthwise-BN-ReLU-pointwise-BN-ReLU, the DeepLab v3+ "
+            f"reference code's) or 'xception' (depthwise-pointwise-BN-ReLU, Xception's and smp's), "
+            f"got {separable_form!r}"
+        )
+    return separable_form
+
+
 def conv_bn_relu(
-    in_channels: int, out_channels: int, *, dilation: int = 1, separable: bool = False
+    in_channels: int,
+    out_channels: int,
+    *,
+    dilation: int = 1,
+    separable: bool = False,
+    separable_form: str = "xception",
 ) -> nn.Sequential:
     """3x3 convolution (no bias) + BatchNorm + ReLU, optionally atrous depthwise-separable.
 
     ``separable=True`` is the v3+ atrous separable convolution (DeepLab v3+ Sec. 3.2): a depthwise 3x3
-    (``groups = in_channels``, dilated) + BN + ReLU, then a pointwise 1x1 + BN + ReLU, as in the
-    reference implementation.
+    (``groups = in_channels``, dilated) followed by a pointwise 1x1, in one of two forms
+    (:data:`SEPARABLE_FORMS`):
+
+    - ``"xception"``: depthwise, pointwise, BN, ReLU (``0``, ``1``, ``2``, ``3``): Xception's separable
+      convolution (Chollet, CVPR 2017), segmentation_models_pytorch's DeepLabV3+.
+    - ``"deeplab"``: depthwise, BN, ReLU, pointwise, BN, ReLU (``0`` .. ``5``): the DeepLab v3+ reference
+      code's ``split_separable_conv2d``; the layout of every separable checkpoint written before
+      ``separable_form`` existed. See :func:`deeplab_lit.models.deeplab_v3plus` for which learns better.
+
+    The forms' state-dict keys differ (:func:`separable_form_of`): index ``1`` is a BatchNorm in the
+    ``"deeplab"`` form and the pointwise convolution in the ``"xception"`` one.
     """
     if not separable:
         return nn.Sequential(
@@ -65,16 +94,34 @@ def conv_bn_relu(
             nn.BatchNorm2d(out_channels),
             nn.ReLU(),
         )
-    return nn.Sequential(
-        AtrousDepthwiseConv2d(
-            in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels, bias=False
-        ),
-        nn.BatchNorm2d(in_channels),
-        nn.ReLU(),
-        nn.Conv2d(in_channels, out_channels, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(),
+    depthwise = AtrousDepthwiseConv2d(
+        in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels, bias=False
     )
+    pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+    if check_separable_form(separable_form) == "xception":
+        return nn.Sequential(depthwise, pointwise, nn.BatchNorm2d(out_channels), nn.ReLU())
+    return nn.Sequential(
+        depthwise, nn.BatchNorm2d(in_channels), nn.ReLU(), pointwise, nn.BatchNorm2d(out_channels), nn.ReLU()
+    )
+
+
+def separable_form_of(keys: Iterable[str], prefix: str = "decoder.fuse.0.") -> tuple[bool, str | None] | None:
+    """Read from state-dict keys whether a v3+ model's convolutions are separable, and in which form.
+
+    Looks at the decoder's first 3x3 convolution (``prefix``, a :func:`conv_bn_relu` block): a BatchNorm
+    at index ``1`` (``1.running_mean``) is the ``"deeplab"`` form; a convolution there (``1.weight`` and no
+    ``1.running_mean``) with index ``2`` a BatchNorm is the ``"xception"`` form; a BatchNorm at index ``1``
+    and nothing at ``3`` is a plain 3x3 convolution.
+
+    Returns:
+        ``(False, None)`` (plain), ``(True, form)``, or None when ``keys`` hold no such block.
+    """
+    names = set(keys)
+    if f"{prefix}1.running_mean" in names:
+        return (True, "deeplab") if f"{prefix}3.weight" in names else (False, None)
+    if f"{prefix}1.weight" in names and f"{prefix}2.running_mean" in names:
+        return True, "xception"
+    return None
 
 
 class ConvClassifier(nn.Conv2d):
@@ -191,7 +238,8 @@ class ASPP(nn.Module):
 
     Module layout equals ``torchvision.models.segmentation.deeplabv3.ASPP`` (``convs.0`` 1x1,
     ``convs.1..k`` atrous, ``convs.{k+1}`` pooling, ``project``), so torchvision weights load as they are
-    when ``separable=False``. ``separable=True`` makes the atrous branches depthwise-separable (v3+ Sec. 3.2).
+    when ``separable=False``. ``separable=True`` makes the atrous branches depthwise-separable (v3+ Sec. 3.2),
+    in the form ``separable_form`` (see :func:`conv_bn_relu`).
     ``dropout`` follows the projection: 0.5 in torchvision, 0.1 in the v3+ reference code.
 
     Shapes: ``(N, in_channels, h, w) -> (N, out_channels, h, w)``.
@@ -204,6 +252,7 @@ class ASPP(nn.Module):
         rates: Sequence[int] = (6, 12, 18),
         separable: bool = False,
         dropout: float = 0.5,
+        separable_form: str = "xception",
     ) -> None:
         super().__init__()
         branches: list[nn.Module] = [
@@ -211,7 +260,12 @@ class ASPP(nn.Module):
                 nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()
             )
         ]
-        branches += [conv_bn_relu(in_channels, out_channels, dilation=r, separable=separable) for r in rates]
+        branches += [
+            conv_bn_relu(
+                in_channels, out_channels, dilation=r, separable=separable, separable_form=separable_form
+            )
+            for r in rates
+        ]
         branches.append(ASPPPooling(in_channels, out_channels))
         self.convs = nn.ModuleList(branches)
         self.project = nn.Sequential(
@@ -250,7 +304,8 @@ class DeepLabV3PlusDecoder(nn.Module):
 
     The stride-4 features are reduced to ``low_proj_channels`` (48) by 1x1 conv + BN + ReLU, the encoder
     (ASPP) output is bilinearly upsampled to their size, both are concatenated and refined by two 3x3 convs
-    (``channels``, BN, ReLU; atrous-separable if ``separable``), and a 1x1 conv gives the class scores.
+    (``channels``, BN, ReLU; atrous-separable in the form ``separable_form`` if ``separable``, see
+    :func:`conv_bn_relu`), and a 1x1 conv gives the class scores.
 
     Shapes: ``forward((N, in_channels, h, w), (N, low_channels, h4, w4)) -> (N, num_classes, h4, w4)``.
     """
@@ -263,6 +318,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         low_proj_channels: int = 48,
         channels: int = 256,
         separable: bool = False,
+        separable_form: str = "xception",
     ) -> None:
         super().__init__()
         self.project_low = nn.Sequential(
@@ -271,8 +327,10 @@ class DeepLabV3PlusDecoder(nn.Module):
             nn.ReLU(),
         )
         self.fuse = nn.Sequential(
-            conv_bn_relu(in_channels + low_proj_channels, channels, separable=separable),
-            conv_bn_relu(channels, channels, separable=separable),
+            conv_bn_relu(
+                in_channels + low_proj_channels, channels, separable=separable, separable_form=separable_form
+            ),
+            conv_bn_relu(channels, channels, separable=separable, separable_form=separable_form),
         )
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 

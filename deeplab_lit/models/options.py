@@ -91,7 +91,7 @@ def resolve_options(
         across = True
     backbone = checkpoint.options.get("backbone") or given.get("backbone")
     changes, conflicts = {}, []
-    for name, value in checkpoint.options.items():
+    for name, value in _with_separable_form(checkpoint.options).items():
         if name == "num_classes" or (across and name not in _BACKBONE_OPTIONS):
             continue
         if name not in given or _plain(name, given[name], backbone) == _plain(name, value, backbone):
@@ -104,6 +104,20 @@ def resolve_options(
     if conflicts or classes:
         raise ValueError(_conflict_message(checkpoint, conflicts, classes))
     return changes
+
+
+def _with_separable_form(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with ``separable_form`` only where it matters (``separable=True``), and known there.
+
+    Checkpoints written before ``separable_form`` existed record ``separable`` alone, and their one form
+    was ``"deeplab"``; the checkpoint reader also reads the form from the keys where it has them.
+    """
+    options = dict(options)
+    if not options.get("separable"):
+        options.pop("separable_form", None)
+    else:
+        options.setdefault("separable_form", "deeplab")
+    return options
 
 
 def _resolve_num_classes(

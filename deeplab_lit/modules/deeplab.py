@@ -125,6 +125,10 @@ class DeepLabV3Plus(SegmentationModule):
         aux_head: Auxiliary FCN head on layer3 (ResNets).
         style: ``"torchvision"`` or ``"caffe"`` ResNet.
         channels: ASPP and decoder width, 256 in the paper; narrower for cheap CPU runs (quickstart: 64).
+        separable_form: ``"xception"`` (depthwise, pointwise, BN, ReLU; learned better from scratch) or
+            ``"deeplab"`` (depthwise, BN, ReLU, pointwise, BN, ReLU: the reference code's, which separable
+            checkpoints from before this option hold and restore in); see
+            :func:`~deeplab_lit.models.deeplab_v3plus` for the measurement.
         lr: 0.007 in the paper.
         weight_decay: 1e-4 (4e-5 for Xception in the paper).
         **kwargs: Shared options of :class:`SegmentationModule`.
@@ -143,6 +147,7 @@ class DeepLabV3Plus(SegmentationModule):
         aux_head: bool = False,
         style: str = "torchvision",
         channels: int = 256,
+        separable_form: str = "xception",
         lr: float = 0.007,
         weight_decay: float = 1e-4,
         **kwargs: Any,

@@ -178,7 +178,7 @@ def reconcile_model(
     checkpoint = _as_checkpoint(saved, saved_class, architecture)
     # reinit_classifier is a weights: option; a checkpoint restores its own classifier, so it never applies.
     taken = resolve_options(checkpoint, {**defaults, **given, "reinit_classifier": False}, defaults)
-    init_args = {**defaults, **saved.hparams}
+    init_args = {**defaults, **saved.hparams, **taken}  # taken: also what the file implies, unrecorded
     for name, value in given.items():
         if name not in architecture and not _same(value, defaults.get(name)):
             init_args[name] = value  # the user's evaluation / recipe option wins over the saved one

@@ -5,8 +5,10 @@ from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead as TorchvisionFCNHead
 
+from deeplab_lit.models import deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.heads import (
     ASPP,
+    SEPARABLE_FORMS,
     ASPPSum,
     AtrousDepthwiseConv2d,
     ConvClassifier,
@@ -14,6 +16,8 @@ from deeplab_lit.models.heads import (
     DeepLabV3PlusDecoder,
     FCNHead,
     LargeFOVHead,
+    conv_bn_relu,
+    separable_form_of,
 )
 
 
@@ -79,7 +83,7 @@ def _depthwise_convs(module: nn.Module) -> list[nn.Conv2d]:
 
 
 def test_separable_aspp_is_depthwise():
-    aspp = ASPP(32, 16, (6, 12, 18), separable=True)
+    aspp = ASPP(32, 16, (6, 12, 18), separable=True, separable_form="deeplab")
     for branch, rate in zip(aspp.convs[1:4], (6, 12, 18)):
         depthwise, pointwise = branch[0], branch[3]
         assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == 32
@@ -90,6 +94,71 @@ def test_separable_aspp_is_depthwise():
     assert _depthwise_convs(plain) == []
     assert sum(p.numel() for p in aspp.parameters()) < sum(p.numel() for p in plain.parameters())
     assert aspp.eval()(torch.randn(1, 32, 9, 11)).shape == (1, 16, 9, 11)
+
+
+_FORM_LAYERS = {
+    "deeplab": [AtrousDepthwiseConv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU],
+    "xception": [AtrousDepthwiseConv2d, nn.Conv2d, nn.BatchNorm2d, nn.ReLU],
+}
+
+
+@pytest.mark.parametrize("form", SEPARABLE_FORMS)
+def test_both_separable_forms_build_and_run_at_odd_sizes(form):
+    torch.manual_seed(0)
+    aspp = ASPP(32, 16, (2, 3, 5), separable=True, separable_form=form)
+    decoder = DeepLabV3PlusDecoder(
+        16, 24, 5, low_proj_channels=8, channels=16, separable=True, separable_form=form
+    )
+    blocks = [*aspp.convs[1:4], *decoder.fuse]
+    for block in blocks:
+        assert [type(layer) for layer in block] == _FORM_LAYERS[form]
+        assert block[0].groups == block[0].in_channels > 1  # depthwise
+        pointwise = block[3] if form == "deeplab" else block[1]
+        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
+    x = aspp.train()(torch.randn(2, 32, 9, 11))
+    assert x.shape == (2, 16, 9, 11)
+    out = decoder.train()(x, torch.randn(2, 24, 17, 21))
+    assert out.shape == (2, 5, 17, 21)
+    out.square().mean().backward()
+    assert all(block[0].weight.grad.abs().sum() > 0 for block in blocks)  # the depthwise weights learn
+
+
+def test_the_deeplab_form_has_one_batchnorm_more_per_separable_convolution():
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    in_channels = 32
+    deeplab = ASPP(in_channels, 16, (6, 12, 18), separable=True, separable_form="deeplab")
+    xception = ASPP(in_channels, 16, (6, 12, 18), separable=True, separable_form="xception")
+    assert count(deeplab) - count(xception) == 3 * 2 * in_channels  # weight and bias of BN(in_channels)
+    plain = ASPP(in_channels, 16, (6, 12, 18))
+    # a 3x3 conv's 9 * in * out against a depthwise 9 * in and a pointwise in * out
+    assert count(plain) - count(xception) == 3 * (9 * in_channels * 16 - 9 * in_channels - in_channels * 16)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"separable": False}, (False, None)),
+        ({"separable": True, "separable_form": "deeplab"}, (True, "deeplab")),
+        ({"separable": True, "separable_form": "xception"}, (True, "xception")),
+    ],
+)
+def test_state_dict_keys_tell_the_separable_form(options, expected):
+    model = deeplab_v3plus(num_classes=3, backbone="resnet18", channels=8, **options)
+    assert separable_form_of(model.state_dict()) == expected
+    v3 = deeplab_v3(num_classes=3, backbone="resnet18", multi_grid=None)
+    assert separable_form_of(v3.state_dict()) is None  # no v3+ decoder
+
+
+def test_an_unknown_separable_form_is_refused_where_it_is_given():
+    message = r"separable_form must be 'deeplab' .* or 'xception' .*got 'tf'"
+    with pytest.raises(ValueError, match=message):
+        deeplab_v3plus(num_classes=3, backbone="resnet18", separable=True, separable_form="tf")
+    with pytest.raises(ValueError, match=message):
+        deeplab_v3plus(num_classes=3, backbone="resnet18", separable_form="tf")  # a typo shows at once
+    with pytest.raises(ValueError, match=message):
+        conv_bn_relu(4, 4, separable=True, separable_form="tf")
 
 
 @pytest.mark.parametrize("dilation", [4, 5, 12])
