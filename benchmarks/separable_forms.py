@@ -3,15 +3,17 @@
     python benchmarks/separable_forms.py                          # 400 steps, seeds 0 1 2, every variant
     python benchmarks/separable_forms.py --steps 100 --seeds 0    # a quick look
     python benchmarks/separable_forms.py --variants plain xception
+    python benchmarks/separable_forms.py --gradients              # one batch at init: |grad| / |w| by layer
 
 The recipe is ``experiments/quickstart.yaml``'s (DeepLab v3+ ResNet-18, output stride 16, 64-channel ASPP
 and decoder, random initialisation, SGD lr 0.05 with the poly schedule, batch 16 of 64 px synthetic images)
 for ``--steps`` steps instead of 1050, then one validation on the 80 validation images. The variants
-(:data:`VARIANTS`) change only ``separable`` / ``separable_form`` and, for ``deeplab-dw-nowd``, the weight
-decay of the depthwise weights. Each seed sets the initialisation and the order of the batches; the data
-set is the same for all. The table gives each variant's mean validation mIoU, each seed's, the mean time
-of a training step (after the first 10, data loading included; timings are only comparable within one
-run, on a quiet machine) and the parameter count.
+(:data:`VARIANTS`) change only ``separable`` / ``separable_form`` and, for ``deeplab-open-relu``, the
+initial bias of the BatchNorms between depthwise and pointwise convolution. Each seed sets the
+initialisation and the order of the batches; the data set is the same for all. The table gives each
+variant's mean validation mIoU, each seed's, two checks of the trained networks (:func:`diagnose`), the
+mean time of a training step (after the first 10, data loading included; only comparable within one run,
+on a quiet machine) and the parameter count. Results: BENCHMARKS.md, "Atrous separable convolution".
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -44,23 +47,6 @@ def _deeplab_blocks(model: nn.Module) -> list[nn.Sequential]:
         for block in model.modules()
         if isinstance(block, nn.Sequential) and len(block) == 6 and getattr(block[0], "groups", 1) > 1
     ]
-
-
-class _DepthwiseWithoutDecay(DeepLabV3Plus):
-    """The ``deeplab`` form with no weight decay on the depthwise weights (the ``deeplab-dw-nowd`` row)."""
-
-    def configure_optimizers(self) -> Any:
-        """The module's optimiser, with the depthwise weights moved to a group without weight decay."""
-        config = super().configure_optimizers()
-        optimizer = config["optimizer"]
-        depthwise = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
-        for group in list(optimizer.param_groups):
-            moved = [p for p in group["params"] if id(p) in depthwise]
-            if moved:
-                group["params"] = [p for p in group["params"] if id(p) not in depthwise]
-                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
-                                           "params": moved, "weight_decay": 0.0})  # fmt: skip
-        return config
 
 
 class _OpenReLUStart(DeepLabV3Plus):
@@ -96,11 +82,6 @@ VARIANTS: dict[str, Variant] = {
         _OpenReLUStart,
         {"separable": True, "separable_form": "deeplab"},
         "dw-BN-ReLU-pw-BN-ReLU, in-between BN bias 3 at init",
-    ),
-    "deeplab-dw-nowd": Variant(
-        _DepthwiseWithoutDecay,
-        {"separable": True, "separable_form": "deeplab"},
-        "dw-BN-ReLU-pw-BN-ReLU, no weight decay on dw",
     ),
 }
 
@@ -175,6 +156,31 @@ def diagnose(module: DeepLabV3Plus, data: SyntheticDataModule) -> tuple[float, f
     return float(metrics.compute()["mIoU"]), dead
 
 
+def gradient_ratios(variant: str, seed: int, root: str) -> dict[str, float]:
+    """Median ``|grad| / |w|`` per filter at initialisation, one training batch, by layer kind.
+
+    Kinds: ``aspp dw`` / ``aspp pw`` / ``aspp 3x3`` (the atrous branches), ``decoder dw`` / ``pw`` /
+    ``3x3`` (the two fusing convolutions). How far one SGD step turns each kind of filter.
+    """
+    model_args, data_args = recipe()
+    data = SyntheticDataModule(**{**data_args, "root": root, "num_workers": 0})
+    data.setup("fit")
+    pl.seed_everything(seed, verbose=False)
+    batch = next(iter(data.train_dataloader()))
+    spec = VARIANTS[variant]
+    model = spec.module(num_classes=len(SYNTHETIC_CLASSES), **{**model_args, **spec.options}).model.train()
+    loss = F.cross_entropy(model.forward_train(batch["image"])["out"], batch["mask"], ignore_index=255)
+    loss.backward()
+    ratios: dict[str, list[Tensor]] = {}
+    parts = {"aspp": model.head.convs[1:-1], "decoder": model.decoder.fuse}
+    for part, blocks in parts.items():
+        for conv in (m for block in blocks for m in block.modules() if isinstance(m, nn.Conv2d)):
+            kind = "dw" if conv.groups > 1 else "pw" if conv.kernel_size == (1, 1) else "3x3"
+            ratio = conv.weight.grad.flatten(1).norm(dim=1) / conv.weight.flatten(1).norm(dim=1)
+            ratios.setdefault(f"{part} {kind}", []).append(ratio)
+    return {kind: float(torch.cat(r).median()) for kind, r in ratios.items()}
+
+
 def recipe() -> tuple[dict[str, Any], dict[str, Any]]:
     """The quickstart's model and data ``init_args``."""
     config = yaml.safe_load(RECIPE.read_text())
@@ -237,9 +243,18 @@ def main() -> None:
     parser.add_argument("--root", default="data/synthetic", help="where the synthetic data set is written")
     parser.add_argument("--workers", type=int, default=None, help="data workers (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--gradients", action="store_true", help="print gradient_ratios at initialisation instead of training"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gradients:
+        for name in args.variants:
+            for seed in args.seeds:
+                ratios = gradient_ratios(name, seed, args.root)
+                print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.1e}" for k, v in ratios.items()))
+        return
     load_start = os.getloadavg()
     results: dict[str, list[Run]] = {name: [] for name in args.variants}
     for seed in args.seeds:  # seeds outermost: a change of load during the run hits every variant alike
