@@ -82,6 +82,8 @@ _RESNET_DEPTHS: dict[tuple[int | bool, ...], str] = {  # (blocks in layer1..4, h
 }
 #: torchvision's MobileNetV3-Large ``features``: 17 layers, the last a 1x1 conv from 160 to 960 channels.
 _MOBILENET_V3_LARGE = (17, (960, 160, 1, 1))
+#: State-dict prefix of a module's trained CRF (``SegmentationModule.crf_rnn``), kept apart from the network.
+_CRF_RNN = "crf_rnn."
 _KAZUTO_BLOCK = re.compile(r"^layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut)\.(conv|bn)\.(.+)$")
 _KAZUTO_PARTS = {
     ("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1", ("conv3x3", "conv"): "conv2",
@@ -103,6 +105,8 @@ class Checkpoint:
         options: Architecture options it implies (builder keyword arguments, see :data:`OPTIONS`).
         num_classes: Its class count, None if it holds no classifier.
         normalization: Input normalisation its weights expect, None if unknown.
+        crf_rnn: A trained CRF after the network (this project's ``crf_rnn`` option): ``{"options": the
+            module's crf_rnn mapping, "state": the layer's parameters}``; None if it has none.
     """
 
     source: str
@@ -113,6 +117,7 @@ class Checkpoint:
     options: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
     normalization: Normalization | None = None
+    crf_rnn: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -482,6 +487,8 @@ def _as_normalization(value: Any) -> Normalization | None:
 
 
 def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    crf_state = {k[len(_CRF_RNN) :]: v for k, v in state.items() if k.startswith(_CRF_RNN)}
+    state = {k: v for k, v in state.items() if not k.startswith(_CRF_RNN)}
     if all(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items()}
     msc = all(k.startswith("segmenter.") for k in state)
@@ -509,4 +516,7 @@ def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: s
     name = f" {hparams['_class_path'].rsplit('.', 1)[-1]}" if hparams.get("_class_path") else ""
     name = name or (f" DeepLab {version}" if version else "")
     description = f"deeplab_lit{name} checkpoint" + (" (MSC)" if msc else "")
-    return Checkpoint(source, "deeplab_lit", description, state, version, options, num_classes, normalization)
+    crf_rnn = {"options": hparams.get("crf_rnn") or {}, "state": crf_state} if crf_state else None
+    return Checkpoint(
+        source, "deeplab_lit", description, state, version, options, num_classes, normalization, crf_rnn
+    )

@@ -101,7 +101,9 @@ class SegmentationModule(LightningModule):
             ``network_loss_weight`` (0: a second loss on the network's own logits) and ``lr_mult``
             (the CRF's learning rate ``lr * lr_mult``, no weight decay); see
             :mod:`~deeplab_lit.modules.trainable_crf`. It needs the raw images, recovered through the
-            input normalisation (the data's or the weights'). None (default): no trainable CRF.
+            input normalisation (the data's or the weights'). None (default): no trainable CRF, unless
+            ``weights`` hold one (a checkpoint trained with it): then its options and parameters are
+            taken, since the CRF is part of what those weights compute.
 
     The optimiser is SGD with torch's fused kernel where every parameter's device has one (CPU, CUDA),
     else its multi-tensor (``foreach``) kernel; see :func:`~deeplab_lit.acceleration.fast_sgd_options`.
@@ -149,7 +151,9 @@ class SegmentationModule(LightningModule):
             self._adopt_weights_options(checkpoint)
         self.model = self.build_model()
         #: The trainable CRF after the network (``crf_rnn``), or None.
-        self.crf_rnn, self.crf_rnn_options = build_trainable_crf(crf_rnn, self.hparams["num_classes"])
+        self.crf_rnn, self.crf_rnn_options = build_trainable_crf(
+            self.hparams["crf_rnn"], self.hparams["num_classes"]
+        )
         #: Input normalisation the weights need: the checkpoint's, else the data's (adopted at ``setup``).
         self.normalization: Normalization | None = None
         if checkpoint is not None:
@@ -157,6 +161,7 @@ class SegmentationModule(LightningModule):
                 self.model, checkpoint, num_classes=num_classes, reinit_classifier=reinit_classifier
             )
             self.normalization = info.normalization
+            self._load_trained_crf(checkpoint, reinit_classifier)
         if freeze_bn:
             for module in self.backbone_modules():
                 if isinstance(module, BATCHNORMS):
@@ -188,9 +193,28 @@ class SegmentationModule(LightningModule):
         """Take the architecture options ``checkpoint`` implies wherever ``__init__`` kept its default."""
         defaults = class_defaults(type(self))
         changes = resolve_options(checkpoint, dict(self.hparams), defaults, version=type(self))
+        if checkpoint.crf_rnn is not None and self.hparams.get("crf_rnn") is None:
+            # the weights' model ends in a trained CRF: it is part of what they compute
+            changes["crf_rnn"] = dict(checkpoint.crf_rnn["options"])
         if changes:
             rank_zero_info(f"Options taken from the weights ({checkpoint.description}): {changes}")
             self.hparams.update(changes)
+
+    def _load_trained_crf(self, checkpoint: Checkpoint, reinit_classifier: bool) -> None:
+        """Load the trained CRF the weights hold into ``crf_rnn`` (whose options were adopted if unset)."""
+        if checkpoint.crf_rnn is None or self.crf_rnn is None:
+            return
+        if reinit_classifier:  # its compatibility matrix is per class, like the classifier
+            rank_zero_info("reinit_classifier: the weights' trained CRF is not loaded; crf_rnn starts afresh")
+            return
+        try:
+            self.crf_rnn.load_state_dict(checkpoint.crf_rnn["state"])
+        except RuntimeError as err:
+            raise ValueError(
+                f"The trained CRF in {checkpoint.description} does not fit this module's crf_rnn "
+                f"({self.crf_rnn.num_classes} classes): {err}. Pass reinit_classifier=true to start the CRF "
+                "afresh, or drop crf_rnn."
+            ) from err
 
     def _check_normalization(self) -> None:
         """Raise if the data's normalisation differs from the weights'; adopt the data's if none is known."""

@@ -140,3 +140,27 @@ def test_learn_bandwidths_trains_the_bandwidths_through_the_lattice():
     _trainer(limit_val_batches=0).fit(module, datamodule=TinyData())
     moved = (_crf_state(module)["log_bandwidths"] - before["log_bandwidths"]).abs()
     assert (moved > 0).all() and torch.isfinite(moved).all()
+
+
+def test_weights_from_a_run_with_the_trained_crf_bring_it_along(tmp_path):
+    options = {"iterations": 2, "lr_mult": 10}
+    trained = DeepLabV3(num_classes=3, backbone="resnet18", multi_grid=None, crf_rnn=options)
+    trainer = _trainer(tmp_path, limit_val_batches=0)
+    trainer.fit(trained, datamodule=TinyData())
+    trainer.save_checkpoint(tmp_path / "crf.ckpt")
+    # left unset: the CRF is part of what the weights compute, so its options and parameters come along
+    weights = str(tmp_path / "crf.ckpt")
+    common = {"num_classes": 3, "backbone": "resnet18", "multi_grid": None, "weights": weights}
+    adopted = DeepLabV3(**common)
+    assert adopted.hparams.crf_rnn == options
+    # set: the user's options, the trained parameters
+    longer = {"iterations": 2, "eval_iterations": 6}
+    evaluated = DeepLabV3(**common, crf_rnn=longer)
+    assert evaluated.crf_rnn.eval_iterations == 6
+    for module in (adopted, evaluated):
+        for name, value in _crf_state(trained).items():
+            assert torch.equal(getattr(module.crf_rnn, name), value)
+    trained.eval(), adopted.eval()
+    images = torch.randn(1, 3, 29, 31)
+    with torch.no_grad():
+        assert torch.allclose(adopted(images), trained(images), atol=1e-5)
