@@ -1,6 +1,6 @@
 """How each form of the v3+ atrous separable convolution learns: the quickstart recipe, several seeds.
 
-    python benchmarks/separable_forms.py                          # 400 steps, seeds 0 1 2, every variant
+    python benchmarks/separable_forms.py                          # 300 steps, seeds 0 1 2, every variant
     python benchmarks/separable_forms.py --steps 100 --seeds 0    # a quick look
     python benchmarks/separable_forms.py --variants plain xception
     python benchmarks/separable_forms.py --gradients              # one batch at init: |grad| / |w| by layer
@@ -237,7 +237,7 @@ def _dead(runs: list[Run]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--root", default="data/synthetic", help="where the synthetic data set is written")

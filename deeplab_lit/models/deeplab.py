@@ -333,13 +333,12 @@ def deeplab_v3plus(
             ReLU (Xception's and segmentation_models_pytorch's), or ``"deeplab"``, depthwise, BN, ReLU,
             pointwise, BN, ReLU (the DeepLab v3+ reference code's, for weights converted from it; separable
             checkpoints written before this option hold it and restore in it by themselves). Checked even
-            when ``separable`` is false. ``"xception"`` is the default because it learned better from
-            random initialisation: ``benchmarks/separable_forms.py`` (the quickstart recipe, ResNet-18,
-            OS 16, 64 channels, 64 px synthetic data, 150 steps, seeds 0-2) gave val mIoU 0.259 mean
-            (0.282 / 0.278 / 0.216) against 0.230 (0.254 / 0.235 / 0.202) for ``"deeplab"``, ahead on
-            every seed, and 0.287 for plain 3x3 convolutions (BENCHMARKS.md, "Atrous separable
-            convolution"). Neither stale BatchNorm statistics nor dead ReLUs explain the gap (same mIoU
-            with batch statistics, no channel between the two convolutions zero everywhere).
+            when ``separable`` is false. ``"xception"`` is the default because it learned faster from
+            random initialisation and as well later: ``benchmarks/separable_forms.py`` (the quickstart
+            recipe: ResNet-18, OS 16, 64 channels, 64 px synthetic data; seeds 0-2) gave val mIoU 0.259
+            mean against 0.230 for ``"deeplab"`` after 150 steps (ahead on every seed), and 0.318 against
+            0.322 after 300 (level within the seeds' spread, 0.29-0.36); BENCHMARKS.md, "Atrous
+            separable convolution", has the figures and what was ruled out as the cause.
     """
     _check_num_classes(num_classes)
     _not_vgg(backbone, "deeplab_v3plus")

@@ -125,7 +125,7 @@ class DeepLabV3Plus(SegmentationModule):
         aux_head: Auxiliary FCN head on layer3 (ResNets).
         style: ``"torchvision"`` or ``"caffe"`` ResNet.
         channels: ASPP and decoder width, 256 in the paper; narrower for cheap CPU runs (quickstart: 64).
-        separable_form: ``"xception"`` (depthwise, pointwise, BN, ReLU; learned better from scratch) or
+        separable_form: ``"xception"`` (depthwise, pointwise, BN, ReLU; learned faster from scratch) or
             ``"deeplab"`` (depthwise, BN, ReLU, pointwise, BN, ReLU: the reference code's, which separable
             checkpoints from before this option hold and restore in); see
             :func:`~deeplab_lit.models.deeplab_v3plus` for the measurement.
