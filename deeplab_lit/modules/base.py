@@ -26,6 +26,7 @@ from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.metrics import SegmentationMetrics
 from deeplab_lit.models.deeplab import builder_kwargs
 from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
+from deeplab_lit.models.heads import separable_form_of
 from deeplab_lit.models.weights import (
     Checkpoint,
     load_weights,
@@ -162,18 +163,22 @@ class SegmentationModule(LightningModule):
             )
             self.normalization = info.normalization
             self._load_trained_crf(checkpoint, reinit_classifier)
-        if freeze_bn:
-            for module in self.backbone_modules():
-                if isinstance(module, BATCHNORMS):
-                    module.requires_grad_(False)
-            self.train(self.training)  # frozen BatchNorm starts in eval mode
+        self._prepare_network()
         suffixes = [""] if self.crf_rnn is None else ["", CRF_RNN_SUFFIX]
         self.metrics = nn.ModuleDict(
             {s + x: SegmentationMetrics(num_classes, ignore_index) for s in STAGES for x in suffixes}
         )
-        accelerate(self.model, channels_last=channels_last, compile=compile)
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
         self._folded: dict[str, nn.Module] = {}
+
+    def _prepare_network(self) -> None:
+        """Freeze the backbone's BatchNorm (``freeze_bn``), then channels-last and compile (accelerate)."""
+        if self.hparams["freeze_bn"]:
+            for module in self.backbone_modules():
+                if isinstance(module, BATCHNORMS):
+                    module.requires_grad_(False)
+            self.train(self.training)  # frozen BatchNorm starts in eval mode
+        accelerate(self.model, channels_last=self.hparams["channels_last"], compile=self.hparams["compile"])
 
     def build_model(self) -> nn.Module:
         """Build the network: :attr:`builder` called with the hyper-parameters its signature accepts.
@@ -245,10 +250,29 @@ class SegmentationModule(LightningModule):
             hyper_parameters["weights"] = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the input normalisation the checkpoint was trained with, and check the data's."""
+        """Match the network to the checkpoint's layout, restore its input normalisation, check the data's."""
+        self._match_separable_form(checkpoint.get("state_dict") or {})
         if checkpoint.get("normalization"):
             self.normalization = Normalization(**checkpoint["normalization"])
             self._check_normalization()
+
+    def _match_separable_form(self, state: dict[str, Any]) -> None:
+        """Rebuild the network in the separable form the checkpoint's keys show, where it differs.
+
+        v3+ checkpoints saved before ``separable_form`` existed hold the ``"deeplab"`` form without saying
+        so. Lightning's ``load_from_checkpoint`` builds the module from the saved hyper-parameters (then
+        today's default form) and calls this hook before loading the state, which would not fit. (The
+        CLI's ``--ckpt_path`` and ``weights:`` read the form before building.)
+        """
+        if not self.hparams.get("separable") or "separable_form" not in self.hparams:
+            return
+        layout = separable_form_of(key[len("model.") :] for key in state if key.startswith("model."))
+        if layout is None or not layout[0] or layout[1] == self.hparams["separable_form"]:
+            return
+        rank_zero_info(f"The checkpoint's separable convolutions are of form {layout[1]!r}: rebuilt in it")
+        self.hparams["separable_form"] = layout[1]
+        self.model = self.build_model()
+        self._prepare_network()
 
     def backbone_modules(self) -> list[nn.Module]:
         """Modules of the (ImageNet-initialised) backbone, which train at the base learning rate."""

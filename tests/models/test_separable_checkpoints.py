@@ -81,3 +81,14 @@ def test_a_model_of_the_other_form_is_refused_naming_the_forms(old_checkpoint):
     needs = r"separable_form='deeplab'.*the model is .*separable_form='xception'"
     with pytest.raises(ValueError, match=needs):
         load_weights(other, folder / "old.ckpt")
+
+
+def test_old_separable_checkpoint_restores_its_form_through_load_from_checkpoint(old_checkpoint):
+    """Lightning's own Python call builds from the saved hyper-parameters (no form): the keys then tell."""
+    reference, folder = old_checkpoint
+    saved = torch.load(folder / "old.ckpt", weights_only=False)
+    saved["hyper_parameters"].pop("_class_path")  # as a plain Trainer (no LightningCLI) writes them
+    torch.save(saved, folder / "old_trainer.ckpt")
+    restored = DeepLabV3Plus.load_from_checkpoint(folder / "old_trainer.ckpt", weights_only=False)
+    assert restored.hparams.separable_form == "deeplab"
+    _same_logits(restored.model, reference.model)
