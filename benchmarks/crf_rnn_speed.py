@@ -31,6 +31,7 @@ from multiprocessing import get_context
 import torch
 
 from benchmarks.crf_speed import cpu_name
+from benchmarks.memory import proc_status_mib
 from deeplab_lit.crf import CRFasRNN, CRFParams, PermutohedralLattice, dense_crf
 from deeplab_lit.crf.mean_field import pixel_features
 from deeplab_lit.crf.synthetic import synthetic_scene
@@ -84,14 +85,6 @@ def saved_mib(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> fl
     return sum(sizes) / MIB
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _cpu_peak_mib(batch: int, size: int, classes: int, iterations: int, threads: int) -> float:
     """In a fresh process: peak RSS growth of one forward + backward over the RSS after building inputs."""
     torch.set_num_threads(threads)
@@ -101,9 +94,9 @@ def _cpu_peak_mib(batch: int, size: int, classes: int, iterations: int, threads:
     _forward_backward(layer, *_inputs(1, 9, classes, "cpu"))
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # reset VmHWM to the current RSS
-    before = _status_mib("VmRSS")
+    before = proc_status_mib("VmRSS")
     _forward_backward(layer, logits, images)
-    return _status_mib("VmHWM") - before
+    return proc_status_mib("VmHWM") - before
 
 
 def peak_mib(batch: int, size: int, classes: int, iterations: int, device: str) -> float | None:

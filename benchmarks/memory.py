@@ -23,7 +23,7 @@ from benchmarks.runners import make_runner
 from benchmarks.settings import Settings
 
 
-def _proc_status_mib(field: str) -> float:
+def proc_status_mib(field: str) -> float:
     """A memory field of ``/proc/self/status`` (given in kB) in MiB."""
     with open("/proc/self/status") as file:
         for line in file:
@@ -39,9 +39,9 @@ def _cpu_memory_probe(model: Model, recipe: Recipe, batch: int, hw: tuple[int, i
     runner = make_runner("train", model, recipe, batch, hw, s)
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # reset VmHWM to the current RSS
-    before = _proc_status_mib("VmRSS")
+    before = proc_status_mib("VmRSS")
     runner.run(2)
-    return _proc_status_mib("VmHWM") - before
+    return proc_status_mib("VmHWM") - before
 
 
 def step_memory_mib(

@@ -11,11 +11,11 @@ The section writes its own block of BENCHMARKS.md, so running it alone keeps the
 
 from __future__ import annotations
 
-from benchmarks.contenders import NUM_CLASSES, Model, ours
+from benchmarks.contenders import Model, ours
 from benchmarks.harness import log
 from benchmarks.learning import learn
 from benchmarks.recipes import infer_recipes, train_recipes
-from benchmarks.sections.versions import version_row
+from benchmarks.sections.versions import timing_note, version_row
 from benchmarks.settings import Settings
 from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
@@ -47,14 +47,10 @@ def backbones_section(
     """The table of every head on every family, then the learning comparison (data set under ``root``)."""
     train_recipe = train_recipes(s, False)["ours"]
     infer_recipe = infer_recipes(s, False)["ours"]
-    size = s.versions_size
     lines = [
         "### Every head on five backbones (output stride 16)",
         "",
-        f"Training: batch {s.versions_batch} x 3 x {size} x {size} ({train_recipe.label}); inference: "
-        f"batch 1 at the same size ({infer_recipe.label}); {s.rounds} alternating rounds after {s.warmup} "
-        f"warm-up. GFLOPs: one {s.flops_size}x{s.flops_size} image's forward pass. {NUM_CLASSES} classes, "
-        "random weights.",
+        timing_note(s, train_recipe, infer_recipe),
         "",
         "| backbone | head | params (M) | GFLOPs | train images/s | infer images/s | "
         "peak train step memory (MiB) |",

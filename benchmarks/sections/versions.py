@@ -55,21 +55,22 @@ def version_row(label: str, model: Model, train_recipe: Recipe, infer_recipe: Re
     return f"| {label} | {params:.1f} | {gflops:.1f} | {timings} |"
 
 
+def timing_note(s: Settings, train_recipe: Recipe, infer_recipe: Recipe) -> str:
+    """What the rows of a versions-style table measure (sizes, recipes, rounds), as one sentence."""
+    size = s.versions_size
+    return (
+        f"Training: batch {s.versions_batch} x 3 x {size} x {size} ({train_recipe.label}); inference: "
+        f"batch 1 at the same size ({infer_recipe.label}); {s.rounds} alternating rounds after {s.warmup} "
+        f"warm-up. GFLOPs: one {s.flops_size}x{s.flops_size} image's forward pass. {NUM_CLASSES} classes, "
+        "random weights."
+    )
+
+
 def versions_section(s: Settings, versions: tuple[tuple[str, Model], ...] = VERSIONS) -> list[str]:
     """The table of every version in ``versions`` ((label, model) pairs); printed and returned as lines."""
     train_recipe = train_recipes(s, False)["ours"]
     infer_recipe = infer_recipes(s, False)["ours"]
-    size = s.versions_size
-    lines = [
-        "### Every DeepLab version (ours)",
-        "",
-        f"Training: batch {s.versions_batch} x 3 x {size} x {size} ({train_recipe.label}); inference: "
-        f"batch 1 at the same size ({infer_recipe.label}); {s.rounds} alternating rounds after {s.warmup} "
-        f"warm-up. GFLOPs: one {s.flops_size}x{s.flops_size} image's forward pass. {NUM_CLASSES} classes, "
-        "random weights.",
-        "",
-        *HEADER,
-    ]
+    lines = ["### Every DeepLab version (ours)", "", timing_note(s, train_recipe, infer_recipe), "", *HEADER]
     for label, model in versions:
         log(f"[versions] {label}")
         lines.append(version_row(label, model, train_recipe, infer_recipe, s))
