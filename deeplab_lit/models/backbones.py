@@ -70,6 +70,32 @@ def _set_conv(conv: nn.Conv2d, *, stride: int | None = None, dilation: int | Non
         conv.padding = (dilation * (conv.kernel_size[0] - 1) // 2,) * 2
 
 
+def _dilate_for_output_stride(
+    convs: Sequence[nn.Conv2d], output_stride: int, removed_stride_rate: str
+) -> list[int]:
+    """Replace the strides that would take features past ``output_stride`` by dilation (v3 Sec. 3.1).
+
+    ``convs`` are the spatial convolutions of a network in order. A strided one beyond ``output_stride``
+    gets stride 1, and every later one the rate multiplied by the stride removed. The convolution whose
+    stride is removed runs at the ``"previous"`` rate (the TensorFlow DeepLab code's MobileNetV2 rule) or
+    already at the ``"new"`` one (torchvision's ``mobilenet_v3_large(dilated=True)``).
+
+    Returns:
+        The stride each convolution was left with.
+    """
+    current_stride, rate, strides = 1, 1, []
+    for conv in convs:
+        stride, previous = conv.stride[0], rate
+        if stride > 1 and current_stride * stride > output_stride:
+            rate *= stride
+            stride = 1
+        else:
+            current_stride *= stride
+        _set_conv(conv, stride=stride, dilation=previous if removed_stride_rate == "previous" else rate)
+        strides.append(stride)
+    return strides
+
+
 class ResNetBackbone(Backbone):
     """A torchvision ResNet body (``conv1, bn1, relu, maxpool, layer1..layer4``) with atrous convolution.
 
@@ -207,17 +233,12 @@ class MobileNetV2Backbone(Backbone):
     def __init__(self, *, output_stride: int = 16) -> None:
         super().__init__("mobilenet_v2", 24, 320, None, output_stride)
         self.features = torchvision.models.mobilenet_v2(weights=None).features[:18]
-        current_stride, rate = 1, 1
-        for block in self.features:
-            conv = next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
-            stride = conv.stride[0]
-            layer_rate = rate
-            if stride > 1 and current_stride * stride > output_stride:
-                rate *= stride
-                stride = 1
-            else:
-                current_stride *= stride
-            _set_conv(conv, stride=stride, dilation=layer_rate)
+        convs = [
+            next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+            for block in self.features
+        ]
+        strides = _dilate_for_output_stride(convs, output_stride, removed_stride_rate="previous")
+        for block, stride in zip(self.features, strides):
             if hasattr(block, "stride"):
                 block.stride = stride
 
@@ -250,20 +271,11 @@ class MobileNetV3Backbone(Backbone):
     def __init__(self, *, output_stride: int = 16) -> None:
         super().__init__("mobilenet_v3_large", 24, 960, 40, output_stride)
         self.features = torchvision.models.mobilenet_v3_large(weights=None).features
-        current_stride, rate = 1, 1
-        for layer in self.features:
-            # the stem's 3x3 conv, or a block's depthwise conv (3x3 or 5x5); the last 1x1 conv has none
-            spatial = [m for m in layer.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
-            if not spatial:
-                continue
-            conv = spatial[0]
-            stride = conv.stride[0]
-            if stride > 1 and current_stride * stride > output_stride:
-                rate *= stride
-                stride = 1
-            else:
-                current_stride *= stride
-            _set_conv(conv, stride=stride, dilation=rate)
+        # the stem's 3x3 conv, or a block's depthwise conv (3x3 or 5x5); the last 1x1 conv has none
+        spatial = [[m for m in layer.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+                   for layer in self.features]  # fmt: skip
+        convs = [found[0] for found in spatial if found]
+        _dilate_for_output_stride(convs, output_stride, removed_stride_rate="new")
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return ``{"low": features.3, "aux": features.4, "out": features.16}`` of ``x`` (N, 3, H, W)."""
