@@ -38,6 +38,14 @@ def _trainer(tmp_path=None, callbacks=(), max_steps=3, **kwargs):
     )  # fmt: skip
 
 
+def _assert_same_outputs(first, second):
+    """Both modules, in eval mode, give the same refined logits for the same images."""
+    first.eval(), second.eval()
+    images = torch.randn(1, 3, 29, 31)
+    with torch.no_grad():
+        assert torch.allclose(first(images), second(images), atol=1e-5)
+
+
 def _crf_state(module):
     return {name: p.detach().clone() for name, p in module.crf_rnn.named_parameters()}
 
@@ -117,10 +125,7 @@ def test_checkpoint_round_trip_keeps_the_learned_crf(tmp_path):
     restored = DeepLabV3Plus.load_from_checkpoint(path)
     for name, value in _crf_state(module).items():
         assert torch.equal(getattr(restored.crf_rnn, name), value)
-    module.eval(), restored.eval()
-    images = torch.randn(1, 3, 29, 31)
-    with torch.no_grad():
-        assert torch.allclose(restored(images), module(images), atol=1e-5)
+    _assert_same_outputs(restored, module)
 
 
 def test_bad_crf_rnn_options_and_a_missing_normalisation_are_refused():
@@ -160,7 +165,4 @@ def test_weights_from_a_run_with_the_trained_crf_bring_it_along(tmp_path):
     for module in (adopted, evaluated):
         for name, value in _crf_state(trained).items():
             assert torch.equal(getattr(module.crf_rnn, name), value)
-    trained.eval(), adopted.eval()
-    images = torch.randn(1, 3, 29, 31)
-    with torch.no_grad():
-        assert torch.allclose(adopted(images), trained(images), atol=1e-5)
+    _assert_same_outputs(adopted, trained)
