@@ -170,8 +170,6 @@ class CRFasRNN(nn.Module):
         """The spatial and the bilateral kernel of this batch, their features divided by ``stds``."""
         pos_xy, bi_xy, bi_rgb = stds
         h, w = images.shape[-2:]
-        # Features as the offline backend computes them (float32), so that both build the same lattices.
-        bilateral = pixel_features(images, bi_xy, bi_rgb)
         if self.filter == "exact":  # in dtype: float64 features for gradient checks of the bandwidths
             raw = pixel_features(images, 1.0, 1.0).to(dtype)
             spatial = raw[:1, :, :2] / pos_xy
@@ -180,6 +178,8 @@ class CRFasRNN(nn.Module):
                 NormalisedKernel(_exact_filter(spatial), spatial, SPATIAL_GROUPS),
                 NormalisedKernel(_exact_filter(bilateral), bilateral, BILATERAL_GROUPS),
             ]
+        # Features as the offline backend computes them (float32), so that both build the same lattices.
+        bilateral = pixel_features(images, bi_xy, bi_rgb)
         return [
             _spatial_kernel(h, w, pos_xy, images.device, dtype),
             NormalisedKernel(_lattice_filter(bilateral, dtype), bilateral.to(dtype), BILATERAL_GROUPS),
@@ -357,20 +357,24 @@ def _as_raw(lattice: PermutohedralLattice) -> RawFilter:
 
     def raw(values: Tensor, transpose: bool) -> Tensor:
         chosen = transposed if transpose else lattice
-        return _filter_batch(chosen, values)
+        return _filter_batch(chosen.filter, lattice.batch, values)
 
     return raw
 
 
-def _filter_batch(lattice: PermutohedralLattice, values: Tensor) -> Tensor:
-    """Filter ``(B, P, C)`` values; a lattice of one point set filters the images as extra channels."""
+def _filter_batch(apply: Callable[[Tensor], Tensor], point_sets: int, values: Tensor) -> Tensor:
+    """Filter ``(B, P, C)`` values with a filter built on ``point_sets`` point sets (``B``, or 1).
+
+    A filter of one point set (the spatial kernel, the same for every image) filters the images of the
+    batch as extra channels, ``(1, P, B*C)``.
+    """
     batch, points, channels = values.shape
-    if lattice.batch == batch:
-        return lattice.filter(values.contiguous())
-    if lattice.batch != 1:
-        raise ValueError(f"a lattice of {lattice.batch} point sets cannot filter a batch of {batch}")
+    if point_sets == batch:
+        return apply(values.contiguous())
+    if point_sets != 1:
+        raise ValueError(f"a filter of {point_sets} point sets cannot filter a batch of {batch}")
     folded = values.transpose(0, 1).reshape(1, points, batch * channels)
-    return lattice.filter(folded).reshape(points, batch, channels).transpose(0, 1)
+    return apply(folded).reshape(points, batch, channels).transpose(0, 1)
 
 
 def _exact_filter(features: Tensor) -> RawFilter:
@@ -378,13 +382,7 @@ def _exact_filter(features: Tensor) -> RawFilter:
     squared = (features[:, :, None, :] - features[:, None, :, :]).square().sum(-1)
     kernel = torch.exp(-squared / 2)  # (B, P, P)
 
-    def raw(values: Tensor, transpose: bool) -> Tensor:
-        if kernel.shape[0] == values.shape[0]:
-            return kernel @ values
-        return (
-            (kernel[0] @ values.transpose(0, 1).reshape(values.shape[1], -1))
-            .reshape(values.shape[1], values.shape[0], values.shape[2])
-            .transpose(0, 1)
-        )
+    def raw(values: Tensor, transpose: bool) -> Tensor:  # symmetric: the transpose is the same
+        return _filter_batch(kernel.matmul, kernel.shape[0], values)
 
     return raw
