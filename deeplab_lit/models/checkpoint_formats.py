@@ -62,7 +62,7 @@ from torch import Tensor
 
 from deeplab_lit.inference import InferenceConfig
 from deeplab_lit.models.download import cache_path, checksum_problem, download, expected_sha256, is_url
-from deeplab_lit.models.heads import separable_form_of
+from deeplab_lit.models.heads import separable_options
 from deeplab_lit.models.registry import WeightsEntry, close_names, find_weights, weights_file
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
 
@@ -502,11 +502,10 @@ def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: s
     for key in ("atrous_rates", "multi_grid", "msc_scales"):
         if options.get(key) is not None:
             options[key] = tuple(options[key])
-    layout = separable_form_of(state) if version == "v3+" and options else None
+    layout = separable_options(state) if version == "v3+" and options else None
     if layout is not None:  # the keys tell: files written before separable_form lack the option
         options.pop("separable_form", None)
-        options["separable"] = layout[0]
-        options.update({"separable_form": layout[1]} if layout[1] else {})
+        options.update(layout)
     normalization = _as_normalization(extra.get("normalization"))
     if normalization is None:  # checkpoints written by LightningCLI record the data module's
         normalization = _as_normalization(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ def conv_bn_relu(
       code's ``split_separable_conv2d``; the layout of every separable checkpoint written before
       ``separable_form`` existed. See :func:`deeplab_lit.models.deeplab_v3plus` for which learns better.
 
-    The forms' state-dict keys differ (:func:`separable_form_of`): index ``1`` is a BatchNorm in the
+    The forms' state-dict keys differ (:func:`separable_options`): index ``1`` is a BatchNorm in the
     ``"deeplab"`` form and the pointwise convolution in the ``"xception"`` one.
     """
     if not separable:
@@ -105,7 +106,7 @@ def conv_bn_relu(
     )
 
 
-def separable_form_of(keys: Iterable[str], prefix: str = "decoder.fuse.0.") -> tuple[bool, str | None] | None:
+def separable_options(keys: Iterable[str], prefix: str = "decoder.fuse.0.") -> dict[str, Any] | None:
     """Read from state-dict keys whether a v3+ model's convolutions are separable, and in which form.
 
     Looks at the decoder's first 3x3 convolution (``prefix``, a :func:`conv_bn_relu` block): a BatchNorm
@@ -114,13 +115,16 @@ def separable_form_of(keys: Iterable[str], prefix: str = "decoder.fuse.0.") -> t
     and nothing at ``3`` is a plain 3x3 convolution.
 
     Returns:
-        ``(False, None)`` (plain), ``(True, form)``, or None when ``keys`` hold no such block.
+        The builder options the keys imply: ``{"separable": False}`` (plain) or ``{"separable": True,
+        "separable_form": form}``; None when ``keys`` hold no such block.
     """
     names = set(keys)
     if f"{prefix}1.running_mean" in names:
-        return (True, "deeplab") if f"{prefix}3.weight" in names else (False, None)
+        if f"{prefix}3.weight" in names:
+            return {"separable": True, "separable_form": "deeplab"}
+        return {"separable": False}
     if f"{prefix}1.weight" in names and f"{prefix}2.running_mean" in names:
-        return True, "xception"
+        return {"separable": True, "separable_form": "xception"}
     return None
 
 

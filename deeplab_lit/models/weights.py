@@ -35,7 +35,7 @@ from deeplab_lit.models.checkpoint_formats import (
     read_checkpoint,
 )
 from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
-from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead, separable_form_of
+from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead, separable_options
 from deeplab_lit.models.options import module_version, resolve_options
 from deeplab_lit.models.registry import get_weights
 from deeplab_lit.models.state_dicts import compare_state
@@ -99,10 +99,8 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     if isinstance(aspp, ASPP | ASPPSum):  # its 3x3 convolutions are the atrous branches' (fc6 in LargeFOV)
         atrous = [m for m in aspp.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
         info["atrous_rates"] = tuple(conv.dilation[0] for conv in atrous)
-    layout = separable_form_of(seg.state_dict()) if seg.decoder is not None else None
-    if layout is not None:
-        info["separable"] = layout[0]
-        info.update({"separable_form": layout[1]} if layout[1] else {})
+    layout = separable_options(seg.state_dict()) if seg.decoder is not None else None
+    info.update(layout or {})
     info["msc_scales"] = model.scales if isinstance(model, MultiScaleSegmenter) else None
     info["aux_head"] = seg.aux_classifier is not None
     return info

@@ -26,7 +26,7 @@ from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.metrics import SegmentationMetrics
 from deeplab_lit.models.deeplab import builder_kwargs
 from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
-from deeplab_lit.models.heads import separable_form_of
+from deeplab_lit.models.heads import separable_options
 from deeplab_lit.models.weights import (
     Checkpoint,
     load_weights,
@@ -266,11 +266,12 @@ class SegmentationModule(LightningModule):
         """
         if not self.hparams.get("separable") or "separable_form" not in self.hparams:
             return
-        layout = separable_form_of(key[len("model.") :] for key in state if key.startswith("model."))
-        if layout is None or not layout[0] or layout[1] == self.hparams["separable_form"]:
+        layout = separable_options(key[len("model.") :] for key in state if key.startswith("model."))
+        form = (layout or {}).get("separable_form")
+        if form is None or form == self.hparams["separable_form"]:
             return
-        rank_zero_info(f"The checkpoint's separable convolutions are of form {layout[1]!r}: rebuilt in it")
-        self.hparams["separable_form"] = layout[1]
+        rank_zero_info(f"The checkpoint's separable convolutions are of form {form!r}: rebuilt in it")
+        self.hparams["separable_form"] = form
         self.model = self.build_model()
         self._prepare_network()
 

@@ -17,7 +17,7 @@ from deeplab_lit.models.heads import (
     FCNHead,
     LargeFOVHead,
     conv_bn_relu,
-    separable_form_of,
+    separable_options,
 )
 
 
@@ -137,18 +137,18 @@ def test_the_deeplab_form_has_one_batchnorm_more_per_separable_convolution():
 
 
 @pytest.mark.parametrize(
-    ("options", "expected"),
+    "options",
     [
-        ({"separable": False}, (False, None)),
-        ({"separable": True, "separable_form": "deeplab"}, (True, "deeplab")),
-        ({"separable": True, "separable_form": "xception"}, (True, "xception")),
+        {"separable": False},
+        {"separable": True, "separable_form": "deeplab"},
+        {"separable": True, "separable_form": "xception"},
     ],
 )
-def test_state_dict_keys_tell_the_separable_form(options, expected):
+def test_state_dict_keys_tell_the_separable_form(options):
     model = deeplab_v3plus(num_classes=3, backbone="resnet18", channels=8, **options)
-    assert separable_form_of(model.state_dict()) == expected
+    assert separable_options(model.state_dict()) == options
     v3 = deeplab_v3(num_classes=3, backbone="resnet18", multi_grid=None)
-    assert separable_form_of(v3.state_dict()) is None  # no v3+ decoder
+    assert separable_options(v3.state_dict()) is None  # no v3+ decoder
 
 
 def test_an_unknown_separable_form_is_refused_where_it_is_given():
