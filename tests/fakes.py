@@ -8,11 +8,13 @@ Every image has its own random size (24-48 px by default), masks hold several cl
     make_voc_sbd(root)                              -> dict with the ids and the expected train_aug
     make_cityscapes(root, counts={"train": 3, ...}) -> root
     make_folder_dataset(root, n=8, num_classes=3)   -> root
+    make_ade20k(root), make_pascal_context(root), make_coco_stuff(root) -> root
+    FAKE_DATA[<DataModule class name>](root)        -> root, for the config tests
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,106 @@ def make_folder_dataset(
             root / mask_dir / f"img_{index:03d}.png", random_mask(rng, size, list(range(num_classes)))
         )
     return root
+
+
+def _write_pairs(
+    rng: np.random.Generator,
+    image_dir: Path,
+    mask_dir: Path,
+    stems: Sequence[str],
+    values: Sequence[int],
+    void: int | None,
+) -> None:
+    """JPEG images and 8-bit grayscale PNG masks of rectangles of 4 of ``values`` (``values[0]`` always)."""
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        size = random_size(rng)
+        save_jpeg(image_dir / f"{stem}.jpg", random_image(rng, size))
+        chosen = [values[0], *rng.choice(values[1:], size=3, replace=False).tolist()]
+        Image.fromarray(random_mask(rng, size, chosen, void), mode="L").save(mask_dir / f"{stem}.png")
+
+
+#: Stored ADE20K values used by the fakes: 0 ("other", void) and classes at both ends.
+ADE20K_VALUES = (0, 1, 2, 13, 100, 149, 150)
+
+
+def make_ade20k(root: str | Path, counts: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Write ``root/ADEChallengeData2016/{images,annotations}/<split>/ADE_<split>_<n>.{jpg,png}``.
+
+    Masks hold :data:`ADE20K_VALUES` (0 as the background of every mask, no 255, as in ADE20K).
+    ``counts``: images per split (default training 3, validation 2).
+    """
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "ADEChallengeData2016"
+    for split, count in (counts or {"training": 3, "validation": 2}).items():
+        stems = [f"ADE_{'train' if split == 'training' else 'val'}_{n:08d}" for n in range(1, count + 1)]
+        _write_pairs(rng, base / "images" / split, base / "annotations" / split, stems, ADE20K_VALUES, None)
+    return Path(root)
+
+
+#: Stored PASCAL-Context values used by the fakes: 0 (background) and classes at both ends, 255 outlines.
+PASCAL_CONTEXT_VALUES = (0, 1, 2, 30, 58, 59)
+
+
+def make_pascal_context(root: str | Path, train: int = 3, val: int = 2, seed: int = 0) -> Path:
+    """Write ``root/VOCdevkit/VOC2010/``: ``JPEGImages``, ``SegmentationClassContext`` (8-bit values) and
+    ``ImageSets/SegmentationContext/{train,val}.txt``; masks hold :data:`PASCAL_CONTEXT_VALUES` and 255."""
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "VOCdevkit" / "VOC2010"
+    ids = {"train": [f"2008_{n:06d}" for n in range(train)], "val": [f"2010_{n:06d}" for n in range(val)]}
+    splits = base / "ImageSets" / "SegmentationContext"
+    splits.mkdir(parents=True, exist_ok=True)
+    for split, stems in ids.items():
+        _write_pairs(
+            rng, base / "JPEGImages", base / "SegmentationClassContext", stems, PASCAL_CONTEXT_VALUES, 255
+        )
+        (splits / f"{split}.txt").write_text("".join(f"{i}\n" for i in stems))
+    return Path(root)
+
+
+#: Stored COCO-Stuff values (category id - 1) used by the fakes: things, unused ids (11, 25), stuff.
+COCO_STUFF_VALUES = (0, 10, 11, 12, 25, 90, 91, 181)
+
+
+def make_coco_stuff(root: str | Path, counts: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Write ``root/images/<split>/<id>.jpg`` and ``root/annotations/<split>/<id>.png`` (stuffthingmaps).
+
+    Masks hold :data:`COCO_STUFF_VALUES` and 255 (unlabelled) outlines. ``counts``: images per split
+    (default train2017 3, val2017 2).
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in (counts or {"train2017": 3, "val2017": 2}).items():
+        stems = [f"{n:012d}" for n in range(1, count + 1)]
+        _write_pairs(
+            rng, root / "images" / split, root / "annotations" / split, stems, COCO_STUFF_VALUES, 255
+        )
+    return root
+
+
+#: Colours of the fake RGB-mask folder: index = value (black, red, green, white).
+FOLDER_COLORS = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 255))
+
+
+def make_color_folder_dataset(root: str | Path, n: int = 4, seed: int = 0) -> Path:
+    """Write ``root/images/img_XXX.jpg`` and ``root/masks/img_XXX.png`` RGB masks in :data:`FOLDER_COLORS`."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    colors = np.array(FOLDER_COLORS, dtype=np.uint8)
+    for index in range(n):
+        size = random_size(rng)
+        save_jpeg(root / "images" / f"img_{index:03d}.jpg", random_image(rng, size))
+        values = random_mask(rng, size, list(range(len(colors))), None)
+        Image.fromarray(colors[values]).save(root / "masks" / f"img_{index:03d}.png")
+    return root
+
+
+#: Fake data of each data module, in its real layout: class name -> writer of ``root``.
+FAKE_DATA: dict[str, Callable[[Path], Path]] = {
+    "VOCDataModule": lambda root: (make_voc_sbd(root), root)[1],
+    "CityscapesDataModule": make_cityscapes,
+    "ADE20KDataModule": make_ade20k,
+    "PascalContextDataModule": make_pascal_context,
+    "COCOStuffDataModule": make_coco_stuff,
+}

@@ -7,7 +7,8 @@ into one folder)::
     root/gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
 
 Masks store the 34 raw ``labelIds``; they are mapped to ``trainIds`` with the table of
-:class:`torchvision.datasets.Cityscapes` (which copies cityscapesScripts' ``labels.py``).
+:class:`torchvision.datasets.Cityscapes` (which copies cityscapesScripts' ``labels.py``), through the
+generic :func:`deeplab_lit.data.labels.lookup`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from torchvision.datasets import Cityscapes
 
 from deeplab_lit.data.images import SegmentationDataset
+from deeplab_lit.data.labels import LabelMap, lookup
 from deeplab_lit.data.transforms import IGNORE_INDEX, SegmentationTransform
 
 _EVAL_CLASSES = sorted(
@@ -29,13 +31,20 @@ MASK_SUFFIX = "_gtFine_labelIds.png"
 DOWNLOAD_URL = "https://www.cityscapes-dataset.com/downloads/"
 
 
+def cityscapes_label_map() -> LabelMap:
+    """Map Cityscapes labelIds to trainIds (void classes -> 255); a value that is no labelId is an error."""
+    return lookup(
+        {
+            c.id: c.train_id if 0 <= c.train_id < IGNORE_INDEX else IGNORE_INDEX
+            for c in Cityscapes.classes
+            if c.id >= 0
+        }
+    )
+
+
 def label_id_to_train_id() -> np.ndarray:
-    """Lookup table ``(256,)`` int16: labelId -> trainId (void classes -> 255, unknown ids -> -1)."""
-    lut = np.full(256, -1, dtype=np.int16)
-    for c in Cityscapes.classes:
-        if c.id >= 0:
-            lut[c.id] = c.train_id if 0 <= c.train_id < IGNORE_INDEX else IGNORE_INDEX
-    return lut
+    """The same table as ``(256,)`` int16: labelId -> trainId (void classes -> 255, unknown ids -> -1)."""
+    return cityscapes_label_map().signed_table()
 
 
 def cityscapes_palette() -> np.ndarray:
@@ -91,5 +100,5 @@ class CityscapesDataset(SegmentationDataset):
         names = [p.name[: -len(IMAGE_SUFFIX)] for p in images]
         source = Path(root) / "leftImg8bit" / split
         super().__init__(
-            images, masks, len(CITYSCAPES_CLASSES), transform, names, source, label_map=label_id_to_train_id()
+            images, masks, len(CITYSCAPES_CLASSES), transform, names, source, label_map=cityscapes_label_map()
         )

@@ -5,7 +5,7 @@ link ``data.num_classes`` to the model), exposes ``ignore_index`` (255), its ``n
 ``palette`` for writing masks, and yields batches ``{"image": float (N, 3, H, W), "mask": int64
 (N, H, W), "name": list[str]}``; predict batches carry ``"path"`` instead of ``"mask"``.
 
-About 460 lines: the base (260) and the four data sets' classes, each a few dozen lines of its own options;
+About 600 lines: the base (260) and the seven data sets' classes, each a few dozen lines of its own options;
 kept in one module so that the options a subclass changes are read next to the base that declares them.
 """
 
@@ -22,10 +22,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from deeplab_lit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
 from deeplab_lit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_palette
+from deeplab_lit.data.coco_stuff import COCO_STUFF_CLASSES, COCOStuffDataset
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
 from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset
+from deeplab_lit.data.labels import Colors, combined, read_palette
 from deeplab_lit.data.loaders import default_num_workers, eval_collate, unrepeated_eval_sampler
+from deeplab_lit.data.pascal_context import PascalContextDataset, check_num_classes, pascal_context_classes
 from deeplab_lit.data.preflight import check_equal_sizes, check_splits, process_group
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
@@ -335,12 +339,133 @@ class CityscapesDataModule(SegmentationDataModule):
         return CityscapesDataset(self.root, split, transform)
 
 
+class NamedSplitsDataModule(SegmentationDataModule):
+    """Base of the public data sets whose splits are named (a folder or a list file each).
+
+    A subclass states its class names, in its signature its default split names, and how to build one
+    split; ``test`` runs on ``test_split``, the validation split where the test annotations are not public.
+
+    Args:
+        root: The data set's folder.
+        train_split: Split used for training.
+        val_split: Split used for validation.
+        test_split: Split used by ``test``.
+        **kwargs: :class:`SegmentationDataModule`'s arguments.
+    """
+
+    def __init__(self, root: str, train_split: str, val_split: str, test_split: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.palette = voc_palette()
+
+
+class ADE20KDataModule(NamedSplitsDataModule):
+    """ADE20K (MIT Scene Parsing, 150 classes; annotation 0 "other" is void).
+
+    512 x 512 crops by default, as the DeepLab model zoo and mmsegmentation train it. The test images
+    (``release_test``) have no annotations, so ``test`` runs on ``validation``.
+
+    Args:
+        root: Folder holding ``ADEChallengeData2016`` (see :mod:`deeplab_lit.data.ade20k`).
+        train_split: Split folder used for training (``"training"``: 20,210 images).
+        val_split: Split folder used for validation (``"validation"``: 2,000 images).
+        test_split: Split folder used by ``test``.
+        crop_size: Side of the square training crop.
+        **kwargs: :class:`SegmentationDataModule`'s other arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "training",
+        val_split: str = "validation",
+        test_split: str = "validation",
+        crop_size: int = 512,
+        **kwargs: Any,
+    ):
+        super().__init__(root, train_split, val_split, test_split, crop_size=crop_size, **kwargs)
+        self.class_names = list(ADE20K_CLASSES)
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
+        """The role's split folder."""
+        return ADE20KDataset(self.root, self.splits[role], transform)
+
+
+class PascalContextDataModule(NamedSplitsDataModule):
+    """PASCAL-Context: the 59 most frequent classes plus background (60), or the 59 alone (59).
+
+    As evaluated in DeepLab v2 (Sec. 4.2): 60 classes, background included. ``test`` runs on ``val``.
+
+    Args:
+        root: Folder holding ``VOCdevkit/VOC2010`` (see :mod:`deeplab_lit.data.pascal_context`).
+        num_classes: 60 (background = class 0) or 59 (background void: 0 -> 255, ``v`` -> ``v - 1``).
+        train_split: A file name under ``ImageSets/SegmentationContext`` (``"train"``: 4,998 images).
+        val_split: The same for validation (``"val"``: 5,105 images).
+        test_split: The same for ``test``.
+        **kwargs: :class:`SegmentationDataModule`'s arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int = 60,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        **kwargs: Any,
+    ):
+        check_num_classes(num_classes)
+        super().__init__(root, train_split, val_split, test_split, **kwargs)
+        self.class_names = pascal_context_classes(num_classes)
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
+        """The role's split file, with this data module's number of classes."""
+        return PascalContextDataset(self.root, self.splits[role], self.num_classes, transform)
+
+
+class COCOStuffDataModule(NamedSplitsDataModule):
+    """COCO-Stuff 164k: 171 classes (80 things, 91 stuff); unlabelled and unused ids void.
+
+    512 x 512 crops by default, as mmsegmentation trains it. The test-dev images have no annotations, so
+    ``test`` runs on ``val2017``.
+
+    Args:
+        root: Folder holding ``images`` and ``annotations`` (see :mod:`deeplab_lit.data.coco_stuff`).
+        train_split: Split folder used for training (``"train2017"``: 118k images).
+        val_split: Split folder used for validation (``"val2017"``: 5k images).
+        test_split: Split folder used by ``test``.
+        crop_size: Side of the square training crop.
+        **kwargs: :class:`SegmentationDataModule`'s other arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str = "val2017",
+        crop_size: int = 512,
+        **kwargs: Any,
+    ):
+        super().__init__(root, train_split, val_split, test_split, crop_size=crop_size, **kwargs)
+        self.class_names = list(COCO_STUFF_CLASSES)
+
+    def build_split(self, role: str, transform: SegmentationTransform) -> Split:
+        """The role's split folder."""
+        return COCOStuffDataset(self.root, self.splits[role], transform)
+
+
 class FolderDataModule(SegmentationDataModule):
-    """Your own data: ``root/<image_dir>/<stem>.jpg|png`` with ``root/<mask_dir>/<stem>.png`` index masks.
+    """Your own data: ``root/<image_dir>/<stem>.jpg|png`` with ``root/<mask_dir>/<stem>.png`` masks.
 
     Splits: give ``train_list`` and ``val_list`` (text files, one stem per line, paths relative to
     ``root`` or absolute), or neither, for a deterministic split by ``val_fraction`` and ``split_seed``.
     ``test`` uses ``test_list`` if given, else the validation split. See :mod:`deeplab_lit.data.folder`.
+
+    Masks hold one class index per pixel (255 = ignore), or, with ``palette``, colours. The label options
+    apply in this order (:func:`deeplab_lit.data.labels.combined`): ``palette`` (colour ``k`` -> ``k``),
+    ``label_map``, ``reduce_zero_label``; the class check comes last.
 
     Args:
         root: Data set folder.
@@ -352,6 +477,13 @@ class FolderDataModule(SegmentationDataModule):
         test_list: Test stems list file.
         val_fraction: Fraction of images held out for validation when no lists are given.
         split_seed: Seed of that split.
+        reduce_zero_label: 0 -> 255 (ignored), every ``v > 0`` -> ``v - 1``: for masks whose 0 means
+            "unlabelled" (ADE20K's convention).
+        label_map: ``{source: target}`` applied to the stored values (or palette indices) first; values
+            not named keep theirs, 255 stays ignored unless mapped. E.g. ``{3: 255}`` ignores class 3.
+        palette: For RGB masks: colours ``[[r, g, b], ...]`` (index = value), or a text file (relative to
+            ``root`` or absolute) with one ``r g b`` per line. A colour not listed is an error naming the
+            file and the colour. Predictions are written in these colours too.
         **kwargs: :class:`SegmentationDataModule`'s arguments.
     """
 
@@ -366,6 +498,9 @@ class FolderDataModule(SegmentationDataModule):
         test_list: str | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        reduce_zero_label: bool = False,
+        label_map: dict[int, int] | None = None,
+        palette: list[list[int]] | str | None = None,
         **kwargs: Any,
     ):
         if not class_names or len(set(class_names)) != len(class_names) or len(class_names) > IGNORE_INDEX:
@@ -381,7 +516,16 @@ class FolderDataModule(SegmentationDataModule):
         if not self.root.is_dir():
             raise FileNotFoundError(f"Data set folder not found: {self.root}")
         self.class_names = list(class_names)
+        colors: Colors | str | None = palette
+        if isinstance(palette, str) and not Path(palette).is_absolute():
+            colors = str(self.root / palette)
+        self.label_map = combined(
+            colors, label_map, reduce_zero_label
+        )  # a bad option fails here, not at setup
         self.palette = voc_palette()
+        if colors is not None:
+            listed = read_palette(colors)
+            self.palette[: len(listed)] = listed
         self.image_dir, self.mask_dir = self.root / image_dir, self.root / mask_dir
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
         self.val_fraction, self.split_seed = val_fraction, split_seed
@@ -403,7 +547,9 @@ class FolderDataModule(SegmentationDataModule):
         """Images of the role's stems with their masks."""
         images = index_images(self.image_dir)
         stems, source = self._stems(role, images)
-        return FolderDataset(images, stems, self.mask_dir, self.num_classes, transform, source)
+        return FolderDataset(
+            images, stems, self.mask_dir, self.num_classes, transform, source, self.label_map
+        )
 
 
 class SyntheticDataModule(SegmentationDataModule):

@@ -3,7 +3,8 @@
 Layout::
 
     root/images/<stem>.jpg|.png|...   # RGB images (any suffix in IMAGE_SUFFIXES)
-    root/masks/<stem>.png             # one class index per pixel (palette or grayscale PNG), 255 = ignore
+    root/masks/<stem>.png             # one class index per pixel (palette or grayscale PNG), 255 = ignore,
+                                      # or colours with the datamodule's palette option
     root/train.txt, root/val.txt      # optional: one stem per line (a file name with suffix also works)
 
 Splits come from list files when given (``train_list`` and ``val_list`` together, optional
@@ -19,6 +20,7 @@ import random
 from pathlib import Path
 
 from deeplab_lit.data.images import IMAGE_SUFFIXES, SegmentationDataset
+from deeplab_lit.data.labels import LabelMap
 from deeplab_lit.data.transforms import SegmentationTransform
 
 
@@ -41,6 +43,33 @@ def index_images(image_dir: Path) -> dict[str, Path]:
     if not index:
         raise ValueError(f"Image folder {image_dir} holds no images (expected {', '.join(IMAGE_SUFFIXES)})")
     return index
+
+
+def folder_pairs(
+    image_dir: Path, mask_dir: Path, layout: str, image_suffix: str = ".jpg", mask_suffix: str = ".png"
+) -> tuple[list[Path], list[Path]]:
+    """Every ``image_dir/<stem><image_suffix>``, sorted, with its ``mask_dir/<stem><mask_suffix>``.
+
+    The layout of the public data sets whose split is a folder (ADE20K, COCO-Stuff). Missing masks are
+    left to :class:`SegmentationDataset`, which names them all.
+
+    Args:
+        image_dir: The split's image folder.
+        mask_dir: The split's mask folder.
+        layout: The data set's expected layout and where to get it, appended to the errors.
+        image_suffix: Suffix of the images.
+        mask_suffix: Suffix of the masks.
+
+    Raises:
+        FileNotFoundError: ``image_dir`` is missing.
+        ValueError: it holds no ``*<image_suffix>``.
+    """
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"Image folder not found: {image_dir}\n{layout}")
+    images = sorted(image_dir.glob(f"*{image_suffix}"))
+    if not images:
+        raise ValueError(f"Image folder {image_dir} holds no *{image_suffix} images\n{layout}")
+    return images, [mask_dir / f"{p.stem}{mask_suffix}" for p in images]
 
 
 def read_stem_list(path: Path) -> list[str]:
@@ -91,6 +120,7 @@ class FolderDataset(SegmentationDataset):
         num_classes: Number of classes.
         transform: Pipeline from :mod:`deeplab_lit.data.transforms`.
         source: Where ``stems`` came from (a list file or the folder), named in errors.
+        label_map: Mapping of the stored values or colours (:func:`deeplab_lit.data.labels.combined`).
     """
 
     def __init__(
@@ -101,6 +131,7 @@ class FolderDataset(SegmentationDataset):
         num_classes: int,
         transform: SegmentationTransform | None = None,
         source: str | Path = "the folder",
+        label_map: LabelMap | None = None,
     ):
         unknown = [s for s in stems if s not in images]
         if unknown:
@@ -115,4 +146,5 @@ class FolderDataset(SegmentationDataset):
             transform,
             names=stems,
             source=source,
+            label_map=label_map,
         )

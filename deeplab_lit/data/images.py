@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from deeplab_lit.data.labels import LabelMap
 from deeplab_lit.data.transforms import IGNORE_INDEX, SegmentationTransform, eval_transform
 
 #: File suffixes (lower case) treated as images when listing folders and globs.
@@ -178,27 +179,32 @@ def read_image(path: str | Path, *, exif_transpose: bool = False) -> np.ndarray:
     return pixels_to_rgb(image, path)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a label mask stored as one class index per pixel.
+def read_mask(path: str | Path, colors: bool = False) -> np.ndarray:
+    """Read a label mask stored as one class index per pixel, or as colours.
 
     Palette (``"P"``) PNGs, as VOC stores them, are read as their palette *indices*, not their colours;
     grayscale (``"L"``) and 16-bit PNGs are read as their values.
 
     Args:
         path: Mask file, normally a PNG.
+        colors: Read the colours instead (``(H, W, 3)`` RGB; alpha dropped), for data sets whose masks
+            are painted in a palette's colours (:func:`deeplab_lit.data.labels.palette_decoding`).
 
     Returns:
-        Integer array ``(H, W)`` (``uint8`` for palette/grayscale files).
+        Integer array ``(H, W)`` (``uint8`` for palette/grayscale files), or uint8 ``(H, W, 3)`` colours.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file cannot be decoded, or it holds colours (RGB/RGBA) instead of indices.
     """
     image = _open(path)
+    if colors:
+        return np.array(image.convert("RGB"), dtype=np.uint8)
     if image.mode not in _INDEX_MODES:
         raise ValueError(
             f"Mask file {path} has image mode {image.mode!r}; expected one class index per pixel "
-            "(a palette 'P' or grayscale 'L' PNG). Convert colour masks to index masks first."
+            "(a palette 'P' or grayscale 'L' PNG). Convert colour masks to index masks first, or give "
+            "the data set the palette of their colours (FolderDataModule's palette option)."
         )
     return np.array(image)
 
@@ -317,8 +323,8 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
             whole image with ImageNet normalisation.
         names: Item names (default: the image file stems).
         source: Where the list came from (a split file, a folder), named in errors.
-        label_map: Optional lookup table applied to raw mask values before the class check (e.g.
-            Cityscapes labelIds -> trainIds); entries < 0 mark raw values that are not allowed.
+        label_map: Applied to the raw mask values (or colours) after the size check, before the class
+            check (e.g. Cityscapes labelIds -> trainIds); see :mod:`deeplab_lit.data.labels`.
     """
 
     def __init__(
@@ -329,7 +335,7 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         transform: PairTransform | None = None,
         names: Sequence[str] | None = None,
         source: str | Path = "the file list",
-        label_map: np.ndarray | None = None,
+        label_map: LabelMap | None = None,
     ):
         if len(images) != len(masks):
             raise ValueError(f"{source}: {len(images)} images but {len(masks)} masks")
@@ -352,31 +358,16 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
 
     def load_mask(self, path: Path) -> np.ndarray:
         """Decode one mask file into raw values ``(H, W)``; subclasses add formats (SBD ``.mat``)."""
-        return read_mask(path)
-
-    def _mapped(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        assert self.label_map is not None
-        lut = self.label_map
-        bad = raw[(raw < 0) | (raw >= len(lut))]
-        if not bad.size:
-            mapped = lut[raw]
-            bad = raw[mapped < 0]
-        if bad.size:
-            known = np.flatnonzero(lut >= 0)
-            raise ValueError(
-                f"Mask {path} holds label values {[int(v) for v in np.unique(bad)[:10]]} that the label "
-                f"map does not define; expected values in {known.min()}..{known.max()}"
-            )
-        return mapped.astype(np.uint8)
+        return read_mask(path, colors=self.label_map is not None and self.label_map.colors is not None)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.images[index], self.masks[index]
         image = read_image(image_path)
         mask = self.load_mask(mask_path)
-        if mask.shape != image.shape[:2]:
-            raise ValueError(mask_size_mismatch(image_path, image.shape[:2], mask_path, mask.shape))
+        if mask.shape[:2] != image.shape[:2]:
+            raise ValueError(mask_size_mismatch(image_path, image.shape[:2], mask_path, mask.shape[:2]))
         if self.label_map is not None:
-            mask = self._mapped(mask, mask_path)
+            mask = self.label_map(mask, mask_path)
         _check_mask_values(mask, self.num_classes, mask_path)
         image_t, mask_t = self.transform(image, mask.astype(np.uint8, copy=False))
         return {"image": image_t, "mask": mask_t, "name": self.names[index]}

@@ -204,9 +204,7 @@ def cache_file(dataset: SegmentationDataset, folder: Path) -> Path:
         "reader_sources": _reader_sources(dataset),
         "pillow": PIL.__version__,
         "num_classes": dataset.num_classes,
-        "label_map": None
-        if label_map is None
-        else hashlib.sha256(np.ascontiguousarray(label_map).tobytes()).hexdigest(),
+        "label_map": None if label_map is None else label_map.fingerprint(),
         "source": dataset.source,
     }
     key = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:24]

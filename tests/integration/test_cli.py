@@ -36,12 +36,8 @@ def small_overrides(config: Path, tmp_path: Path) -> list[str]:
             args.append("--model.init_args.multi_grid=[1, 2]")
     if model_args.get("backbone", "").startswith("timm:convnext"):  # the smallest ConvNeXt, as resnet18 above
         args.append("--model.init_args.backbone=timm:convnext_atto")
-    if data_class == "VOCDataModule":
-        fakes.make_voc_sbd(tmp_path / "voc")
-        args.append(f"--data.init_args.root={tmp_path / 'voc'}")
-    elif data_class == "CityscapesDataModule":
-        fakes.make_cityscapes(tmp_path / "cityscapes")
-        args.append(f"--data.init_args.root={tmp_path / 'cityscapes'}")
+    if data_class in fakes.FAKE_DATA:  # VOC, Cityscapes, ADE20K, PASCAL-Context, COCO-Stuff
+        args.append(f"--data.init_args.root={fakes.FAKE_DATA[data_class](tmp_path / 'data')}")
     elif data_class == "SyntheticDataModule":
         args += [f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=4",
                  "--data.init_args.num_val=2", "--data.init_args.image_size=48"]  # fmt: skip
@@ -56,6 +52,9 @@ def test_every_experiment_is_covered():
         "v3plus.yaml",
         "cityscapes_v3plus.yaml",
         "quickstart.yaml",
+        "ade20k_v3plus.yaml",
+        "pascal_context_v2.yaml",
+        "cocostuff_v3plus.yaml",
     } <= set(CONFIGS)
 
 
@@ -132,6 +131,7 @@ def test_training_configs_resolve_to_the_shared_logger_plugin_and_callbacks(name
 
 def test_every_training_config_is_checked_for_the_shared_set_up():
     trains = {"quickstart.yaml", "v1.yaml", "v2.yaml", "v3.yaml", "v3plus.yaml", "cityscapes_v3plus.yaml"}
+    trains |= {"ade20k_v3plus.yaml", "pascal_context_v2.yaml", "cocostuff_v3plus.yaml"}
     assert trains <= set(TRAINING_CONFIGS)
 
 
