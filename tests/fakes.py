@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
@@ -235,13 +236,16 @@ def _write_pairs(
     values: Sequence[int],
     void: int | None,
 ) -> None:
-    """JPEG images and 8-bit grayscale PNG masks of rectangles of 4 of ``values`` (``values[0]`` always)."""
+    """JPEG images and 8-bit grayscale PNG masks: rectangles of 4 of ``values`` (``values[0]`` always) on
+    ``values[0]``, and every one of ``values`` in the first row (so that each mask holds all of them)."""
     mask_dir.mkdir(parents=True, exist_ok=True)
     for stem in stems:
         size = random_size(rng)
         save_jpeg(image_dir / f"{stem}.jpg", random_image(rng, size))
         chosen = [values[0], *rng.choice(values[1:], size=3, replace=False).tolist()]
-        Image.fromarray(random_mask(rng, size, chosen, void), mode="L").save(mask_dir / f"{stem}.png")
+        mask = random_mask(rng, size, chosen, void)
+        mask[0, : len(values)] = values
+        Image.fromarray(mask, mode="L").save(mask_dir / f"{stem}.png")
 
 
 #: Stored ADE20K values used by the fakes: 0 ("other", void) and classes at both ends.
@@ -318,6 +322,23 @@ def make_color_folder_dataset(root: str | Path, n: int = 4, seed: int = 0) -> Pa
         values = random_mask(rng, size, list(range(len(colors))), None)
         Image.fromarray(colors[values]).save(root / "masks" / f"img_{index:03d}.png")
     return root
+
+
+def spoil_mask(path: Path, value: int) -> None:
+    """Write ``value`` into pixel (0, 0) of the 8-bit grayscale mask at ``path``."""
+    pixels = np.array(Image.open(path))
+    pixels[0, 0] = value
+    Image.fromarray(pixels, mode="L").save(path)
+
+
+def stored_and_mapped(datamodule: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(stored mask as int64, mask as the data module yields it)`` of every validation item."""
+    datamodule.setup("validate")
+    dataset = datamodule.val_dataset
+    return [
+        (np.array(Image.open(path)).astype(np.int64), dataset[i]["mask"].numpy())
+        for i, path in enumerate(dataset.masks)
+    ]
 
 
 #: Fake data of each data module, in its real layout: class name -> writer of ``root``.

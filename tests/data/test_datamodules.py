@@ -13,8 +13,11 @@ import yaml
 from PIL import Image
 
 from deeplab_lit.data import (
+    ADE20KDataModule,
     CityscapesDataModule,
+    COCOStuffDataModule,
     FolderDataModule,
+    PascalContextDataModule,
     SegmentationDataModule,
     SyntheticDataModule,
     VOCDataModule,
@@ -209,7 +212,18 @@ def test_loader_defaults_and_hparams(tmp_path):
         assert other.train_dataloader().persistent_workers is False, (workers, persistent)
 
 
-@pytest.mark.parametrize("cls", [VOCDataModule, CityscapesDataModule, FolderDataModule, SyntheticDataModule])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        VOCDataModule,
+        CityscapesDataModule,
+        FolderDataModule,
+        SyntheticDataModule,
+        ADE20KDataModule,
+        PascalContextDataModule,
+        COCOStuffDataModule,
+    ],
+)
 def test_lightning_cli_can_configure(cls, tmp_path):
     """jsonargparse (LightningCLI's parser) reads every init argument, Normalization included."""
     from jsonargparse import ArgumentParser
@@ -336,6 +350,9 @@ def test_predict_needs_no_voc_on_the_machine(tmp_path):
         (CityscapesDataModule, {"batch_size": 4, "crop_size": 769}),
         (FolderDataModule, {}),
         (SyntheticDataModule, {"batch_size": 16, "crop_size": 128, "val_batch_size": 16}),
+        (ADE20KDataModule, {"crop_size": 512}),
+        (PascalContextDataModule, {}),
+        (COCOStuffDataModule, {"crop_size": 512}),
     ],
 )
 def test_subclasses_declare_only_their_own_options_and_the_defaults_they_change(cls, changed, tmp_path):
