@@ -103,8 +103,9 @@ class LabelMap:
         return np.where(self.defined, self.table.astype(np.int16), np.int16(-1))
 
     def fingerprint(self) -> str:
-        """Hash of everything that decides the mapping (the preflight's cache key)."""
-        digest = hashlib.sha256(self.signed_table().tobytes())
+        """Hash of all that decides the mapping, this module's code too (the preflight's cache key)."""
+        digest = hashlib.sha256(Path(__file__).read_bytes())
+        digest.update(self.signed_table().tobytes())
         if self.colors is not None:
             digest.update(b"colors" + np.ascontiguousarray(self.colors).tobytes())
         return digest.hexdigest()
