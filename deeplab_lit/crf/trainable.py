@@ -19,11 +19,12 @@ per-pixel constant, so the marginals are the same (:func:`~deeplab_lit.crf.dense
 probabilities at ``PROB_EPS`` before ``-log``; where every probability is above it, the two agree).
 
 The backward pass is one custom ``autograd.Function`` over all iterations. It keeps only the marginals
-``Q_0 .. Q_T-1`` (``T`` tensors the size of the logits; none under ``no_grad``) and no lattice buffers: the filter's transpose is
-the same lattice with its blurs in reverse order (:meth:`PermutohedralLattice.transposed`), so the gradient
-of ``K Q`` is one more filtering of the incoming gradient. Per iteration the backward filters twice per
-kernel (the transposed filter, and the forward one again when the compatibility learns): forward plus
-backward costs about three forward passes, and the memory is ``T + 2`` logits plus the lattices.
+``Q_0 .. Q_T-1`` (``T`` tensors the size of the logits; none under ``no_grad``) and no lattice buffers:
+the filter's transpose is the same lattice with its blurs in reverse order
+(:meth:`PermutohedralLattice.transposed`), so the gradient of ``K Q`` is one more filtering of the
+incoming gradient. Per iteration the backward filters twice per kernel (the transposed filter, and the
+forward one again when the compatibility learns): forward plus backward costs about three forward passes,
+and the memory is ``T + 2`` logits plus the lattices.
 
 The kernels' bandwidths are fixed by default. With ``learn_bandwidths=True`` their logarithms learn too,
 with the gradient of the Gaussian kernel ``exp(-|f_i - f_j|^2 / 2)`` (features ``f`` divided by the

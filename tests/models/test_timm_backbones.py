@@ -97,9 +97,11 @@ def test_unknown_names_and_wrong_options_get_one_clear_message():
         build_backbone("timm:convnext_atto", output_stride=4)
     with pytest.raises(ValueError, match="only has style='torchvision'"):
         build_backbone("timm:resnet18d", style="caffe")
-    # DeepLab v3's default multi-grid (1, 2, 4) on a family without a ResNet layer4
+    # a grid other than the paper's (DeepLab v3's default, which builds without it) on a family without
+    # a ResNet layer4
     with pytest.raises(ValueError, match=r"timm's convnext family\) has none.*pass multi_grid=None"):
-        deeplab_v3(num_classes=3, backbone="timm:convnext_atto")
+        deeplab_v3(num_classes=3, backbone="timm:convnext_atto", multi_grid=(1, 1, 1))
+    assert deeplab_v3(num_classes=3, backbone="timm:convnext_atto").backbone.multi_grid is None
 
 
 def test_multi_grid_sets_the_rates_of_timm_resnet_layer4():
