@@ -167,7 +167,30 @@ def test_offline_pretrained_weights_give_one_clear_message(monkeypatch):
         raise LocalEntryNotFoundError("outgoing traffic is disabled")
 
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)  # never download in tests
-    with pytest.raises(
-        RuntimeError, match=r"timm:convnext_atto.*convnext_atto\.d2_in1k.*pretrained_backbone='/path/to/"
-    ):
+    with pytest.raises(RuntimeError) as caught:
         deeplab_v3plus(num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=True)
+    message = str(caught.value)
+    assert "timm:convnext_atto" in message and "outgoing traffic is disabled" in message
+    url = "https://huggingface.co/timm/convnext_atto.d2_in1k/resolve/main/model.safetensors"
+    assert url in message and "`hf download timm/convnext_atto.d2_in1k model.safetensors" in message
+    assert "pretrained_backbone='/path/to/model.safetensors'" in message
+    assert "copy it to" not in message  # a file copied into a cache folder is not found there
+
+
+def test_the_offline_advice_works_a_local_timm_model_safetensors_loads(tmp_path, monkeypatch):
+    import timm.models._hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from safetensors.torch import save_file
+
+    def no_network(*args, **kwargs):
+        raise LocalEntryNotFoundError("outgoing traffic is disabled")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)
+    published = timm.create_model("convnext_atto")  # the classifier model as timm's hub file holds it
+    save_file(published.state_dict(), tmp_path / "model.safetensors")
+    model = deeplab_v3plus(
+        num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=str(tmp_path / "model.safetensors")
+    )
+    assert torch.equal(
+        model.backbone.body.stages_3.blocks[1].mlp.fc2.weight, published.stages[3].blocks[1].mlp.fc2.weight
+    )
