@@ -125,6 +125,7 @@ def _timm_offline_message(name: str, origin: str, full_name: str, err: BaseExcep
     local path is what works (timm's ``pretrained_cfg_overlay={"file": ...}``).
     """
     import timm
+    from huggingface_hub import hf_hub_url
 
     cfg = timm.models.get_pretrained_cfg(full_name)
     repo, url = (cfg.hf_hub_id, cfg.url) if cfg else (None, None)
@@ -132,7 +133,7 @@ def _timm_offline_message(name: str, origin: str, full_name: str, err: BaseExcep
     where = f"timm's {full_name}"
     if repo:
         where = (
-            f"https://huggingface.co/{repo}/resolve/main/{file_name}, or "
+            f"{hf_hub_url(repo, file_name)}, or "  # the mirror of HF_ENDPOINT where one is set
             f"`hf download {repo} {file_name} --local-dir <folder>`"
         )
     elif isinstance(url, str) and url:  # timm types it str | (str, str)
