@@ -6,6 +6,7 @@ The Lightning modules (``deeplab_lit.DeepLabV3`` ...) are imported on first use 
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,14 @@ try:
     __version__ = version("deeplab-lit")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
+
+# Info lines of the package's own (Lightning-free) layers, such as how a backbone was built, shown as
+# Lightning shows its own: on stderr unless the application configured logging itself.
+_logger = logging.getLogger(__name__)
+_logger.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers():
+    _logger.addHandler(logging.StreamHandler())
+    _logger.propagate = False
 
 if TYPE_CHECKING:
     from deeplab_lit.modules import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus, SegmentationModule

@@ -175,6 +175,12 @@ class DeepLabCLI(LightningCLI):
                 f"({self.datamodule.class_names}); the class count comes from the data: drop the option, "
                 "or use data with that many classes"
             )
+        if given is not None and given == default != data_classes:  # left at its default: said, not silent
+            data = type(self.datamodule).__name__
+            rank_zero_info(
+                f"num_classes: {data_classes}, the classes of the data module {data}, replaces the model's "
+                f"default {default} (the class count comes from the data)"
+            )
         saved = getattr(self, "_checkpoint", None)
         saved_classes = saved.hparams.get("num_classes") if saved is not None else None
         if saved is not None and saved_classes is not None and saved_classes != data_classes:

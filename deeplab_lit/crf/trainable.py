@@ -19,11 +19,12 @@ per-pixel constant, so the marginals are the same (:func:`~deeplab_lit.crf.dense
 probabilities at ``PROB_EPS`` before ``-log``; where every probability is above it, the two agree).
 
 The backward pass is one custom ``autograd.Function`` over all iterations. It keeps only the marginals
-``Q_0 .. Q_T-1`` (``T`` tensors the size of the logits) and no lattice buffers: the filter's transpose is
-the same lattice with its blurs in reverse order (:meth:`PermutohedralLattice.transposed`), so the gradient
-of ``K Q`` is one more filtering of the incoming gradient. Per iteration the backward filters twice per
-kernel (the transposed filter, and the forward one again when the compatibility learns): forward plus
-backward costs about three forward passes, and the memory is ``T + 2`` logits plus the lattices.
+``Q_0 .. Q_T-1`` (``T`` tensors the size of the logits; none under ``no_grad``) and no lattice buffers:
+the filter's transpose is the same lattice with its blurs in reverse order
+(:meth:`PermutohedralLattice.transposed`), so the gradient of ``K Q`` is one more filtering of the
+incoming gradient. Per iteration the backward filters twice per kernel (the transposed filter, and the
+forward one again when the compatibility learns): forward plus backward costs about three forward passes,
+and the memory is ``T + 2`` logits plus the lattices.
 
 The kernels' bandwidths are fixed by default. With ``learn_bandwidths=True`` their logarithms learn too,
 with the gradient of the Gaussian kernel ``exp(-|f_i - f_j|^2 / 2)`` (features ``f`` divided by the
@@ -34,7 +35,7 @@ bilateral filter on ``d + 3`` times the channels per iteration of the backward p
 
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,7 +143,7 @@ class CRFasRNN(nn.Module):
 
         Raises:
             TypeError: ``logits`` not floating point or ``images`` not uint8.
-            ValueError: Wrong shapes or class count.
+            ValueError: Wrong shapes or class count, or non-finite logits.
         """
         self._check(logits, images)
         if iterations is None:
@@ -159,10 +160,13 @@ class CRFasRNN(nn.Module):
             # On the CPU one image at a time, as the offline backend: a smaller working set stays in cache
             # (8 x 321 x 321, 21 classes, 5 iterations, 2 cores: forward 7.0 s batched, 4.2 s per image).
             chunks = [slice(i, i + 1) for i in range(n)] if logits.device.type == "cpu" else [slice(0, n)]
+            # The marginals are kept for a backward only where one can come: not under no_grad (the
+            # Function's forward runs with grad mode off, so this is decided here).
+            grad_mode = torch.is_grad_enabled()
             parts = []
             for part in chunks:
                 kernels = self._kernels(images[part], stds, dtype)
-                args = (weights, compatibility, log_bandwidths, kernels, iterations)
+                args = (weights, compatibility, log_bandwidths, kernels, iterations, grad_mode)
                 parts.append(_MeanField.apply(unary[part], *args))
         return torch.cat(parts).reshape(n, h, w, c).permute(0, 3, 1, 2)
 
@@ -194,6 +198,13 @@ class CRFasRNN(nn.Module):
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"CRFasRNN was built for {self.num_classes} classes, the logits have {logits.shape[1]}"
+            )
+        non_finite = int((~torch.isfinite(logits)).sum())
+        if non_finite:
+            # one NaN pixel would spread through the kernels' messages to its neighbourhood, every iteration
+            raise ValueError(
+                f"CRFasRNN got {non_finite} non-finite (NaN or inf) logits of {logits.numel()}: the network "
+                "before the CRF diverged or its input was bad; lower the learning rate or check the images"
             )
         if not isinstance(images, Tensor) or images.dtype != torch.uint8:
             raise TypeError(
@@ -249,7 +260,9 @@ class NormalisedKernel:
         return {index: first[index] - second[index] / 2 for index, _ in self.groups}
 
     def _bilinear(self, x: Tensor, y: Tensor) -> dict[int, Tensor]:
-        f = self.features
+        # Centred per point set: |f_i - f_j|^2 is unchanged, and its expansion below no longer cancels
+        # large terms (features up to the image size over the bandwidth) in float32.
+        f = self.features - self.features.mean(-2, keepdim=True)
         dims = sorted({d for _, group in self.groups for d in group})
         squares = [(f[..., list(group)] ** 2).sum(-1, keepdim=True) for _, group in self.groups]
         channels = y.shape[-1]
@@ -258,10 +271,11 @@ class NormalisedKernel:
         k_y, k_fy, k_sy = filtered[0], dict(zip(dims, filtered[1:])), filtered[1 + len(dims) :]
         out = {}
         for (index, group), square, k_square_y in zip(self.groups, squares, k_sy):
-            value = (x * square * k_y).sum() + (x * k_square_y).sum()
+            # per pixel first, (K |f_i - f_G|^2 y)_i, small where the terms are large: then the sum
+            distance = square * k_y + k_square_y
             for d in group:
-                value = value - 2 * (x * f[..., d : d + 1] * k_fy[d]).sum()
-            out[index] = value
+                distance = distance - 2 * f[..., d : d + 1] * k_fy[d]
+            out[index] = (x * distance).sum()
         return out
 
 
@@ -277,10 +291,11 @@ class _MeanField(torch.autograd.Function):
         log_bandwidths: Tensor,
         kernels: list[NormalisedKernel],
         iterations: int,
+        grad_mode: bool,
     ) -> Tensor:
         q = torch.softmax(unary, -1)
         marginals = []
-        keep = any(ctx.needs_input_grad)  # nothing to keep for a backward that will not come (eval)
+        keep = grad_mode and any(ctx.needs_input_grad)  # nothing to keep for a backward that cannot come
         refined = unary
         for _ in range(iterations):
             if keep:
@@ -326,6 +341,7 @@ class _MeanField(torch.autograd.Function):
             grad_bandwidths if need_bandwidths else None,
             None,
             None,
+            None,
         )
 
 
@@ -343,13 +359,37 @@ def _lattice_filter(features: Tensor, dtype: torch.dtype) -> RawFilter:
     return _as_raw(lattice.to(dtype) if dtype != torch.float32 else lattice)
 
 
-@functools.lru_cache(maxsize=8)
-def _spatial_kernel(
-    height: int, width: int, std: float, device: torch.device, dtype: torch.dtype
-) -> NormalisedKernel:
-    """The spatial kernel depends only on the image size and its bandwidth: built once per pair, cached."""
-    features = grid_features(height, width, std, device)[None]
-    return NormalisedKernel(_lattice_filter(features, dtype), features.to(dtype), SPATIAL_GROUPS)
+class _SpatialKernelCache:
+    """The spatial kernel depends only on the image size and its bandwidth: built once per pair, kept.
+
+    At most one kernel per image size (and device, dtype), the last bandwidth's: with learned bandwidths
+    every step has a new one, and a stale kernel is dropped, not kept beside the new (its lattice is the
+    size of the image). At most ``sizes`` image sizes, the least recently used dropped first.
+    """
+
+    def __init__(self, sizes: int = 8) -> None:
+        self.sizes = sizes
+        self.kernels: OrderedDict[tuple[int, int, torch.device, torch.dtype], tuple[float, NormalisedKernel]]
+        self.kernels = OrderedDict()
+
+    def __call__(
+        self, height: int, width: int, std: float, device: torch.device, dtype: torch.dtype
+    ) -> NormalisedKernel:
+        """The spatial kernel of a ``height x width`` image with bandwidth ``std`` (pixels)."""
+        key = (height, width, device, dtype)
+        cached = self.kernels.pop(key, None)
+        if cached is None or cached[0] != std:
+            del cached  # the stale kernel goes before the new one is built
+            features = grid_features(height, width, std, device)[None]
+            kernel = NormalisedKernel(_lattice_filter(features, dtype), features.to(dtype), SPATIAL_GROUPS)
+            cached = (std, kernel)
+        self.kernels[key] = cached
+        while len(self.kernels) > self.sizes:
+            self.kernels.popitem(last=False)
+        return cached[1]
+
+
+_spatial_kernel = _SpatialKernelCache()
 
 
 def _as_raw(lattice: PermutohedralLattice) -> RawFilter:

@@ -30,7 +30,7 @@ from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset
 from deeplab_lit.data.labels import Colors, combined, read_palette
 from deeplab_lit.data.loaders import default_num_workers, eval_collate, unrepeated_eval_sampler
 from deeplab_lit.data.pascal_context import PascalContextDataset, check_num_classes, pascal_context_classes
-from deeplab_lit.data.preflight import check_equal_sizes, check_splits, process_group
+from deeplab_lit.data.preflight import check_crop_size, check_equal_sizes, check_splits, process_group
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
     IGNORE_INDEX,
@@ -177,7 +177,9 @@ class SegmentationDataModule(LightningDataModule):
             self.predict_dataset = ImageFileDataset(self.predict_path, self.eval_transform())
 
     def run_preflight(self, splits: dict[str, Split]) -> None:
-        """Read every pair of ``splits`` (role -> dataset) as training will, and check ``val_batch_size``.
+        """Read every pair of ``splits`` (role -> dataset) as training will, check ``val_batch_size``.
+
+        A ``crop_size`` larger than every training image (at the top of ``scale_range``) is a warning.
 
         Under DDP each process reads its share and all of them raise the same error, or none; the cache
         is written by each machine's local rank 0.
@@ -195,6 +197,8 @@ class SegmentationDataModule(LightningDataModule):
         for role in ("val", "test"):
             if role in checks:
                 check_equal_sizes(checks[role], self.val_batch_size)
+        if "train" in checks:
+            check_crop_size(checks["train"], self.crop_size, self.scale_range)
 
     def _loader(
         self, dataset: Dataset[Any] | None, stage: str, batch_size: int, train: bool = False

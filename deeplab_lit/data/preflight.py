@@ -435,3 +435,24 @@ def check_equal_sizes(check: SplitCheck, batch_size: int, option: str = "val_bat
         f"{option}={batch_size}, but the {check.role} images differ in size (WxH): {shown}{more}. Whole "
         f"images of one batch must share a size: set {option}: 1, or give the {check.role} images one size."
     )
+
+
+def check_crop_size(check: SplitCheck, crop_size: int, scale_range: tuple[float, float]) -> None:
+    """Warn if the training crop is larger than every image of ``check``, even at the largest scale.
+
+    The augmentation pads an image smaller than the crop (the image with the mean pixel, the mask with the
+    ignore label), so such crops are partly padding on every step, and nothing else says so.
+    """
+    sizes = [size for size in check.sizes if size is not None]
+    high = scale_range[1]
+    if not sizes or any(max(h, w) * high >= crop_size for h, w in sizes):
+        return
+    h, w = max(sizes, key=lambda size: size[0] * size[1])
+    filled = min(1.0, h * high / crop_size) * min(1.0, w * high / crop_size)
+    fits = math.ceil(max(max(size) for size in sizes) * high)
+    rank_zero_warn(
+        f"crop_size={crop_size} is larger than every {check.role} image, even scaled by {high} (the top of "
+        f"scale_range): the largest, {w}x{h} (WxH), fills at most {filled:.0%} of a crop, and the rest of "
+        f"every crop is padding (ignored in the loss). Lower crop_size to at most {fits}, "
+        "or raise scale_range's top."
+    )

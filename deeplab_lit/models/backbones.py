@@ -14,6 +14,7 @@ with ``strict=True`` once their classifier keys are dropped (see :mod:`deeplab_l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 import torchvision
@@ -22,6 +23,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.vgg import cfgs, make_layers
 
 from deeplab_lit.models.imagenet import load_imagenet_weights
+
+_log = logging.getLogger(__name__)
 
 RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES: tuple[str, ...] = (*RESNETS, "vgg16", "mobilenet_v2", "mobilenet_v3_large", "xception65")
@@ -48,6 +51,8 @@ class Backbone(nn.Module):
         out_channels: Channels of ``"out"``.
         aux_channels: Channels of ``"aux"``, or None if the backbone has no auxiliary output.
         output_stride: Ratio of input size to ``"out"`` size (8, 16 or 32).
+        multi_grid: The multi-grid unit rates of the last stage's blocks as built (DeepLab v3 Sec. 3.2), or
+            None (plain dilation; every backbone without a ResNet last stage).
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class Backbone(nn.Module):
         self.low_channels = low_channels
         self.out_channels = out_channels
         self.aux_channels = aux_channels
+        self.multi_grid: tuple[int, ...] | None = None
         self.output_stride = output_stride
 
 
@@ -135,7 +141,7 @@ class ResNetBackbone(Backbone):
             resnet.layer3,
             resnet.layer4,
         )
-        multi_grid = resolve_multi_grid(name, multi_grid)
+        multi_grid = self.multi_grid = resolve_multi_grid(name, multi_grid)
         if style == "caffe":
             self.maxpool.ceil_mode = True
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
@@ -314,21 +320,41 @@ class XceptionBackbone(Backbone):
 
 
 def resolve_multi_grid(
-    name: str, multi_grid: Sequence[int] | None, blocks: int | None = None
+    name: str, multi_grid: Sequence[int] | None, blocks: int | None = None, family: str | None = None
 ) -> tuple[int, ...] | None:
-    """Return the layer4 multi-grid that ResNet ``name`` is built with (DeepLab v3 Sec. 3.2).
+    """Return the layer4 multi-grid that backbone ``name`` is built with (DeepLab v3 Sec. 3.2).
 
-    The paper's (1, 2, 4) is truncated to the blocks the ResNet has ((1, 2) on ResNet-18); any other grid
-    must give one rate per block. ``blocks`` is layer4's block count for a ResNet not in :data:`RESNETS`
-    (timm's, :mod:`~deeplab_lit.models.timm_backbones`). Other backbones have no layer4: their grid is
-    left as given (None).
+    The paper's (1, 2, 4) is the paper's grid adapted to the backbone: truncated to the blocks a ResNet's
+    last stage has ((1, 2) on ResNet-18), and None (plain dilation) on a backbone with no ResNet last
+    stage (MobileNet, Xception, timm's non-ResNet families), so that DeepLab v3's default builds on every
+    backbone. Any other grid must give one rate per block of a ResNet last stage.
+
+    Args:
+        name: The backbone's name.
+        multi_grid: The grid asked for, or None.
+        blocks: Blocks of the last stage of a ResNet not in :data:`RESNETS` (timm's,
+            :mod:`~deeplab_lit.models.timm_backbones`); None = :data:`LAYER4_BLOCKS`' count for a built-in
+            ResNet, none for any other backbone.
+        family: timm's family of ``name``, named in the error.
 
     Raises:
-        ValueError: a grid other than the paper's whose length is not layer4's block count.
+        ValueError: rates that are not positive integers; a grid other than the paper's whose length is not
+            layer4's block count, or on a backbone without a ResNet last stage.
     """
-    if multi_grid is None or (blocks is None and name not in RESNETS):
-        return None if multi_grid is None else tuple(multi_grid)
-    grid, blocks = tuple(multi_grid), LAYER4_BLOCKS[name] if blocks is None else blocks
+    if multi_grid is None:
+        return None
+    grid = tuple(multi_grid)
+    if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in grid):
+        raise ValueError(f"multi_grid must hold positive integers, got {grid}")
+    blocks = LAYER4_BLOCKS.get(name) if blocks is None else blocks
+    if blocks is None:
+        if grid == PAPER_MULTI_GRID:
+            return None
+        described = name if family is None else f"{name} (timm's {family} family)"
+        raise ValueError(
+            f"multi_grid={grid} sets the rates of ResNet layer4 blocks and {described} has none: pass "
+            f"multi_grid=None (DeepLab v3's default, the paper's {PAPER_MULTI_GRID}, builds without it)"
+        )
     if grid == PAPER_MULTI_GRID and blocks < len(grid):
         return grid[:blocks]
     if len(grid) != blocks:
@@ -360,15 +386,7 @@ def check_backbone_options(
         raise ValueError(f"Unknown ResNet style {style!r}; expected one of {STYLES}")
     if name not in RESNETS and style != "torchvision":
         raise ValueError(f"style={style!r} is a ResNet option; {name} only has style='torchvision'")
-    if multi_grid is not None:
-        if name not in RESNETS:
-            raise ValueError(
-                f"multi_grid={tuple(multi_grid)} sets the rates of ResNet layer4 blocks and {name} has none; "
-                "pass multi_grid=None"
-            )
-        if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in multi_grid):
-            raise ValueError(f"multi_grid must hold positive integers, got {tuple(multi_grid)}")
-        resolve_multi_grid(name, multi_grid)
+    resolve_multi_grid(name, multi_grid)
 
 
 def build_backbone(
@@ -417,6 +435,15 @@ def build_backbone(
         backbone = MobileNetV3Backbone(output_stride=output_stride)
     else:
         backbone = XceptionBackbone(output_stride=output_stride)
+    built = backbone.multi_grid
+    if multi_grid is not None and built != tuple(multi_grid):  # the paper's grid, adapted: say so
+        _log.info(
+            "multi_grid=%s (DeepLab v3 Sec. 3.2) sets the rates of a ResNet last stage's blocks and %s: "
+            "built %s",
+            tuple(multi_grid),
+            f"{name} has no such stage" if built is None else f"{name}'s has {len(built)} blocks",
+            "without multi-grid" if built is None else f"with {built}",
+        )
     if pretrained is not False:
         load_imagenet_weights(backbone, name, pretrained)
     return backbone

@@ -283,7 +283,8 @@ def deeplab_v3(
         multi_grid: ResNet layer4 multi-grid (1, 2, 4) of the paper, truncated to the blocks there are
             ((1, 2) on ResNet-18, whose layer4 has two blocks; any other grid gives one rate per block);
             None for no multi-grid (torchvision's layout, needed to match torchvision's deeplabv3
-            weights). Other backbones have no layer4: pass None for them (anything else raises ValueError).
+            weights). Backbones without a ResNet last stage (MobileNet, Xception, most timm families) are
+            built without multi-grid under the paper's grid, said in an info line; any other grid raises.
         aux_head: Add torchvision's auxiliary FCN head on layer3 (backbones with an ``"aux"`` output).
         style: ResNet style.
         pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.

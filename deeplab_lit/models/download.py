@@ -10,7 +10,7 @@ torch hub's convention of a ``-<hex>.`` digest prefix in the URL's file name (to
 ``resnet50-0676ba61.pth``). Only 8 to 64 hex digits holding at least one letter count as a prefix, so
 that numbers in names (kazuto1011's ``...-vocaug-20000.pth``, a date ``-20240101.``) are not mistaken
 for one. A cached file that fails its checksum, or that cannot be read (see ``refresh``), is fetched
-again once.
+again once; if that fails, the error says the cached copy is damaged and why, and why the download failed.
 """
 
 from __future__ import annotations
@@ -85,18 +85,26 @@ def download(url: str, *, sha256: str | None = None, refresh: bool = False, to: 
         ValueError: the downloaded file fails its checksum.
     """
     cached, expected = to or cache_path(url), expected_sha256(url, sha256)
-    if cached.is_file() and not refresh:
-        problem = checksum_problem(cached, expected)
-        if problem is None:
+    damage = None
+    if cached.is_file():
+        damage = "it could not be read" if refresh else checksum_problem(cached, expected)
+        if damage is None:
             return cached
-        warnings.warn(
-            f"The cached copy {cached} of {url} is damaged ({problem}); downloading it again", stacklevel=2
-        )
-    return _fetch(url, cached, expected)
+        if not refresh:  # the reader that found it unreadable has said so already
+            warnings.warn(
+                f"The cached copy {cached} of {url} is damaged ({damage}); downloading it again", stacklevel=2
+            )
+    return _fetch(url, cached, expected, damage)
 
 
 def offline_message(
-    what: str, err: BaseException, cache: str | os.PathLike[str], file_name: str, copy_to: str, instead: str
+    what: str,
+    err: BaseException,
+    cache: str | os.PathLike[str],
+    file_name: str,
+    copy_to: str,
+    instead: str,
+    damage: str | None = None,
 ) -> str:
     """Say that a download failed, where torch's cache is, which file to put there, or what to pass instead.
 
@@ -107,16 +115,25 @@ def offline_message(
         file_name: The file's name there.
         copy_to: Where to copy the file by hand.
         instead: How to pass a local file instead (the option and an example).
+        damage: Why the copy already cached could not be used (a checksum mismatch, unreadable), if
+            there is one: the download was to replace it.
     """
+    cached, replace = f"{file_name} is not there", ""
+    if damage is not None:
+        cached = f"the copy of {file_name} there is damaged ({damage})"
+        replace = ", replacing the damaged one"
     return (
-        f"Could not download {what}: {err}. torch caches downloaded weights in {cache} and {file_name} is "
-        "not there; this machine may be offline. Download the file on a machine with internet access and "
-        f"copy it to {copy_to}, or {instead}."
+        f"Could not download {what}: {err}. torch caches downloaded weights in {cache} and {cached}; this "
+        "machine may be offline. Download the file on a machine with internet access and copy it to "
+        f"{copy_to}{replace}, or {instead}."
     )
 
 
-def _fetch(url: str, cached: Path, expected: str | None) -> Path:
-    """Download ``url`` to a temporary name beside ``cached``, check it, then rename it to ``cached``."""
+def _fetch(url: str, cached: Path, expected: str | None, damage: str | None = None) -> Path:
+    """Download ``url`` to a temporary name beside ``cached``, check it, then rename it to ``cached``.
+
+    ``damage`` says why the copy at ``cached`` (if any) could not be used; the error says it too.
+    """
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f"{cached.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
@@ -137,6 +154,7 @@ def _fetch(url: str, cached: Path, expected: str | None) -> Path:
             cached.name,
             str(cached),
             "pass its local path as weights",
+            damage,
         )
         raise RuntimeError(message) from err
     finally:

@@ -20,7 +20,8 @@
 of every LargeFOV head from VGG's fc layers (DeepLab v1 Sec. 3.1), reading the weights once.
 
 Downloads are cached where torch caches weights (``torch.hub.get_dir()``; timm's under the Hugging Face
-cache). Offline with nothing cached, a RuntimeError says so and how to pass a local file instead.
+cache). Offline with nothing cached, a RuntimeError says so and how to pass a local file instead (for
+timm's weights the only way: the Hugging Face cache is not a folder to copy a file into).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _looks_like_path(source: str) -> bool:
     return os.sep in source or "/" in source or source.lower().endswith(_FILE_SUFFIXES)
 
 
-def _offline_message(name: str, what: str, err: BaseException, file_name: str, extra_cache: str = "") -> str:
+def _offline_message(name: str, what: str, err: BaseException, file_name: str) -> str:
     """The shared offline message (:func:`~deeplab_lit.models.download.offline_message`) for a backbone."""
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     instead = (
@@ -113,7 +114,37 @@ def _offline_message(name: str, what: str, err: BaseException, file_name: str, e
         f"(pretrained_backbone='/path/to/{file_name}' for the model builders)"
     )
     what = f"the ImageNet weights for backbone {name!r} ({what})"
-    return offline_message(what, err, cache + extra_cache, file_name, "that cache folder", instead)
+    return offline_message(what, err, cache, file_name, "that cache folder", instead)
+
+
+def _timm_offline_message(name: str, origin: str, full_name: str, err: BaseException) -> str:
+    """What to do when timm's weights ``full_name`` cannot be downloaded: fetch the file, pass its path.
+
+    A file copied into a cache folder is not found: timm's weights come through the Hugging Face cache,
+    whose files sit in revision folders it manages (``models--timm--<name>/snapshots/<commit>/``). A
+    local path is what works (timm's ``pretrained_cfg_overlay={"file": ...}``).
+    """
+    import timm
+    from huggingface_hub import hf_hub_url
+
+    cfg = timm.models.get_pretrained_cfg(full_name)
+    repo, url = (cfg.hf_hub_id, cfg.url) if cfg else (None, None)
+    file_name = (cfg.hf_hub_filename if cfg else None) or "model.safetensors"
+    where = f"timm's {full_name}"
+    if repo:
+        where = (
+            f"{hf_hub_url(repo, file_name)}, or "  # the mirror of HF_ENDPOINT where one is set
+            f"`hf download {repo} {file_name} --local-dir <folder>`"
+        )
+    elif isinstance(url, str) and url:  # timm types it str | (str, str)
+        where, file_name = url, os.path.basename(url)
+    return (
+        f"Could not download the ImageNet weights for backbone {name!r} ({origin}): {err}. This machine may "
+        f"be offline. Download the file on a machine with internet access ({where}), bring it here and pass "
+        f"its path instead of True: pretrained_backbone='/path/to/{file_name}' (pretrained='/path/to/"
+        f"{file_name}' for build_backbone and load_imagenet_weights). Copying it into a cache folder does "
+        "not work: timm's weights come via the Hugging Face cache, which keeps files in folders it manages."
+    )
 
 
 def _torchvision_state_dict(name: str, weights_name: str) -> dict[str, Tensor]:
@@ -136,7 +167,6 @@ def _torchvision_state_dict(name: str, weights_name: str) -> dict[str, Tensor]:
 
 def _timm_state_dict(name: str, tag: str) -> dict[str, Tensor]:
     import timm
-    from huggingface_hub import constants
 
     known = timm.list_pretrained(f"{name}.*")
     if f"{name}.{tag}" not in known:
@@ -148,8 +178,7 @@ def _timm_state_dict(name: str, tag: str) -> dict[str, Tensor]:
     try:
         return timm.create_model(f"{name}.{tag}", pretrained=True).state_dict()
     except _download_errors() as err:
-        extra = f" (timm's Hugging Face weights in {constants.HF_HUB_CACHE})"
-        message = _offline_message(name, f"timm {name}.{tag}", err, "model.safetensors", extra)
+        message = _timm_offline_message(name, f"timm {name}.{tag}", f"{name}.{tag}", err)
         raise RuntimeError(message) from err
 
 
@@ -165,7 +194,6 @@ def _timm_encoder_state_dict(
     file already in the backbone's format (``backbone.state_dict()``) is returned as it is.
     """
     import timm
-    from huggingface_hub import constants
 
     from deeplab_lit.models.timm_backbones import TimmBackbone  # here: it imports this module's importer
 
@@ -202,8 +230,7 @@ def _timm_encoder_state_dict(
             full_name, pretrained=True, pretrained_cfg_overlay=overlay, **backbone.timm_kwargs
         )
     except _download_errors() as err:
-        extra = f" (timm's Hugging Face weights in {constants.HF_HUB_CACHE})"
-        raise RuntimeError(_offline_message(name, origin, err, "model.safetensors", extra)) from err
+        raise RuntimeError(_timm_offline_message(name, origin, full_name, err)) from err
     except (RuntimeError, KeyError) as err:  # load_state_dict, or timm's filter_fn: weights of another model
         why = f"{type(err).__name__}: {str(err)[:500]}"
         raise ValueError(f"{origin} does not match timm's {model_name} ({why})") from None

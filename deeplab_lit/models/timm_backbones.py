@@ -26,8 +26,8 @@ the reason, the families DeepLab cannot use (measured with timm 1.0.31):
 Multi-grid (DeepLab v3 Sec. 3.2) is defined on ResNet's last stage; it applies to timm's ResNet family
 (``timm.models.resnet``: ``resnet50d``, ``resnext50_32x4d``, ``seresnet50``, ...), whose ``layer4``
 blocks get 3x3 rates ``base_rate * multi_grid[i]`` as in
-:class:`~deeplab_lit.models.backbones.ResNetBackbone`. Other families have no such stage: pass
-``multi_grid=None``.
+:class:`~deeplab_lit.models.backbones.ResNetBackbone`. Other families have no such stage: the paper's
+grid (DeepLab v3's default) builds them without multi-grid, any other grid is refused.
 
 timm is imported only when a timm backbone is checked or built.
 """
@@ -213,7 +213,8 @@ def check_timm_backbone(
     Args:
         name: ``"timm:<model name>"``.
         output_stride: 8, 16 or 32.
-        multi_grid: Rates of the last stage's blocks, timm's ResNet family only; None otherwise.
+        multi_grid: Rates of the last stage's blocks, timm's ResNet family only; None (or the paper's
+            (1, 2, 4), which means None there) otherwise.
         style: Only ``"torchvision"`` (the Caffe style is one of the built-in ResNets).
 
     Returns:
@@ -233,16 +234,7 @@ def check_timm_backbone(
             f"style={style!r} is an option of the built-in ResNets; {name} only has style='torchvision'"
         )
     levels = _probe(timm_model_name(name), output_stride)
-    if multi_grid is not None:
-        if levels.last_stage_blocks is None:
-            raise ValueError(
-                f"multi_grid={tuple(multi_grid)} sets the rates of ResNet layer4 blocks and {name} "
-                f"(timm's {levels.family} family) has none; multi-grid applies to timm's ResNet family "
-                "only: pass multi_grid=None"
-            )
-        if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in multi_grid):
-            raise ValueError(f"multi_grid must hold positive integers, got {tuple(multi_grid)}")
-        resolve_multi_grid(name, multi_grid, blocks=levels.last_stage_blocks)
+    resolve_multi_grid(name, multi_grid, blocks=levels.last_stage_blocks, family=levels.family)
     return levels
 
 
@@ -282,7 +274,7 @@ class TimmBackbone(Backbone):
             "out_indices": levels.out_indices,
         }
         self.body = timm.create_model(self.model_name, **self.timm_kwargs)
-        grid = resolve_multi_grid(name, multi_grid, blocks=levels.last_stage_blocks)
+        grid = self.multi_grid = resolve_multi_grid(name, multi_grid, blocks=levels.last_stage_blocks)
         if grid is not None:
             self._set_multi_grid(grid, base_rate=32 // output_stride)
 

@@ -86,7 +86,8 @@ class DeepLabV3(SegmentationModule):
         output_stride: 16 for training, 8 for the best accuracy (Sec. 4.1).
         atrous_rates: ASPP 3x3 branch rates; ``None`` = (6, 12, 18) at OS 16, doubled at OS 8.
         multi_grid: Unit rates of the last stage's blocks, (1, 2, 4) in the paper (Sec. 3.2); truncated to
-            the blocks there are ((1, 2) on ResNet-18). ``None`` for MobileNetV2 and Xception-65.
+            the blocks there are ((1, 2) on ResNet-18); backbones without a ResNet last stage (MobileNet,
+            Xception, timm's non-ResNet families) are built without it (an info line says so).
         aux_head: Add torchvision's auxiliary FCN head on layer3 (loss weight ``aux_weight``).
         style: ``"torchvision"`` or ``"caffe"`` ResNet.
         lr: 0.007 in the paper (batch 16).

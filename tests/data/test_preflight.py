@@ -257,3 +257,18 @@ def test_a_split_the_preflight_cannot_read_is_refused(tmp_path):
     with pytest.raises(TypeError, match=r"SegmentationDataset splits; got list.*preflight: false"):
         Custom(batch_size=2, num_workers=0).setup("validate")
     Custom(batch_size=2, num_workers=0, preflight=False).setup("validate")
+
+
+def test_a_crop_larger_than_every_training_image_is_a_warning_before_training(tmp_path, recwarn):
+    root = make_folder_dataset(tmp_path, n=6, num_classes=2)
+    options = {"val_fraction": 0.5, "batch_size": 2, "num_workers": 0, "scale_range": (0.5, 1.5)}
+    FolderDataModule(str(root), ["bg", "a"], crop_size=16, **options).setup("fit")
+    assert not [w for w in recwarn if "crop_size" in str(w.message)]
+    dm = FolderDataModule(str(root), ["bg", "a"], crop_size=1000, **options)
+    with pytest.warns(
+        UserWarning, match=r"crop_size=1000 is larger than every train image, even scaled by 1\.5"
+    ) as caught:
+        dm.setup("fit")
+    sizes = [size for size in pf.check_splits({"train": dm.train_dataset}, 0)["train"].sizes if size]
+    h, w = max(sizes, key=lambda size: size[0] * size[1])
+    assert f"the largest, {w}x{h} (WxH), fills at most" in str(caught[0].message)

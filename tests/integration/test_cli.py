@@ -1,5 +1,6 @@
 """Every experiments/*.yaml runs end to end through the real CLI, on tiny data in the real layouts."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,18 @@ def test_one_option_adds_the_trainable_crf_to_an_experiment(tmp_path):
     assert cli.model.crf_rnn is not None and cli.model.crf_rnn.iterations == 2
     # network, network + offline CRF (the config's DenseCRFCallback), network + trained CRF: one run
     assert {"val/mIoU", "val/mIoU_crf", "val/mIoU_crf_rnn"} <= set(metrics)
+
+
+def test_the_models_default_class_count_replaced_by_the_datas_is_said(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    monkeypatch.chdir(tmp_path)  # the quickstart's data root, relative, is not read without running
+    quickstart = ["--config", str(EXPERIMENTS / "quickstart.yaml"), "--trainer.logger=false"]
+    said = (
+        "num_classes: 6, the classes of the data module SyntheticDataModule, replaces the model's default 21"
+    )
+    cli = main(quickstart, run=False)
+    assert cli.model.hparams.num_classes == 6 and said in caplog.text
+    caplog.clear()
+    main([*quickstart, "--model.init_args.num_classes=6"], run=False)
+    assert "num_classes:" not in caplog.text  # given and equal to the data's: nothing to say

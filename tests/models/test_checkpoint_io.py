@@ -247,3 +247,21 @@ def test_torchvision_resnet_weights_file_names_carry_checksums():
     """The convention checked above is the one torchvision's URLs follow."""
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     assert re.search(r"-[0-9a-f]{8}\.pth$", url)
+
+
+def test_damaged_cached_file_that_cannot_be_fetched_again_is_said_to_be_damaged(tmp_path, hub, downloads):
+    source = hashed_copy(tmp_path)
+    url = source.as_uri()
+    read_checkpoint(url)
+    cached = cache_path(url)
+    cached.write_bytes(cached.read_bytes()[:-100])
+    source.unlink()  # the download fails now, as offline
+    expected = re.search(r"-([0-9a-f]+)\.pth", source.name).group(1)
+    with pytest.warns(UserWarning, match="damaged"), pytest.raises(RuntimeError) as caught:
+        read_checkpoint(url)
+    message = str(caught.value)
+    assert f"the copy of {cached.name} there is damaged (its SHA-256 is " in message
+    assert f"expected {expected})" in message and "is not there" not in message
+    assert f"Could not download the weights {url}: " in message  # and why
+    assert f"copy it to {cached}, replacing the damaged one, or pass its local path" in message
+    assert len(downloads) == 2

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,8 +152,10 @@ def test_builder_argument_errors():
         deeplab_v2(num_classes=2, backbone="resnet200")
     with pytest.raises(ValueError, match="vgg16 is the DeepLab v1/v2 backbone"):
         deeplab_v3(num_classes=2, backbone="vgg16")
-    with pytest.raises(ValueError, match="pass multi_grid=None"):
-        deeplab_v3(num_classes=2, backbone="mobilenet_v2")
+    with pytest.raises(
+        ValueError, match=r"multi_grid=\(1, 2\) .*mobilenet_v2 has none: pass multi_grid=None"
+    ):
+        deeplab_v3(num_classes=2, backbone="mobilenet_v2", multi_grid=(1, 2))
     with pytest.raises(ValueError, match="aux_head=True needs .*'aux' output.*mobilenet_v2 has none"):
         deeplab_v3plus(num_classes=2, backbone="mobilenet_v2", aux_head=True)
     with pytest.raises(ValueError, match="output_stride=16.*vgg16"):
@@ -227,3 +231,22 @@ def test_v3_matches_torchvision_deeplabv3_resnet50():
         got = ours.forward_train(x)
     torch.testing.assert_close(got["out"], expected["out"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got["aux"], expected["aux"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "xception65", "timm:efficientnet_b0", "resnet18"])
+def test_v3_default_multi_grid_is_the_papers_adapted_to_the_backbone(backbone, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("deeplab_lit"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="deeplab_lit")
+    torch.manual_seed(0)
+    default = deeplab_v3(num_classes=2, backbone=backbone, output_stride=16).eval()
+    expected = (1, 2) if backbone == "resnet18" else None  # ResNet-18's last stage has two blocks
+    torch.manual_seed(0)
+    built = deeplab_v3(num_classes=2, backbone=backbone, output_stride=16, multi_grid=expected).eval()
+    assert default.backbone.multi_grid == built.backbone.multi_grid == expected
+    x = torch.randn(1, 3, 33, 33)
+    assert torch.equal(default(x), built(x))  # the same network
+    said = "built without multi-grid" if expected is None else "has 2 blocks: built with (1, 2)"
+    assert [r.getMessage() for r in caplog.records].count(
+        "multi_grid=(1, 2, 4) (DeepLab v3 Sec. 3.2) sets the rates of a ResNet last stage's blocks and "
+        + (f"{backbone} has no such stage: {said}" if expected is None else f"{backbone}'s {said}")
+    ) == 1

@@ -148,7 +148,8 @@ def test_timm_offline_error_is_clear(monkeypatch):
 
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)
     with pytest.raises(
-        RuntimeError, match=r"Could not download.*xception65.*Hugging Face.*pretrained='/path/to/"
+        RuntimeError,
+        match=r"Could not download.*xception65.*huggingface.co/timm/xception65.*pretrained_backbone='/path/",
     ):
         imagenet_state_dict("xception65", True)
 

@@ -97,9 +97,11 @@ def test_unknown_names_and_wrong_options_get_one_clear_message():
         build_backbone("timm:convnext_atto", output_stride=4)
     with pytest.raises(ValueError, match="only has style='torchvision'"):
         build_backbone("timm:resnet18d", style="caffe")
-    # DeepLab v3's default multi-grid (1, 2, 4) on a family without a ResNet layer4
+    # a grid other than the paper's (DeepLab v3's default, which builds without it) on a family without
+    # a ResNet layer4
     with pytest.raises(ValueError, match=r"timm's convnext family\) has none.*pass multi_grid=None"):
-        deeplab_v3(num_classes=3, backbone="timm:convnext_atto")
+        deeplab_v3(num_classes=3, backbone="timm:convnext_atto", multi_grid=(1, 1, 1))
+    assert deeplab_v3(num_classes=3, backbone="timm:convnext_atto").backbone.multi_grid is None
 
 
 def test_multi_grid_sets_the_rates_of_timm_resnet_layer4():
@@ -165,7 +167,30 @@ def test_offline_pretrained_weights_give_one_clear_message(monkeypatch):
         raise LocalEntryNotFoundError("outgoing traffic is disabled")
 
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)  # never download in tests
-    with pytest.raises(
-        RuntimeError, match=r"timm:convnext_atto.*convnext_atto\.d2_in1k.*pretrained_backbone='/path/to/"
-    ):
+    with pytest.raises(RuntimeError) as caught:
         deeplab_v3plus(num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=True)
+    message = str(caught.value)
+    assert "timm:convnext_atto" in message and "outgoing traffic is disabled" in message
+    url = "https://huggingface.co/timm/convnext_atto.d2_in1k/resolve/main/model.safetensors"
+    assert url in message and "`hf download timm/convnext_atto.d2_in1k model.safetensors" in message
+    assert "pretrained_backbone='/path/to/model.safetensors'" in message
+    assert "copy it to" not in message  # a file copied into a cache folder is not found there
+
+
+def test_the_offline_advice_works_a_local_timm_model_safetensors_loads(tmp_path, monkeypatch):
+    import timm.models._hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from safetensors.torch import save_file
+
+    def no_network(*args, **kwargs):
+        raise LocalEntryNotFoundError("outgoing traffic is disabled")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)
+    published = timm.create_model("convnext_atto")  # the classifier model as timm's hub file holds it
+    save_file(published.state_dict(), tmp_path / "model.safetensors")
+    model = deeplab_v3plus(
+        num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=str(tmp_path / "model.safetensors")
+    )
+    assert torch.equal(
+        model.backbone.body.stages_3.blocks[1].mlp.fc2.weight, published.stages[3].blocks[1].mlp.fc2.weight
+    )
