@@ -12,7 +12,12 @@ from PIL import Image
 
 from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.callbacks import PredictionWriter
-from deeplab_lit.callbacks.prediction_writer import UnreadableImageWarning, save_palette_png
+from deeplab_lit.callbacks.prediction_outputs import (
+    OutputCollisionError,
+    OutputOverInputError,
+    save_palette_png,
+)
+from deeplab_lit.callbacks.prediction_writer import UnreadableImageWarning
 from deeplab_lit.cli import main
 from deeplab_lit.data import SyntheticDataModule
 from deeplab_lit.data.images import read_image, read_mask
@@ -30,7 +35,7 @@ def write_photos(folder: Path) -> dict[str, tuple[int, int]]:
     return SIZES
 
 
-def predict_args(tmp_path: Path, photos: Path, out: Path) -> list[str]:
+def predict_args(tmp_path: Path, photos: Path | str, out: Path) -> list[str]:
     return ["predict", "--config", str(QUICKSTART), f"--data.init_args.root={tmp_path / 'synthetic'}",
             f"--data.init_args.predict_path={photos}", f"--prediction.output_dir={out}",
             "--data.init_args.num_workers=0", "--data.init_args.val_batch_size=1", "--trainer.logger=false",
@@ -182,3 +187,58 @@ def test_writer_refuses_an_unknown_crf_preset_and_a_trainer_without_datamodule(t
     trainer = Trainer(accelerator="cpu", logger=False, callbacks=[PredictionWriter(str(tmp_path / "o"))])
     with pytest.raises(ValueError, match="PredictionWriter needs the datamodule's `palette`"):
         trainer.predict(module, dataloaders=data.predict_dataloader())
+
+
+# ------------------------------------------------------------------------- names, refusals, unreadable files
+def save_photo(
+    path: Path, size: tuple[int, int] = (20, 30), seed: int = 0, image_format: str | None = None
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=image_format)
+
+
+def written(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def test_inputs_that_share_a_stem_get_distinct_outputs_and_a_name_that_still_repeats_is_refused(tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    save_photo(photos / "x.jpg", seed=1)
+    save_photo(photos / "x.png", seed=2)  # same stem, another extension
+    save_photo(photos / "a" / "b.jpg", seed=3)
+    save_photo(photos / "a__b.jpg", seed=4)  # what a/b.jpg was flattened to before
+    main(predict_args(tmp_path, str(photos / "**" / "*.*"), out))
+    assert written(out) == ["a/b.png", "a/b_overlay.jpg", "a__b.png", "a__b_overlay.jpg", "x.jpg.png",
+                            "x.jpg_overlay.jpg", "x.png.png", "x.png_overlay.jpg"]  # fmt: skip
+    overlays = [np.asarray(Image.open(out / f"x.{ext}_overlay.jpg"), dtype=float) for ext in ("jpg", "png")]
+    assert np.abs(overlays[0] - overlays[1]).mean() > 10  # each photo under its own overlay: none overwritten
+    save_photo(photos / "x.jpg.png", seed=5)  # its name "x.jpg" is x.jpg's own
+    with pytest.raises(OutputCollisionError, match=r"(?s)x\.jpg\.png <- .*x\.jpg, .*x\.jpg\.png"):
+        main(predict_args(tmp_path, photos, tmp_path / "out2"))
+    assert written(tmp_path / "out2") == []  # refused before any image was predicted
+
+
+def test_predict_refuses_to_write_over_an_input_image(tmp_path):
+    photos = tmp_path / "photos"
+    save_photo(photos / "cat.png")
+    save_photo(photos / "dog.jpg", seed=1)
+    before = (photos / "cat.png").read_bytes()
+    with pytest.raises(OutputOverInputError, match=r"(?s)cat\.png is the input image .*cat\.png.*output_dir"):
+        main(predict_args(tmp_path, photos, photos))
+    assert (photos / "cat.png").read_bytes() == before and not (photos / "dog.png").exists()
+
+
+def test_a_decompression_bomb_is_skipped_and_a_file_named_dot_jpg_is_predicted(tmp_path, monkeypatch):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    save_photo(
+        photos / "..jpg", image_format="JPEG"
+    )  # stem ".": Pillow cannot tell "..png" a PNG by its name
+    save_photo(photos / "ok.jpg", seed=1)
+    save_photo(photos / "bomb.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4500)  # bomb.png: 10000 pixels, over twice the limit
+    with pytest.warns(UnreadableImageWarning, match=r"(?s)skipped 1 unreadable image.*bomb\.png.*bomb"):
+        cli = main([*predict_args(tmp_path, photos, out), "--data.init_args.val_batch_size=2"])
+    assert [Path(path).name for path, _ in _writer(cli).skipped] == ["bomb.png"]
+    assert written(out) == ["..png", "._overlay.jpg", "ok.png", "ok_overlay.jpg"]
+    assert Image.open(out / "..png").size == (30, 20)
