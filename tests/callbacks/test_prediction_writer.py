@@ -9,12 +9,15 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from PIL import Image
+from torchvision.datasets import Cityscapes
 
 from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.callbacks import PredictionWriter
 from deeplab_lit.callbacks.prediction_outputs import (
     OutputCollisionError,
     OutputOverInputError,
+    PredictionFormatError,
+    save_mask,
     save_palette_png,
 )
 from deeplab_lit.callbacks.prediction_writer import UnreadableImageWarning
@@ -242,3 +245,69 @@ def test_a_decompression_bomb_is_skipped_and_a_file_named_dot_jpg_is_predicted(t
     assert [Path(path).name for path, _ in _writer(cli).skipped] == ["bomb.png"]
     assert written(out) == ["..png", "._overlay.jpg", "ok.png", "ok_overlay.jpg"]
     assert Image.open(out / "..png").size == (30, 20)
+
+
+# ------------------------------------------------------------------------------- evaluation-server formats
+def test_each_format_writes_its_servers_values_for_known_labels(tmp_path):
+    labels = np.array([[0, 1, 2], [13, 18, 0]], dtype=np.int64)  # trainIds / class indices
+    save_mask("cityscapes", tmp_path / "c.png", labels, voc_palette())
+    cityscapes = Image.open(tmp_path / "c.png")
+    # labelIds of road, sidewalk, building, car, bicycle (cityscapesScripts' labels.py)
+    assert cityscapes.mode == "L" and np.array_equal(np.asarray(cityscapes), [[7, 8, 11], [26, 33, 7]])
+    save_mask("ade20k", tmp_path / "a.png", np.array([[0, 1, 149]]), voc_palette())
+    ade = Image.open(tmp_path / "a.png")
+    assert ade.mode == "L" and np.array_equal(np.asarray(ade), [[1, 2, 150]])  # class + 1; 0 = "other"
+    black = np.zeros((256, 3), np.uint8)
+    save_mask("voc", tmp_path / "v.png", labels, black)  # the VOC colours, whatever the data set's palette
+    voc = Image.open(tmp_path / "v.png")
+    assert voc.mode == "P" and np.array_equal(read_mask(tmp_path / "v.png"), labels)
+    assert np.array_equal(np.array(voc.getpalette()).reshape(-1, 3)[:256], voc_palette())
+
+
+@pytest.mark.parametrize(
+    ("output_format", "num_classes", "stem", "mask"),
+    [
+        ("cityscapes", 19, "frankfurt_000000_000294_leftImg8bit", "frankfurt_000000_000294.png"),
+        ("voc", 21, "2008_000006", "results/VOC2012/Segmentation/comp6_test_cls/2008_000006.png"),
+        ("ade20k", 150, "ADE_test_00000001", "ADE_test_00000001.png"),
+    ],
+)
+def test_server_formats_write_one_mask_per_image_under_the_servers_name(
+    tmp_path, output_format, num_classes, stem, mask
+):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    save_photo(photos / f"{stem}.png", size=(33, 47))
+    torch.manual_seed(0)
+    module = DeepLabV3Plus(num_classes=num_classes, backbone="resnet18")
+    with torch.no_grad():
+        module.model.decoder.classifier.weight.mul_(300)  # varied labels, so that the mapping shows
+    data = SyntheticDataModule(root=str(tmp_path / "synthetic"), predict_path=str(photos), num_workers=0)
+    writer = PredictionWriter(output_dir=str(out), format=output_format)
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    (prediction,) = trainer.predict(module, datamodule=data, return_predictions=True)
+    assert written(out) == [mask]  # the mask only: a server reads every PNG it is given
+    preds = prediction["preds"][0].numpy()
+    assert len(np.unique(preds)) > 1
+    if output_format == "cityscapes":
+        label_ids = {c.train_id: c.id for c in Cityscapes.classes if 0 <= c.train_id < 19}
+        expected = np.vectorize(label_ids.get)(preds)
+    else:
+        expected = preds + 1 if output_format == "ade20k" else preds
+    assert np.array_equal(read_mask(out / mask), expected)
+
+
+def test_a_server_format_is_refused_before_work_for_another_class_count_or_a_name_it_cannot_match(tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    write_photos(photos)  # beach.jpg, street.jpg, room.jpg
+    with pytest.raises(
+        PredictionFormatError, match=r"format ade20k writes the 150 classes.*the model predicts 6"
+    ):
+        main([*predict_args(tmp_path, photos, out), "--prediction.format=ade20k"])  # quickstart: 6 classes
+    assert written(out) == [] if out.exists() else True
+    module = DeepLabV3Plus(num_classes=19, backbone="resnet18")
+    data = SyntheticDataModule(root=str(tmp_path / "synthetic"), predict_path=str(photos), num_workers=0)
+    writer = PredictionWriter(output_dir=str(tmp_path / "out_cityscapes"), format="cityscapes")
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    with pytest.raises(PredictionFormatError, match=r"<city>_<seq>_<frame>.*the input 'beach' has none"):
+        trainer.predict(module, datamodule=data)
+    assert not (tmp_path / "out_cityscapes").exists()
