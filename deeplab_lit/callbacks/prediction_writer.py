@@ -21,9 +21,9 @@ softmax is refined by the dense CRF (:func:`deeplab_lit.crf.dense_crf`, DeepLab 
 on the raw image before the arg-max. The raw image is recovered from the batch with the datamodule's
 ``normalization``, its palette from ``datamodule.palette``.
 
-A file that cannot be read (corrupt, truncated, unsupported) is skipped with a warning naming it and the
-reason, and every skipped file is listed again when predict ends (``--prediction.skip_unreadable false``
-stops at the first one instead).
+A file that cannot be read (corrupt, truncated, unsupported, a decompression bomb) is skipped with a
+warning naming it and the reason, and every skipped file is listed again when predict ends
+(``--prediction.skip_unreadable false`` stops at the first one instead).
 """
 
 from __future__ import annotations
