@@ -8,6 +8,12 @@
   labels back (``deeplab_lit.data.images.read_mask``);
 - ``out/<name>_overlay.jpg``: the mask's colours blended over the original image.
 
+``<name>`` is the input's path below the inputs' common folder without its extension (sub-folders are
+mirrored; inputs that differ only by extension keep it). ``--prediction.format cityscapes|voc|ade20k``
+writes an evaluation server's files instead (:mod:`deeplab_lit.callbacks.prediction_outputs`). Before any
+image is predicted, two inputs that would share an output file, an output that would overwrite an input,
+and a server format that does not fit the model's classes are refused.
+
 Images keep their own size, as viewers show them (turned by their EXIF orientation): the predict loader
 gives whole images, and the logits come back at that size (through the module's inference: plain,
 multi-scale + flip or sliding window). With ``crf=True`` the
@@ -15,30 +21,30 @@ softmax is refined by the dense CRF (:func:`deeplab_lit.crf.dense_crf`, DeepLab 
 on the raw image before the arg-max. The raw image is recovered from the batch with the datamodule's
 ``normalization``, its palette from ``datamodule.palette``.
 
-A file that cannot be read (corrupt, truncated, unsupported) is skipped with a warning naming it and the
-reason, and every skipped file is listed again when predict ends (``--prediction.skip_unreadable false``
-stops at the first one instead).
+A file that cannot be read (corrupt, truncated, unsupported, a decompression bomb) is skipped with a
+warning naming it and the reason, and every skipped file is listed again when predict ends
+(``--prediction.skip_unreadable false`` stops at the first one instead).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from deeplab_lit.callbacks.prediction_outputs import (
+    PredictionFormat,
+    check_num_classes,
+    check_outputs,
+    mask_file,
+    save_mask,
+)
 from deeplab_lit.visualize import overlay
-
-
-def save_palette_png(path: str | Path, labels: np.ndarray, palette: np.ndarray) -> None:
-    """Save ``labels`` (H, W) in 0..255 as a palette PNG whose colour ``i`` is ``palette[i]``."""
-    image = Image.fromarray(labels.astype(np.uint8))  # mode "L"; putpalette makes it "P", indices kept
-    image.putpalette(np.asarray(palette, dtype=np.uint8)[:256].tobytes())
-    image.save(path)
 
 
 class UnreadableImageWarning(UserWarning):
@@ -50,7 +56,7 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         output_dir: Folder for ``<name>.png`` and ``<name>_overlay.jpg`` (created if missing).
-        overlay: Also write the overlay.
+        overlay: Also write the overlay (``palette`` format only: a server reads only the masks).
         alpha: Opacity of the mask colours in the overlay.
         crf: Refine the probabilities with the dense CRF before taking the labels.
         crf_preset: CRF parameters by name (``"deeplab_v2"`` or ``"deeplab_v1_largefov"``, see
@@ -61,6 +67,9 @@ class PredictionWriter(BasePredictionWriter):
             go on with the rest; False: stop at the first one with its ValueError. The option lives here,
             with the other ``--prediction.*`` options of what predict writes, rather than on the
             datamodule, whose files serve training too, where an unreadable file is always an error.
+        format: ``palette`` (class indices in the data set's colours), or an evaluation server's files:
+            ``cityscapes`` (label IDs), ``voc`` (comp6 layout), ``ade20k`` (class + 1); see
+            :mod:`deeplab_lit.callbacks.prediction_outputs`.
 
     Attributes:
         skipped: ``(path, reason)`` of every image skipped in the current (or last) predict run.
@@ -75,6 +84,7 @@ class PredictionWriter(BasePredictionWriter):
         crf_preset: str = "deeplab_v2",
         crf_backend: str = "auto",
         skip_unreadable: bool = True,
+        format: PredictionFormat = "palette",  # the option's name on the command line
     ) -> None:
         super().__init__(write_interval="batch")
         if not 0.0 <= alpha <= 1.0:
@@ -86,6 +96,7 @@ class PredictionWriter(BasePredictionWriter):
         self.crf_preset = crf_preset
         self.crf_backend = crf_backend
         self.skip_unreadable = skip_unreadable
+        self.format = format
         self.skipped: list[tuple[str, str]] = []
         if crf:
             self._crf_params()  # an unknown preset fails now, not after the first batch
@@ -95,9 +106,30 @@ class PredictionWriter(BasePredictionWriter):
 
         return CRFParams.from_preset(self.crf_preset)
 
+    def output_files(self, name: str) -> list[Path]:
+        """Files written for the input named ``name``: its mask, then its overlay if one is written."""
+        files = [self.output_dir / mask_file(self.format, name)]
+        if self.overlay and self.format == "palette":
+            files.append(self.output_dir / f"{name}_overlay.jpg")
+        return files
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Check that the datamodule gives a palette and a normalisation; create the output folder."""
+        """Check the datamodule, the format's classes and every planned output; create the output folder.
+
+        Raises:
+            PredictionFormatError: the format's server has another class count than the model, or (for
+                ``cityscapes``) an input's name has no ``<city>_<seq>_<frame>`` part.
+            OutputCollisionError, OutputOverInputError: see
+                :func:`~deeplab_lit.callbacks.prediction_outputs.check_outputs`.
+        """
         _data_attributes(trainer)
+        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+        if isinstance(num_classes, int):
+            check_num_classes(self.format, num_classes)
+        for dataset in _predict_datasets(trainer):
+            paths, names = getattr(dataset, "paths", None), getattr(dataset, "names", None)
+            if paths is not None and names is not None:  # an ImageFileDataset: every input known up front
+                check_outputs(paths, [self.output_files(name) for name in names])
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.skipped = []
 
@@ -157,10 +189,20 @@ class PredictionWriter(BasePredictionWriter):
         masks = labels.cpu().numpy()
         images = images.permute(0, 2, 3, 1).cpu().numpy()
         for name, image, mask in zip(batch["name"], images, masks):
-            save_palette_png(self.output_dir / f"{name}.png", mask, palette)
-            if self.overlay:
+            mask_path, *overlay_path = self.output_files(name)
+            save_mask(self.format, mask_path, mask, palette)
+            for path in overlay_path:  # the format is given: Pillow would not know the extension of "..png"
                 blended = overlay(image, mask, palette, self.alpha)
-                Image.fromarray(blended).save(self.output_dir / f"{name}_overlay.jpg", quality=90)
+                Image.fromarray(blended).save(path, format="JPEG", quality=90)
+
+
+def _predict_datasets(trainer: Trainer) -> list[Any]:
+    """The datasets of the trainer's predict loader(s) (set up before ``on_predict_start``)."""
+    loaders = trainer.predict_dataloaders
+    if loaders is None:
+        return []
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return [getattr(loader, "dataset", None) for loader in cast(list[Any], loaders)]
 
 
 def _data_attributes(trainer: Trainer) -> tuple[np.ndarray, Any]:

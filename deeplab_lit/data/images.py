@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ _RGB_CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB")
 #: EXIF tag of the orientation, and its values that turn the image by 90 degrees (swap width and height).
 _EXIF_ORIENTATION = 0x0112
 _EXIF_QUARTER_TURNS = (5, 6, 7, 8)
+#: What opening or decoding an untrusted file can raise: Pillow raises OSError, SyntaxError and ValueError
+#: for bad data, ``Image.DecompressionBombError`` (a plain Exception) for images above
+#: ``Image.MAX_IMAGE_PIXELS``, and its format plugins let others through on malformed headers
+#: (``struct.error``, ``IndexError``, ``ZeroDivisionError``, ...). Each means "this file cannot be read".
+_UNDECODABLE = (Exception,)
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -66,7 +72,7 @@ def _open(path: str | Path) -> Image.Image:
             f"Could not read image file {path}: {err} If you trust the file, raise "
             "PIL.Image.MAX_IMAGE_PIXELS."
         ) from err
-    except (OSError, SyntaxError, ValueError) as err:  # Pillow raises all three for bad data
+    except _UNDECODABLE as err:
         raise ValueError(
             f"Could not decode image file {path}: {err}. The file is truncated, corrupt or not an image; "
             "re-download or re-export it."
@@ -140,7 +146,7 @@ def exif_orientation(path: str | Path) -> int:
     try:
         with Image.open(path) as image:
             value = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except (OSError, SyntaxError, ValueError):
+    except _UNDECODABLE:
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -373,16 +379,28 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         return {"image": image_t, "mask": mask_t, "name": self.names[index]}
 
 
-def unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output names for ``paths``: the file stem, or the path below the common folder when stems repeat.
+def relative_names(paths: Sequence[Path]) -> list[str]:
+    """Output names for ``paths``: each path below the inputs' common folder, without its extension.
 
-    ``a/x.jpg`` and ``b/x.jpg`` become ``a__x`` and ``b__x``, so predictions never overwrite each other.
+    The folder structure is mirrored, never flattened: ``photos/a/x.jpg`` and ``photos/b/x.jpg`` become
+    ``a/x`` and ``b/x`` (``/``-separated); a single file or a flat folder gives the plain stems. Inputs
+    that would still share a name (``x.jpg`` and ``x.png`` in one folder) keep their extension:
+    ``x.jpg`` and ``x.png``. A name can still repeat only when a file is named like another one with its
+    extension (``x.jpg``, ``x.png`` and ``x.jpg.png``); the prediction writer refuses that before any work.
+
+    Args:
+        paths: Input files.
+
+    Returns:
+        One name per path, same order.
     """
-    stems = [p.stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    base = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
-    return ["__".join(p.resolve().relative_to(base).with_suffix("").parts) for p in paths]
+    resolved = [p.resolve() for p in paths]
+    base = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    relative = [p.relative_to(base).as_posix() for p in resolved]
+    # string slicing, not with_suffix(""): a file named "..jpg" has the stem "." that Path refuses
+    names = [rel[: len(rel) - len(p.suffix)] for rel, p in zip(relative, resolved)]
+    counts = Counter(names)
+    return [rel if counts[name] > 1 else name for rel, name in zip(relative, names)]
 
 
 class ImageFileDataset(Dataset[dict[str, Any]]):
@@ -403,7 +421,7 @@ class ImageFileDataset(Dataset[dict[str, Any]]):
 
     def __init__(self, path: str | Path, transform: SegmentationTransform | None = None):
         self.paths = list_images(path)
-        self.names = unique_names(self.paths)
+        self.names = relative_names(self.paths)
         self.transform = transform if transform is not None else eval_transform()
 
     def __len__(self) -> int:
@@ -420,7 +438,7 @@ class ImageFileDataset(Dataset[dict[str, Any]]):
                 with Image.open(path) as image:
                     width, height = image.size
                     turned = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            except (OSError, ValueError, SyntaxError):
+            except _UNDECODABLE:  # a decompression bomb too: its item is skipped or stops the run
                 sizes.append(None)
                 continue
             sizes.append((width, height) if turned else (height, width))

@@ -14,7 +14,7 @@ from deeplab_lit.data.images import (
     list_images,
     read_image,
     read_mask,
-    unique_names,
+    relative_names,
 )
 from tests.fakes import save_palette_png
 
@@ -95,10 +95,15 @@ def test_list_images_errors(tmp_path):
         list_images(tmp_path / "x.txt")
 
 
-def test_unique_names_keep_outputs_apart(tmp_path):
+def test_relative_names_mirror_the_folders_and_keep_the_extension_only_where_stems_collide(tmp_path):
     a, b, c = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "b" / "y.jpg"
-    assert unique_names([a, c]) == ["x", "y"]
-    assert unique_names([a, b, c]) == ["a__x", "b__x", "b__y"]
+    assert relative_names([b, c]) == ["x", "y"]
+    assert relative_names([a, b, c]) == ["a/x", "b/x", "b/y"]
+    a_b, a__b = tmp_path / "a" / "b.jpg", tmp_path / "a__b.jpg"  # "a__b" was a/b.jpg's flattened name
+    assert relative_names([a_b, a__b]) == ["a/b", "a__b"]
+    jpg, png = tmp_path / "x.jpg", tmp_path / "x.png"
+    assert relative_names([jpg, png, tmp_path / "y.png"]) == ["x.jpg", "x.png", "y"]
+    assert relative_names([tmp_path / "..jpg"]) == ["."]  # Path("..jpg").with_suffix("") would raise
 
 
 def test_image_file_dataset_items(tmp_path):
