@@ -257,3 +257,30 @@ def test_a_split_the_preflight_cannot_read_is_refused(tmp_path):
     with pytest.raises(TypeError, match=r"SegmentationDataset splits; got list.*preflight: false"):
         Custom(batch_size=2, num_workers=0).setup("validate")
     Custom(batch_size=2, num_workers=0, preflight=False).setup("validate")
+
+
+def direct_class_counts(dataset) -> tuple[list[int], list[int]]:
+    """Pixels per class, and labelled pixels of the masks holding each class, counted from the files."""
+    pixels, image_pixels = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    for path in dataset.masks:
+        values = np.asarray(dataset.load_mask(path))
+        labelled = values[values != 255]
+        counts = np.bincount(labelled, minlength=256)
+        pixels += counts
+        image_pixels += np.where(counts > 0, labelled.size, 0)
+    last = int(np.nonzero(pixels)[0].max()) + 1
+    return pixels[:last].tolist(), image_pixels[:last].tolist()
+
+
+def test_the_training_split_class_counts_equal_the_masks_and_survive_the_cache(tmp_path):
+    make_voc_sbd(tmp_path)
+    dm = VOCDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    dm.setup("fit")
+    expected = direct_class_counts(dm.train_dataset)
+    assert dm.class_counts is not None
+    assert (dm.class_counts.pixels, dm.class_counts.image_pixels) == expected
+    again = VOCDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    again.setup("fit")  # every verdict from the cache: the counts too
+    assert (again.class_counts.pixels, again.class_counts.image_pixels) == expected
+    checks = pf.check_splits({"train": again.train_dataset}, num_workers=0)
+    assert checks["train"].cached == 8
