@@ -101,6 +101,11 @@ def test_auto_weights_are_counted_at_setup_and_survive_a_checkpoint_without_reco
     fit.save_checkpoint(tmp_path / "auto.ckpt")
     loaded = DeepLabV3Plus.load_from_checkpoint(tmp_path / "auto.ckpt")
     assert torch.equal(loaded.criterion.class_weight, weights)
+    # read as weights (weights:, predict --weights), the loss's state is training state, not the network's
+    started = DeepLabV3Plus(num_classes=6, channels=16, weights=str(tmp_path / "auto.ckpt"), **TINY)
+    assert isinstance(started.criterion, CrossEntropy) and started.criterion.class_weight is None
+    for key, value in started.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
     # no counts this time (preflight off): evaluation keeps the checkpoint's weights instead of recounting
     trainer(tmp_path).validate(loaded, tiny_synthetic(tmp_path / "data", preflight=False))
     assert torch.equal(loaded.criterion.class_weight, weights)
