@@ -30,7 +30,13 @@ from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset
 from deeplab_lit.data.labels import Colors, combined, read_palette
 from deeplab_lit.data.loaders import default_num_workers, eval_collate, unrepeated_eval_sampler
 from deeplab_lit.data.pascal_context import PascalContextDataset, check_num_classes, pascal_context_classes
-from deeplab_lit.data.preflight import check_crop_size, check_equal_sizes, check_splits, process_group
+from deeplab_lit.data.preflight import (
+    ClassCounts,
+    check_crop_size,
+    check_equal_sizes,
+    check_splits,
+    process_group,
+)
 from deeplab_lit.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from deeplab_lit.data.transforms import (
     IGNORE_INDEX,
@@ -122,6 +128,8 @@ class SegmentationDataModule(LightningDataModule):
         self.predict_path = predict_path
         self.normalization = normalization
         self.preflight = preflight
+        #: The training split's class statistics, counted by the preflight (for ``class_weights: auto``).
+        self.class_counts: ClassCounts | None = None
         self.train_transform(seed=0)  # check crop_size and scale_range now, not at setup
         self.train_dataset: Split | None = None
         self.val_dataset: Split | None = None
@@ -199,6 +207,7 @@ class SegmentationDataModule(LightningDataModule):
                 check_equal_sizes(checks[role], self.val_batch_size)
         if "train" in checks:
             check_crop_size(checks["train"], self.crop_size, self.scale_range)
+            self.class_counts = checks["train"].class_counts
 
     def _loader(
         self, dataset: Dataset[Any] | None, stage: str, batch_size: int, train: bool = False
@@ -571,6 +580,8 @@ class SyntheticDataModule(SegmentationDataModule):
         object_size: ``(min, max)`` object radius as a fraction of ``image_size`` (log-uniform).
         clutter: Background difficulty in [0, 1] (the number of distractors).
         seed: Seed of the data set.
+        imbalance: How many times likelier the commonest shape class is than the rarest (``cross``);
+            1 (default) keeps the classes balanced.
         batch_size: Training batch size (per device).
         crop_size: Side of the square training crop (the whole 128 px image).
         val_batch_size: Evaluation batch size: every image has one size, so 16 too.
@@ -587,6 +598,7 @@ class SyntheticDataModule(SegmentationDataModule):
         object_size: tuple[float, float] = (0.1, 0.33),
         clutter: float = 0.5,
         seed: int = 0,
+        imbalance: float = 1.0,
         batch_size: int = 16,
         crop_size: int = 128,
         val_batch_size: int = 16,
@@ -597,6 +609,7 @@ class SyntheticDataModule(SegmentationDataModule):
         self.generation: dict[str, Any] = {
             "num_train": num_train, "num_val": num_val, "image_size": image_size, "max_objects": max_objects,
             "object_size": tuple(object_size), "clutter": clutter, "seed": seed,
+            "imbalance": imbalance,
         }  # fmt: skip
         self.class_names = list(SYNTHETIC_CLASSES)
         self.palette = voc_palette()

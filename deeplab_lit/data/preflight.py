@@ -54,9 +54,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, Dataset
 
 from deeplab_lit.data.images import SegmentationDataset
+from deeplab_lit.data.transforms import IGNORE_INDEX
 
 #: Bump when the checks change in a way the source hashes of the readers do not show.
-PREFLIGHT_VERSION = 1
+PREFLIGHT_VERSION = 2  # 2: entries hold each mask's class pixel counts
 #: Fewer pairs to read than this are read in this process: a pool would cost more than it saves.
 POOL_MIN_PAIRS = 64
 #: Bad pairs named in the error message; a longer list is written to a file the message names.
@@ -66,15 +67,30 @@ STALE_DAYS = 60
 
 #: ``(height, width)`` of an image.
 Size = tuple[int, int]
-#: One pair's verdict: ``(part index, item index, size or None, problem or None, fingerprint or None,
+#: What reading a good pair tells: the image's size and its mask's pixels per class id (void excluded).
+Facts = tuple[Size, list[int]]
+#: One pair's verdict: ``(part index, item index, facts or None, problem or None, fingerprint or None,
 #: whether it came from the cache)``.
-Verdict = tuple[int, int, "Size | None", "str | None", "list[int] | None", bool]
+Verdict = tuple[int, int, "Facts | None", "str | None", "list[int] | None", bool]
 #: Exchanges one picklable object with every process and returns all of them, in rank order.
 Gather = Callable[[object], list[Any]]
 
 
 class PreflightError(ValueError):
     """Some files of the data set cannot be read as training will read them."""
+
+
+@dataclass
+class ClassCounts:
+    """Class statistics of a split, for median-frequency class weights (:mod:`deeplab_lit.losses`).
+
+    Attributes:
+        pixels: Labelled pixels of each class id.
+        image_pixels: Labelled pixels of the images in which each class id appears.
+    """
+
+    pixels: list[int]
+    image_pixels: list[int]
 
 
 @dataclass
@@ -87,6 +103,7 @@ class SplitCheck:
         paths: Image file of every item, same order.
         problems: One message per bad pair, naming its file(s) and what is wrong.
         cached: Pairs whose good verdict came from the cache.
+        class_counts: Class statistics of the good pairs.
     """
 
     role: str
@@ -94,13 +111,24 @@ class SplitCheck:
     paths: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     cached: int = 0
+    class_counts: ClassCounts = field(default_factory=lambda: ClassCounts([], []))
+
+    def add_mask_counts(self, counts: list[int]) -> None:
+        """Add one mask's pixels per class to :attr:`class_counts`."""
+        total, stats = sum(counts), self.class_counts
+        for store in (stats.pixels, stats.image_pixels):
+            store.extend([0] * (len(counts) - len(store)))
+        for c, n in enumerate(counts):
+            stats.pixels[c] += n
+            stats.image_pixels[c] += total if n else 0
 
 
-class _ImageSize:
-    """Stands in for a split's transform: returns the decoded image's ``(height, width)``, no tensor."""
+class _ImageFacts:
+    """Stands in for a split's transform: the image's ``(height, width)`` and the mask's class counts."""
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> tuple[Size, None]:
-        return (int(image.shape[0]), int(image.shape[1])), None
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> tuple[Size, list[int]]:
+        labelled = mask[mask != IGNORE_INDEX] if mask is not None else np.zeros(0, np.uint8)
+        return (int(image.shape[0]), int(image.shape[1])), np.bincount(labelled.ravel()).tolist()
 
 
 def pair_datasets(dataset: Dataset[Any]) -> list[SegmentationDataset]:
@@ -122,16 +150,17 @@ def pair_datasets(dataset: Dataset[Any]) -> list[SegmentationDataset]:
 
 
 def _probe(dataset: SegmentationDataset) -> SegmentationDataset:
-    """Copy ``dataset`` (shallow) so that its items are image sizes: every read and check, no transform."""
+    """Copy ``dataset`` (shallow) so that its items are sizes and class counts: every read and check."""
     probe = copy.copy(dataset)
-    probe.transform = _ImageSize()
+    probe.transform = _ImageFacts()
     return probe
 
 
-def check_pair(probe: SegmentationDataset, index: int) -> tuple[Size | None, str | None]:
-    """Read item ``index`` of a probe as training would; return its size, or the reason it fails."""
+def check_pair(probe: SegmentationDataset, index: int) -> tuple[Facts | None, str | None]:
+    """Read item ``index`` of a probe as training would; return its facts, or the reason it fails."""
     try:
-        return probe[index]["image"], None
+        item = probe[index]
+        return (item["image"], item["mask"]), None
     except Exception as err:  # every failure is a finding to list, not a crash of the check
         message = str(err) if isinstance(err, (FileNotFoundError, ValueError)) else repr(err)
         image, mask = str(probe.images[index]), str(probe.masks[index])
@@ -155,13 +184,13 @@ def _init_worker(probes: list[SegmentationDataset]) -> None:
     _PROBES = probes
 
 
-def _check_chunk(chunk: Sequence[tuple[int, int]]) -> list[tuple[Size | None, str | None]]:
+def _check_chunk(chunk: Sequence[tuple[int, int]]) -> list[tuple[Facts | None, str | None]]:
     return [check_pair(_PROBES[d], i) for d, i in chunk]
 
 
 def read_pairs(
     probes: list[SegmentationDataset], todo: list[tuple[int, int]], num_workers: int
-) -> list[tuple[Size | None, str | None]]:
+) -> list[tuple[Facts | None, str | None]]:
     """Check the pairs ``todo`` (``(probe index, item index)``), over ``num_workers`` processes."""
     if num_workers < 1 or len(todo) < POOL_MIN_PAIRS:
         return [check_pair(probes[d], i) for d, i in todo]
@@ -271,13 +300,13 @@ def _my_verdicts(
             prints[d, i] = fingerprint(probe, i)
             entry = caches[d].get(keys[d][i])
             if prints[d, i] is not None and entry is not None and entry[:4] == prints[d, i]:
-                verdicts.append((d, i, (entry[4], entry[5]), None, prints[d, i], True))
+                verdicts.append((d, i, ((entry[4], entry[5]), entry[6:]), None, prints[d, i], True))
             else:
                 todo.append((d, i))
     if len(todo) >= 1000:
         rank_zero_info(f"Preflight: reading {len(todo)} image/mask pairs not checked before ...")
-    for (d, i), (size, problem) in zip(todo, read_pairs(probes, todo, num_workers)):
-        verdicts.append((d, i, size, problem, prints[d, i], False))
+    for (d, i), (facts, problem) in zip(todo, read_pairs(probes, todo, num_workers)):
+        verdicts.append((d, i, facts, problem, prints[d, i], False))
     return verdicts
 
 
@@ -354,9 +383,11 @@ def _collect(
     for role in splits:
         checks[role].sizes = [None] * sum(len(probes[d]) for d, (r, _) in enumerate(roles) if r == role)
         checks[role].paths = [p for d, (r, _) in enumerate(roles) if r == role for p in probes[d].images]
-    for d, i, size, problem, _, cached in sorted(verdicts, key=lambda v: (v[0], v[1])):
+    for d, i, facts, problem, _, cached in sorted(verdicts, key=lambda v: (v[0], v[1])):
         check = checks[roles[d][0]]
-        check.sizes[offsets[d] + i] = size
+        if facts is not None:
+            check.sizes[offsets[d] + i] = facts[0]
+            check.add_mask_counts(facts[1])
         check.cached += cached
         if problem is not None:
             check.problems.append(problem)
@@ -368,9 +399,9 @@ def _update_caches(
 ) -> None:
     """Rewrite each split's cache with its good pairs (kept entries and new ones), if anything changed."""
     fresh: list[dict[str, list[int]]] = [{} for _ in keys]
-    for d, i, size, problem, fp, _ in verdicts:
-        if problem is None and fp is not None and size is not None:
-            fresh[d][keys[d][i]] = [*fp, *size]
+    for d, i, facts, problem, fp, _ in verdicts:
+        if problem is None and fp is not None and facts is not None:
+            fresh[d][keys[d][i]] = [*fp, *facts[0], *facts[1]]
     for path, old, new in zip(files, caches, fresh):
         if new != old:
             save_cache(path, new)

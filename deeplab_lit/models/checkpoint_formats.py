@@ -84,6 +84,9 @@ _RESNET_DEPTHS: dict[tuple[int | bool, ...], str] = {  # (blocks in layer1..4, h
 _MOBILENET_V3_LARGE = (17, (960, 160, 1, 1))
 #: State-dict prefix of a module's trained CRF (``SegmentationModule.crf_rnn``), kept apart from the network.
 _CRF_RNN = "crf_rnn."
+#: State-dict prefix of a module's loss (``SegmentationModule.criterion``: e.g. its class weights): training
+#: state, not part of what the weights compute, so dropped when a checkpoint is read as weights.
+_CRITERION = "criterion."
 _KAZUTO_BLOCK = re.compile(r"^layer([2-5])\.block(\d+)\.(reduce|conv3x3|increase|shortcut)\.(conv|bn)\.(.+)$")
 _KAZUTO_PARTS = {
     ("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1", ("conv3x3", "conv"): "conv2",
@@ -488,7 +491,7 @@ def _as_normalization(value: Any) -> Normalization | None:
 
 def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
     crf_state = {k[len(_CRF_RNN) :]: v for k, v in state.items() if k.startswith(_CRF_RNN)}
-    state = {k: v for k, v in state.items() if not k.startswith(_CRF_RNN)}
+    state = {k: v for k, v in state.items() if not k.startswith((_CRF_RNN, _CRITERION))}
     if all(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items()}
     msc = all(k.startswith("segmenter.") for k in state)

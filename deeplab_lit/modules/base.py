@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode, fast_sgd_options
 from deeplab_lit.inference import InferenceConfig, segment
+from deeplab_lit.losses import ClassWeighted, build_loss
 from deeplab_lit.metrics import SegmentationMetrics
 from deeplab_lit.models.deeplab import builder_kwargs
 from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
@@ -105,6 +105,14 @@ class SegmentationModule(LightningModule):
             input normalisation (the data's or the weights'). None (default): no trainable CRF, unless
             ``weights`` hold one (a checkpoint trained with it): then its options and parameters are
             taken, since the CRF is part of what those weights compute.
+        loss: The training objective, ``{"class_path": ..., "init_args": {...}}`` (see
+            :mod:`deeplab_lit.losses`: ``CrossEntropy`` with class weights or bootstrapping,
+            ``OHEMCrossEntropy``, ``LovaszSoftmax``, ``Sum``; or any ``nn.Module`` called as
+            ``loss(logits, masks, step)``). Training, validation and test all use it, on every output
+            (MSC scales, ``aux*`` at ``aux_weight``, the trainable CRF's). ``ignore_index`` and
+            ``num_classes`` are passed to it where its ``__init__`` takes them. ``class_weights: auto``
+            is counted once at ``setup`` from the data module's preflight and kept in checkpoints. None
+            (default): plain mean cross-entropy over the labelled pixels, the papers' loss.
 
     The optimiser is SGD with torch's fused kernel where every parameter's device has one (CPU, CUDA),
     else its multi-tensor (``foreach``) kernel; see :func:`~deeplab_lit.acceleration.fast_sgd_options`.
@@ -135,6 +143,7 @@ class SegmentationModule(LightningModule):
         compile: bool | str = False,
         fuse_bn_for_inference: bool = True,
         crf_rnn: dict[str, Any] | None = None,
+        loss: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -145,6 +154,8 @@ class SegmentationModule(LightningModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
         compile_mode(compile)  # a mode name that torch.compile would reject fails here, before building
         self.save_hyperparameters()
+        #: The one loss of training, validation and test (``loss``); its state (auto class weights) is saved.
+        self.criterion = build_loss(loss, ignore_index, num_classes)
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.inference_config = inference
         checkpoint = read_checkpoint(weights) if weights is not None else None
@@ -238,8 +249,35 @@ class SegmentationModule(LightningModule):
             )
 
     def setup(self, stage: str) -> None:
-        """Check that the data module normalises inputs the way the weights need."""
+        """Check the data's normalisation against the weights'; count ``"auto"`` class weights."""
         self._check_normalization()
+        self._count_class_weights()
+
+    def _count_class_weights(self) -> None:
+        """Fill the loss's ``"auto"`` class weights from the data module's class counts, once.
+
+        Counted by the preflight over the training split; weights a checkpoint already holds are kept.
+        """
+        pending = [
+            m for m in self.criterion.modules() if isinstance(m, ClassWeighted) and m.needs_class_counts
+        ]
+        if not pending:
+            return
+        counts = getattr(getattr(self._trainer, "datamodule", None), "class_counts", None)
+        if counts is None:
+            raise ValueError(
+                "class_weights: auto needs the training split's class counts, which the data module's "
+                "preflight gathers at setup: use a deeplab_lit data module with preflight: true (fit), "
+                "evaluate a checkpoint that holds the weights, or give class_weights as a list"
+            )
+        for module in pending:
+            absent = module.set_class_counts(counts.pixels, counts.image_pixels)
+            assert module.class_weight is not None
+            listed = ", ".join(f"{n}={w:.3g}" for n, w in zip(self.class_names, module.class_weight.tolist()))
+            rank_zero_info(f"Class weights (median frequency over the training split): {listed}")
+            if absent:
+                names = [self.class_names[c] for c in absent]
+                rank_zero_warn(f"Classes absent from the training split get class weight 1: {names}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the input normalisation; the weights are in the state dict, so drop the ``weights`` path."""
@@ -306,14 +344,13 @@ class SegmentationModule(LightningModule):
 
     # ----------------------------------------------------------------------------------- loss
     def compute_loss(self, outputs: dict[str, Tensor], masks: Tensor) -> Tensor:
-        """Cross-entropy summed over the outputs (MSC scales at weight 1, ``aux*`` at ``aux_weight``)."""
+        """The loss summed over the outputs (MSC scales at weight 1, ``aux*`` at ``aux_weight``)."""
         total = masks.new_zeros((), dtype=torch.float32)
         for name, logits in outputs.items():
             weight = self.hparams["aux_weight"] if name.startswith("aux") else 1.0
             if name == NETWORK_OUTPUT:
                 weight = self.crf_rnn_options.network_loss_weight
-            loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams["ignore_index"])
-            total = total + weight * loss
+            total = total + weight * self.criterion(logits.float(), masks, self.global_step)
         return total
 
     # ---------------------------------------------------------------------------------- steps
@@ -333,7 +370,7 @@ class SegmentationModule(LightningModule):
     def _evaluate(self, batch: Batch, stage: str) -> dict[str, Tensor]:
         images, masks = batch["image"], batch["mask"]
         logits = segment(self.model, images, self.inference_config)
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.hparams["ignore_index"])
+        loss = self.criterion(logits.float(), masks, self.global_step)
         preds = logits.argmax(dim=1)
         self._metrics(stage).update(preds, masks)
         self.log(
@@ -343,7 +380,7 @@ class SegmentationModule(LightningModule):
             return {"logits": logits, "preds": preds}
         refined = self._refine(logits, images)
         self._metrics(stage + CRF_RNN_SUFFIX).update(refined.argmax(dim=1), masks)
-        loss = F.cross_entropy(refined, masks, ignore_index=self.hparams["ignore_index"])
+        loss = self.criterion(refined.float(), masks, self.global_step)
         self.log(
             f"{stage}/loss{CRF_RNN_SUFFIX}",
             loss,

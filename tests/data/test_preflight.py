@@ -272,3 +272,30 @@ def test_a_crop_larger_than_every_training_image_is_a_warning_before_training(tm
     sizes = [size for size in pf.check_splits({"train": dm.train_dataset}, 0)["train"].sizes if size]
     h, w = max(sizes, key=lambda size: size[0] * size[1])
     assert f"the largest, {w}x{h} (WxH), fills at most" in str(caught[0].message)
+
+
+def direct_class_counts(dataset) -> tuple[list[int], list[int]]:
+    """Pixels per class, and labelled pixels of the masks holding each class, counted from the files."""
+    pixels, image_pixels = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    for path in dataset.masks:
+        values = np.asarray(dataset.load_mask(path))
+        labelled = values[values != 255]
+        counts = np.bincount(labelled, minlength=256)
+        pixels += counts
+        image_pixels += np.where(counts > 0, labelled.size, 0)
+    last = int(np.nonzero(pixels)[0].max()) + 1
+    return pixels[:last].tolist(), image_pixels[:last].tolist()
+
+
+def test_the_training_split_class_counts_equal_the_masks_and_survive_the_cache(tmp_path):
+    make_voc_sbd(tmp_path)
+    dm = VOCDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    dm.setup("fit")
+    expected = direct_class_counts(dm.train_dataset)
+    assert dm.class_counts is not None
+    assert (dm.class_counts.pixels, dm.class_counts.image_pixels) == expected
+    again = VOCDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    again.setup("fit")  # every verdict from the cache: the counts too
+    assert (again.class_counts.pixels, again.class_counts.image_pixels) == expected
+    checks = pf.check_splits({"train": again.train_dataset}, num_workers=0)
+    assert checks["train"].cached == 8

@@ -9,7 +9,12 @@ import pytest
 from PIL import Image, ImageFilter
 
 from deeplab_lit.data import synthetic
-from deeplab_lit.data.synthetic import MANIFEST, SYNTHETIC_CLASSES, generate_synthetic
+from deeplab_lit.data.synthetic import (
+    MANIFEST,
+    SYNTHETIC_CLASSES,
+    generate_synthetic,
+    shape_class_probabilities,
+)
 from deeplab_lit.data.voc import VOCSegmentationDataset, read_split
 
 SMALL = {"num_train": 6, "num_val": 3, "image_size": 48}
@@ -115,3 +120,23 @@ def test_shapes_never_touch_each_other():
             )
             others = (mask != label) & (mask != 0)
             assert not (others & (grown > 127)).any(), f"sample {index}: class {label} touches another class"
+
+
+def test_imbalance_makes_the_last_shape_class_rare_and_leaves_the_default_as_it_was(tmp_path):
+    def shape_pixels(root):
+        masks = [np.asarray(Image.open(p)) for p in sorted((root / "SegmentationClass").glob("*.png"))]
+        return np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=256)[1:6]
+
+    balanced = generate_synthetic(tmp_path / "a", num_train=40, num_val=1, image_size=32)
+    skewed = generate_synthetic(tmp_path / "b", num_train=40, num_val=1, image_size=32, imbalance=30.0)
+    same = generate_synthetic(tmp_path / "c", num_train=40, num_val=1, image_size=32, imbalance=1.0)
+    assert "imbalance" not in json.loads((balanced / "synthetic.json").read_text())  # old manifests valid
+    assert _files(balanced) == _files(same)
+    counts = shape_pixels(skewed)
+    assert counts[-1] * 5 < counts[0]  # cross ("the rare class") far below disc
+    assert shape_pixels(balanced)[-1] * 3 > shape_pixels(balanced)[0]
+    assert np.allclose(
+        shape_class_probabilities(30.0)[[0, -1]] / shape_class_probabilities(30.0)[-1], [30, 1]
+    )
+    with pytest.raises(ValueError, match="imbalance must be >= 1"):
+        generate_synthetic(tmp_path / "d", imbalance=0.5)

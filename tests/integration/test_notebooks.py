@@ -28,6 +28,7 @@ NAMES = [
     "03_ablation_aspp_output_stride",
     "04_versions",
     "05_trainable_crf",
+    "06_losses",
 ]
 
 #: The tiny run: 12 training and 8 validation images of 48 px, one epoch of batches of 4.
@@ -227,3 +228,24 @@ def test_05_trainable_crf(tmp_path, monkeypatch):
     checkpoint = tmp_path / "out" / "deeplab_v3plus.ckpt"
     model_cell = next(cell for cell in notebook.cells if "CKPT =" in cell.source)
     assert f"saved {checkpoint}" in "".join(output.get("text", "") for output in model_cell.outputs)
+
+
+def test_06_losses(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPLAB_LIT_NB_SEEDS", "0,1")  # several seeds, two enough here
+    results, _, _ = run_notebook("06_losses", tmp_path, monkeypatch)
+    objectives = ["plain", "class_weighted", "bootstrapped", "ohem", "ce_lovasz"]
+    assert list(results["summary"]) == objectives
+    assert [(r["objective"], r["seed"]) for r in results["rows"]] == [
+        (o, s) for s in (0, 1) for o in objectives
+    ]
+    for row in results["rows"]:
+        assert is_score(row["mIoU"]) and row["s_per_step"] > 0 and row["steps"] == 2, row
+        assert row["rare_IoU"] is None or is_score(row["rare_IoU"]), row
+    # the data are imbalanced as asked, and the auto weights favour the rarer classes
+    share = results["class_share"]
+    assert share[results["rare_class"]] < share["disc"]
+    (weights,) = {tuple(r["class_weights"]) for r in results["rows"] if r["objective"] == "class_weighted"}
+    names = list(share)
+    assert weights[names.index(results["rare_class"])] > weights[names.index("disc")]
+    assert results["settings"]["imbalance"] == 20 and results["settings"]["seeds"] == [0, 1]
+    assert (tmp_path / "out" / "losses.png").stat().st_size > 0
