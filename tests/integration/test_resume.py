@@ -77,22 +77,27 @@ def val_scores(cli) -> dict[str, float]:
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
 
 
-def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize(
+    "length",
+    [[], ["--trainer.max_epochs=-1", f"--trainer.max_steps={3 * STEPS_PER_EPOCH}"]],
+    ids=["max_epochs", "max_steps"],
+)
+def test_sigkilled_run_resumes_from_last_to_the_uninterrupted_result(length, tmp_path):
     data = tmp_path / "data"
-    reference = main(fit_args(tmp_path / "reference", data))
+    reference = main([*fit_args(tmp_path / "reference", data), *length])
     assert reference.trainer.global_step == 3 * STEPS_PER_EPOCH
 
     crashed = tmp_path / "crashed"
     kill_step = 2 * STEPS_PER_EPOCH + 1  # mid-epoch 2; last.ckpt is the end of epoch 1
     code, output = run_cli_subprocess(
-        [*fit_args(crashed, data), f"--trainer.callbacks+={__name__}.KillAtStep",
+        [*fit_args(crashed, data), *length, f"--trainer.callbacks+={__name__}.KillAtStep",
          f"--trainer.callbacks.step={kill_step}"], tmp_path,
     )  # fmt: skip
     assert code == -signal.SIGKILL, output[-3000:]
     last = crashed / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
 
-    resumed = main([*fit_args(crashed, data), "--ckpt_path", "last"])
+    resumed = main([*fit_args(crashed, data), *length, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == reference.trainer.global_step
     expected, got = val_scores(reference), val_scores(resumed)
     assert expected.keys() == got.keys() and "val/mIoU" in got
