@@ -1,4 +1,4 @@
-"""What the datamodules' DataLoaders are made of: worker count, DDP evaluation sampler, evaluation collate.
+"""What the datamodules' DataLoaders are made of: workers (count, start), DDP evaluation sampler, collate.
 
 Kept apart from :mod:`deeplab_lit.data.datamodules` (which says which files each data set has) because these
 decide how batches are formed, for every data set alike.
@@ -7,11 +7,14 @@ decide how batches are formed, for every data set alike.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
+
+from deeplab_lit.data.transforms import seed_worker
 
 
 def default_num_workers() -> int:
@@ -25,6 +28,20 @@ def default_num_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count()
     return max(1, min(12, cores // gpus)) if gpus else min(4, cores)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore SIGTERM, then seed the worker's augmentation (``seed_worker``).
+
+    A scheduler's SIGTERM reaches every process of the job (``scancel``, ``kill -TERM -<pgid>``, a
+    container stop). torch's workers install a handler that ends them on it, and the main process then
+    fails on their death ("DataLoader worker ... is killed by signal: Terminated") before
+    :class:`~deeplab_lit.callbacks.InterruptCheckpoint` has written its checkpoint. Ignoring it, the
+    workers leave the decision to the main process, which saves and ends them as at any loader's end
+    (they also exit by themselves when the main process is gone; SIGKILL still ends them).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    seed_worker(worker_id)
 
 
 class UnrepeatedDistributedSampler(DistributedSampler[int]):
