@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -31,17 +32,31 @@ def default_num_workers() -> int:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: ignore SIGTERM, then seed the worker's augmentation (``seed_worker``).
+    """DataLoader ``worker_init_fn``: leave SIGTERM to the main process, then seed the augmentation.
 
     A scheduler's SIGTERM reaches every process of the job (``scancel``, ``kill -TERM -<pgid>``, a
     container stop). torch's workers install a handler that ends them on it, and the main process then
     fails on their death ("DataLoader worker ... is killed by signal: Terminated") before
-    :class:`~deeplab_lit.callbacks.InterruptCheckpoint` has written its checkpoint. Ignoring it, the
-    workers leave the decision to the main process, which saves and ends them as at any loader's end
-    (they also exit by themselves when the main process is gone; SIGKILL still ends them).
+    :class:`~deeplab_lit.callbacks.InterruptCheckpoint` has written its checkpoint. Here a worker ignores
+    a SIGTERM from anyone but its main process and still exits on the main process's own (which ends
+    leftover workers with it at exit: ignoring every SIGTERM would hang that exit). Where signals cannot
+    be waited for with their sender (no ``sigwaitinfo``: Windows, macOS), torch's handler stays.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        _only_the_parents_sigterm(os.getppid())
     seed_worker(worker_id)
+
+
+def _only_the_parents_sigterm(parent: int) -> None:
+    """Block SIGTERM in this process and take it in a thread: exit if ``parent`` sent it, else ignore it."""
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # as torch's worker handler does for its parent's SIGTERM
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=wait, name="sigterm-from-main-only", daemon=True).start()
 
 
 class UnrepeatedDistributedSampler(DistributedSampler[int]):
