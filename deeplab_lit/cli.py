@@ -31,9 +31,11 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.utilities import rank_zero_info
 
+from deeplab_lit.callbacks.guards import NonFiniteLossGuard
 from deeplab_lit.callbacks.interrupt import InterruptCheckpoint
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
@@ -56,17 +58,40 @@ from deeplab_lit.normalization import Normalization
 from deeplab_lit.paths import check_writable
 
 
-def _is_layer_sync(plugin: Any) -> bool:
-    """Whether a config entry of ``trainer.plugins`` names a LayerSync plugin (a BatchNorm conversion)."""
-    class_path = plugin.get("class_path") if isinstance(plugin, Namespace) else None
+def _names(entry: Any, base: type) -> bool:
+    """Whether a config entry (of ``trainer.plugins``, ``trainer.callbacks``) is or names a ``base``."""
+    class_path = entry.get("class_path") if isinstance(entry, Namespace) else None
     if not class_path:
-        return isinstance(plugin, LayerSync)
+        return isinstance(entry, base)
     try:
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):  # jsonargparse reports a bad class_path itself
         return False
-    return isinstance(cls, type) and issubclass(cls, LayerSync)
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def _listed(value: Any) -> list[Any]:
+    """A config's ``trainer.plugins``/``trainer.callbacks`` value as a list (one entry, or None: [])."""
+    return value if isinstance(value, list) else ([] if value is None else [value])
+
+
+def add_safeguards(trainer: Namespace) -> None:
+    """Add what every run of the CLI has, where the config lacks it (never a second one).
+
+    :class:`~deeplab_lit.callbacks.NonFiniteLossGuard` (a NaN/inf loss stops the run before a checkpoint
+    holds it) and :class:`~deeplab_lit.callbacks.AtomicCheckpointIO` (atomic writes, and the safe reader
+    for every checkpoint Lightning reads, ``--ckpt_path hpc`` and SLURM's auto-resume included), unless
+    the config names one of that class or, for the plugin, another ``CheckpointIO``.
+    """
+    callbacks = _listed(trainer.callbacks)
+    if not any(_names(entry, NonFiniteLossGuard) for entry in callbacks):
+        guard = Namespace(class_path="deeplab_lit.callbacks.NonFiniteLossGuard", init_args=Namespace())
+        trainer.callbacks = [*callbacks, guard]
+    plugins = _listed(trainer.plugins)
+    if not any(_names(entry, CheckpointIO) for entry in plugins):
+        atomic = Namespace(class_path="deeplab_lit.callbacks.AtomicCheckpointIO", init_args=Namespace())
+        trainer.plugins = [*plugins, atomic]
 
 
 class DeepLabCLI(LightningCLI):
@@ -142,10 +167,11 @@ class DeepLabCLI(LightningCLI):
         count the user gave, to check it against the data's once both exist.
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        add_safeguards(config.trainer)
         if config.trainer.get("sync_batchnorm"):
             plugins = config.trainer.plugins
             listed = plugins if isinstance(plugins, list) else ([] if plugins is None else [plugins])
-            if not any(_is_layer_sync(plugin) for plugin in listed):
+            if not any(_names(plugin, LayerSync) for plugin in listed):
                 listed.append(
                     Namespace(class_path="deeplab_lit.callbacks.SyncBatchNorm", init_args=Namespace())
                 )

@@ -11,6 +11,10 @@ progress bar already reads the loss every step, so this is usually free). With `
 the flag is kept on the device and read every N steps and before every checkpoint and validation: the
 error still names the first bad step and its loss, but up to N-1 updates on NaN weights happen before it
 (none of them reaches a checkpoint).
+
+The CLI adds the guard to a config that lacks it (:func:`deeplab_lit.cli.add_safeguards`). Without it
+(the Python API), :class:`~deeplab_lit.callbacks.BestAndLastCheckpoint` still never makes weights holding
+NaN or inf a best checkpoint.
 """
 
 from __future__ import annotations

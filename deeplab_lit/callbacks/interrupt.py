@@ -41,9 +41,10 @@ their worker processes: the workers inherit them and ignore these signals (a ter
 the whole process group, and a worker that died of it would fail the next batch before the checkpoint
 is written); the main process alone decides. Except SIGTERM: torch's DataLoader workers install a C
 handler of their own that exits on it, so a SIGTERM sent to every process (``kill -TERM -<pgid>``,
-``scancel``) ends them and the main process then fails on their death (``DataLoader worker ... is killed
-by signal``), unless the loader's ``worker_init_fn`` ignores SIGTERM; one sent to the main process
-alone is saved as above. In distributed training all processes agree on the
+``scancel``) would end them and the main process would then fail on their death (``DataLoader worker
+... is killed by signal``); the datamodules' ``worker_init_fn``
+(:func:`deeplab_lit.data.loaders.worker_init`) ignores it, so it is saved as above. A loader of your own
+needs the same ``worker_init_fn``. In distributed training all processes agree on the
 training step to stop at (one reduction of one number per step), since writing a checkpoint is
 collective; a signal during a validation is acted on at the first training step after it (validation
 shards may be uneven, so no collective runs per validation batch).

@@ -27,7 +27,8 @@ warns and trains from scratch). Signals (Ctrl-C, SIGTERM, SIGUSR1) end a fit in 
 through :class:`~deeplab_lit.callbacks.interrupt.InterruptCheckpoint`.
 
 What is exact (tests/integration/test_resume.py): a run SIGKILLed at any moment and resumed with
-``--ckpt_path last`` from a checkpoint written at the end of an epoch finishes with the same step count,
+``--ckpt_path last`` from a checkpoint written at the end of an epoch (its length in ``max_epochs`` or in
+``max_steps``) finishes with the same step count,
 weights and metrics as an uninterrupted run, on the CPU with ``deterministic: true`` and augmentation in
 the main process (``num_workers=0``). Lightning first repeats the validation that wrote the checkpoint
 (same figures, logged once more). What is not exact: DataLoader workers with ``persistent_workers=True`` (the
@@ -61,6 +62,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+
+from deeplab_lit.models.checkpoint_formats import read_weights_file
 
 # Lightning's own warning for an absent "last" checkpoint hints at save_last, which this project always sets;
 # BestAndLastCheckpoint._find_last_checkpoints says what happened instead.
@@ -167,6 +170,23 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._newest.best_model_path = path
             self._newest_step = trainer.global_step
 
+    def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
+        """Lightning's top-k test, and never true for weights holding NaN or inf.
+
+        A diverged run without :class:`~deeplab_lit.callbacks.NonFiniteLossGuard` (a config or Python
+        script that lacks it) can still score a finite mIoU (one class everywhere): its checkpoint must not
+        become a "best" file that the run summary offers for predict. ``last.ckpt`` still records it.
+        """
+        if not super().check_monitor_top_k(trainer, current):
+            return False
+        if _finite_weights(trainer.lightning_module):
+            return True
+        rank_zero_warn(
+            f"The weights at global step {trainer.global_step} hold NaN or inf: not saved as a best "
+            f"checkpoint ({self.monitor}={current}). Training diverged; see NonFiniteLossGuard."
+        )
+        return False
+
     def _pass_on(self, hook: str, trainer: Trainer, *args: Any) -> None:
         """Call the ``last.ckpt`` checkpoint's ``hook``; remember the step when it wrote its file."""
         if self._newest is None:
@@ -225,6 +245,12 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         raise FileNotFoundError(f"{missing}. Give a checkpoint file instead (--ckpt_path path/to/file.ckpt).")
 
 
+def _finite_weights(module: torch.nn.Module) -> bool:
+    """Whether every floating-point tensor of ``module``'s state is finite (one host read)."""
+    flags = [t.isfinite().all() for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def _file_version(path: str) -> tuple[str, int] | None:
     """``(path, modification time in ns)`` of an existing file, else None: tells a rewrite apart."""
     try:
@@ -254,6 +280,7 @@ class RandomStateCheckpoint(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Trainer | None = None
+        self._loaded: dict[str, Any] | None = None  # the restored state, until the first training batch
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Remember the trainer, to reach the training set's augmentation."""
@@ -272,6 +299,36 @@ class RandomStateCheckpoint(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (called when ``fit`` resumes from a checkpoint)."""
+        self._loaded = state_dict
+        self._restore(state_dict)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """From the first training batch on, the generators run on from the restored state."""
+        self._loaded = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Restore the checkpoint's state again when the epoch after it opens a new data loader iterator.
+
+        The uninterrupted run draws the new epoch's worker base seed and shuffle from the state the
+        checkpoint holds. Lightning opens the training iterator once in its data setup, right after the
+        restore, and reuses it for the next epoch, except when it restarts the checkpoint's finished epoch
+        (always with ``max_steps``: iteration-based training), which uses up that iterator; the next epoch
+        then opens another one, one draw later, and the whole run would differ (issue 20, case 1). Reads
+        the loops' public ``is_resuming``/``restarting`` properties; Lightning's own test of the same
+        condition is in ``_TrainingEpochLoop.on_run_start`` (checked in 2.6, pyproject's bound).
+        """
+        fit_loop = trainer.fit_loop
+        new_iterator = (
+            trainer.current_epoch > 0 and not fit_loop.is_resuming and not fit_loop.epoch_loop.restarting
+        )
+        if self._loaded is not None and new_iterator:
+            self._restore(self._loaded)
+        self._loaded = None
+
+    def _restore(self, state_dict: dict[str, Any]) -> None:
+        """Set every generator to ``state_dict`` (see :meth:`state_dict`)."""
         random.setstate(state_dict["python"])
         np.random.set_state(_numpy_state_from_plain(state_dict["numpy"]))
         torch.set_rng_state(state_dict["torch"])
@@ -381,8 +438,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     never a mix; a kill may leave the hidden temporary file behind. Remote paths (``s3://``...) use
     Lightning's implementation.
 
-    Use it as ``trainer.plugins: [{class_path: deeplab_lit.callbacks.AtomicCheckpointIO}]``.
+    Reading: every checkpoint Lightning reads through it (``--ckpt_path`` files, ``last``, ``hpc`` and
+    SLURM's auto-resume ``hpc_ckpt_<n>.ckpt``) goes through the project's safe reader
+    (:func:`~deeplab_lit.models.checkpoint_formats.read_weights_file`: ``torch.load(weights_only=True)``
+    with this project's config classes declared safe), whatever ``weights_only`` Lightning passes and
+    whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says (some clusters set it; it turns Lightning's
+    default load into full unpickling, which runs any code a crafted file holds). A file holding other
+    Python objects raises :class:`~deeplab_lit.models.checkpoint_formats.UnsafeCheckpointError`.
+
+    Use it as ``trainer.plugins: [{class_path: deeplab_lit.callbacks.AtomicCheckpointIO}]``; the CLI adds
+    it when a config names no checkpoint plugin.
     """
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read ``path`` with the safe reader only (see the class docstring).
+
+        ``map_location`` and ``weights_only`` are ignored: tensors are read to the CPU (Lightning moves
+        them) and never with full unpickling.
+
+        Raises:
+            FileNotFoundError: no such file (Lightning's wording).
+            UnsafeCheckpointError: the file holds Python objects other than tensors and plain containers.
+            ValueError: the file is truncated, corrupt or not a checkpoint.
+        """
+        if not isinstance(get_filesystem(path), LocalFileSystem):  # s3://...: Lightning's reader, made safe
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        checkpoint = read_weights_file(Path(path))
+        if not isinstance(checkpoint, dict):
+            raise ValueError(
+                f"Checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint"
+            )
+        return checkpoint
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None

@@ -28,7 +28,7 @@ from deeplab_lit.data.coco_stuff import COCO_STUFF_CLASSES, COCOStuffDataset
 from deeplab_lit.data.folder import FolderDataset, index_images, read_stem_list, split_stems
 from deeplab_lit.data.images import ImageFileDataset, SegmentationDataset
 from deeplab_lit.data.labels import Colors, combined, read_palette
-from deeplab_lit.data.loaders import default_num_workers, eval_collate, unrepeated_eval_sampler
+from deeplab_lit.data.loaders import default_num_workers, eval_collate, unrepeated_eval_sampler, worker_init
 from deeplab_lit.data.pascal_context import PascalContextDataset, check_num_classes, pascal_context_classes
 from deeplab_lit.data.preflight import (
     ClassCounts,
@@ -43,7 +43,6 @@ from deeplab_lit.data.transforms import (
     SegmentationTransform,
     augmentation_seed,
     eval_transform,
-    seed_worker,
     train_transform,
 )
 from deeplab_lit.data.voc import (
@@ -225,7 +224,7 @@ class SegmentationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            worker_init_fn=seed_worker,
+            worker_init_fn=worker_init,  # seed_worker, and SIGTERM left to the main process
             collate_fn=None if train else partial(eval_collate, stage=stage),
         )
 

@@ -1,4 +1,4 @@
-"""What the datamodules' DataLoaders are made of: worker count, DDP evaluation sampler, evaluation collate.
+"""What the datamodules' DataLoaders are made of: workers (count, start), DDP evaluation sampler, collate.
 
 Kept apart from :mod:`deeplab_lit.data.datamodules` (which says which files each data set has) because these
 decide how batches are formed, for every data set alike.
@@ -7,11 +7,15 @@ decide how batches are formed, for every data set alike.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, default_collate
+
+from deeplab_lit.data.transforms import seed_worker
 
 
 def default_num_workers() -> int:
@@ -25,6 +29,34 @@ def default_num_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count()
     return max(1, min(12, cores // gpus)) if gpus else min(4, cores)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM to the main process, then seed the augmentation.
+
+    A scheduler's SIGTERM reaches every process of the job (``scancel``, ``kill -TERM -<pgid>``, a
+    container stop). torch's workers install a handler that ends them on it, and the main process then
+    fails on their death ("DataLoader worker ... is killed by signal: Terminated") before
+    :class:`~deeplab_lit.callbacks.InterruptCheckpoint` has written its checkpoint. Here a worker ignores
+    a SIGTERM from anyone but its main process and still exits on the main process's own (which ends
+    leftover workers with it at exit: ignoring every SIGTERM would hang that exit). Where signals cannot
+    be waited for with their sender (no ``sigwaitinfo``: Windows, macOS), torch's handler stays.
+    """
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        _only_the_parents_sigterm(os.getppid())
+    seed_worker(worker_id)
+
+
+def _only_the_parents_sigterm(parent: int) -> None:
+    """Block SIGTERM in this process and take it in a thread: exit if ``parent`` sent it, else ignore it."""
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # as torch's worker handler does for its parent's SIGTERM
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=wait, name="sigterm-from-main-only", daemon=True).start()
 
 
 class UnrepeatedDistributedSampler(DistributedSampler[int]):

@@ -34,6 +34,7 @@ from deeplab_lit.models.weights import (
     resolve_options,
 )
 from deeplab_lit.modules.restore import class_defaults
+from deeplab_lit.modules.schedule import apply_options, options_of
 from deeplab_lit.modules.trainable_crf import NETWORK_OUTPUT, build_trainable_crf
 from deeplab_lit.normalization import Normalization
 
@@ -477,3 +478,24 @@ class SegmentationModule(LightningModule):
             optimizer, total_iters=total_steps, power=hp["poly_power"]
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        """Note the optimiser options just configured, before Lightning restores a checkpoint's over them."""
+        configs = self.trainer.lr_scheduler_configs
+        self._configured = [
+            options_of(optimizer, configs[i].scheduler if i < len(configs) else None)
+            for i, optimizer in enumerate(self.trainer.optimizers)
+        ]
+
+    def on_train_start(self) -> None:
+        """On resume, apply today's optimiser and schedule options to the restored state, saying what changed.
+
+        See :mod:`deeplab_lit.modules.schedule` (a longer run re-plans the poly schedule; a new lr applies).
+        """
+        if not self.trainer.ckpt_path:
+            return
+        configs = self.trainer.lr_scheduler_configs
+        for i, (optimizer, fresh) in enumerate(zip(self.trainer.optimizers, self._configured, strict=False)):
+            line = apply_options(optimizer, configs[i].scheduler if i < len(configs) else None, fresh)
+            if line:
+                rank_zero_info(line)

@@ -176,3 +176,30 @@ def test_full_disk_names_the_path_free_space_and_size_and_keeps_the_previous_che
     loaded = io.load_checkpoint(path)
     assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # the temporary file is gone
+
+
+class DivergingModule(WorseningModule):
+    """``val/score`` improves every epoch, but from epoch 1 on the weight is NaN (no NaN guard here)."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", float(self.current_epoch))
+
+    def on_train_epoch_end(self):
+        if self.current_epoch >= 1:
+            with torch.no_grad():
+                self.weight.fill_(float("nan"))
+
+
+def test_weights_holding_nan_are_never_a_best_checkpoint(tmp_path):
+    """Issue 20 case 4: a diverged run without the NaN guard (Python API) keeps its last finite best."""
+    data = DataLoader(torch.zeros(4, 1), batch_size=2)
+    callback = BestAndLastCheckpoint(
+        dirpath=tmp_path, monitor="val/score", mode="max", save_last=True, save_top_k=2
+    )
+    trainer = Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    with pytest.warns(UserWarning, match="hold NaN or inf: not saved as a best checkpoint"):
+        trainer.fit(DivergingModule(), data, data)
+    assert Path(callback.best_model_path).name.startswith("epoch=0")  # epochs 1 and 2 scored higher
+    assert list(callback.best_k_models) == [callback.best_model_path]
+    assert torch.load(callback.best_model_path, weights_only=True)["state_dict"]["weight"].isfinite().all()

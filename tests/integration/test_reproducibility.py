@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deeplab_lit.cli import main
-from deeplab_lit.data.transforms import seed_worker
+from deeplab_lit.data.loaders import worker_init
 
 QUICKSTART = Path(__file__).parents[2] / "experiments" / "quickstart.yaml"
 
@@ -37,7 +37,7 @@ def run(tmp_path: Path, name: str, seed: int):
 def test_same_seed_and_deterministic_give_identical_runs_and_another_seed_does_not(tmp_path):
     first, scores = run(tmp_path, "a", seed=0)
     loader = first.trainer.train_dataloader
-    assert loader.num_workers == 2 and loader.worker_init_fn is seed_worker  # augmentation seeded per worker
+    assert loader.num_workers == 2 and loader.worker_init_fn is worker_init  # augmentation seeded per worker
     assert os.environ["PL_SEED_WORKERS"] == "1"  # LightningCLI's seed_everything(seed, workers=True)
     assert torch.are_deterministic_algorithms_enabled()
 
