@@ -75,8 +75,10 @@ def test_a_users_error_is_one_message_without_traceback(case, tmp_path):
     assert "arguments are required" not in stderr, stderr  # the checkpoint's own error, not jsonargparse's
     lines = [line for line in stderr.splitlines() if line.strip()]
     error = [line for line in lines if "error:" in line]
-    assert len(error) == 1 and len(lines) <= 4, stderr  # warnings aside: the error and the debug hint
-    assert re.search(message, error[0]), stderr
+    assert len(error) == 1 and re.search(message, error[0]), stderr
+    assert not any(line.lstrip().startswith('File "') for line in lines), stderr  # no stack frames
+    assert lines[-1] == "(DEEPLAB_LIT_DEBUG=1 shows the full traceback)", stderr
+    assert len(lines) - lines.index(error[0]) <= 12, stderr  # the message and the hint
 
 
 def test_debug_variable_shows_the_traceback(tmp_path):
