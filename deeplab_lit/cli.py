@@ -145,16 +145,17 @@ def _init_arg_names(base: type) -> set[str]:
     return names
 
 
-def closest_options(name: str, parser: argparse.ArgumentParser) -> list[str]:
+def closest_options(name: str, parser: argparse.ArgumentParser, init_arg: bool = False) -> list[str]:
     """The valid option names closest to a mistyped ``name`` (difflib), best first; may be empty.
 
-    A dotted name is compared with the parser's options; a bare one (jsonargparse names a model or data
-    ``init_args`` option so) with the ``__init__`` arguments of the project's modules and datamodules.
+    ``name`` is compared with the parser's options, or with ``init_arg`` (jsonargparse names a model's or
+    data module's ``init_args`` option without its group) the ``__init__`` arguments of the project's
+    modules and datamodules.
     """
-    if "." in name:
-        candidates = _option_names(parser)
-    else:
+    if init_arg:
         candidates = _init_arg_names(LightningModule) | _init_arg_names(LightningDataModule)
+    else:
+        candidates = _option_names(parser)
     return difflib.get_close_matches(name, sorted(candidates), n=3)
 
 
@@ -171,7 +172,8 @@ class DeepLabArgumentParser(LightningArgumentParser):
         if isinstance(root, KeyError) and root.args:  # jsonargparse's NSKeyError: an unknown option
             message = str(root.args[0])
             unknown = _UNKNOWN_OPTION.search(message)
-            close = closest_options(unknown.group(1), self) if unknown else []
+            name = unknown.group(1) if unknown else ""
+            close = closest_options(name, self, init_arg="." not in name) if name else []
             if close:
                 message += f" (closest valid: {', '.join(close)})"
         elif message.startswith("unrecognized arguments:"):
@@ -307,10 +309,10 @@ class DeepLabCLI(LightningCLI):
         given = self._given_num_classes
         if given is not None and given != default and given != data_classes:
             raise ClassCountMismatch(
-                f"model.init_args.num_classes={given} was given (config or command line) but the data module "
+                f"model.init_args.num_classes={given} was given but the data module "
                 f"{type(self.datamodule).__name__} has {data_classes} classes "
                 f"({self.datamodule.class_names}); the class count comes from the data: drop the option, "
-                "or use data with that many classes"
+                "or use data with that many classes (the option was set in a config or on the command line)"
             )
         saved = getattr(self, "_checkpoint", None)
         saved_classes = saved.hparams.get("num_classes") if saved is not None else None
