@@ -22,15 +22,20 @@ without it, the config's ``model.init_args.weights``) and writes ONNX with dynam
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import os
+import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.utilities import rank_zero_info
@@ -42,12 +47,16 @@ from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
 from deeplab_lit.callbacks.summary import RunSummary
 from deeplab_lit.command import DESCRIPTION, PROG
 from deeplab_lit.data.datamodules import SegmentationDataModule
+from deeplab_lit.errors import UserError, building, find_in_chain, root_cause
 from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
 from deeplab_lit.models.weights import load_weights
 from deeplab_lit.modules.base import SegmentationModule
 from deeplab_lit.modules.restore import (
+    NotATrainingCheckpoint,
     TrainingCheckpoint,
+    check_trusted,
+    check_trusted_options,
     class_defaults,
     import_class,
     plain,
@@ -94,8 +103,130 @@ def add_safeguards(trainer: Namespace) -> None:
         trainer.plugins = [*plugins, atomic]
 
 
+# --------------------------------------------------------------------------------- errors of the user's
+class BuildingInstantiator:
+    """Build a model or datamodule so that a bad option is the user's error, naming the group and class.
+
+    A ``ValueError``/``TypeError`` raised while the class is built from the user's options becomes
+    :class:`~deeplab_lit.errors.InvalidOptions` (``concerns``: e.g. ``model (deeplab_lit.DeepLabV3Plus)``).
+    """
+
+    def __init__(self, key: str, inner: Callable[..., Any] | None = None) -> None:
+        self.key = key
+        self.inner = inner
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict[str, Any],
+                 **kwargs: Any) -> Any:  # fmt: skip
+        """Called by jsonargparse (the parameter name ``applied_instantiation_links`` is its protocol)."""
+        with building(f"{self.key} ({class_type.__module__}.{class_type.__qualname__})"):
+            if self.inner is None:
+                return class_type(*args, **kwargs)
+            return self.inner(class_type, *args, applied_instantiation_links=applied_instantiation_links,
+                              **kwargs)  # fmt: skip
+
+
+@contextmanager
+def user_errors_unwrapped() -> Iterator[None]:
+    """Re-raise a :class:`~deeplab_lit.errors.UserError` from inside jsonargparse's union error as itself.
+
+    jsonargparse wraps what a class raises while it is built into "Does not validate against any of the
+    Union subtypes ... Given value: <every option>"; the user's error is the one that matters.
+    """
+    try:
+        yield
+    except ValueError as err:
+        found = find_in_chain(err, UserError)
+        if found is None or found is err:
+            raise
+        raise found from found.__cause__
+
+
+#: The word jsonargparse's "not accepted" errors quote the unknown option with.
+_UNKNOWN_OPTION = re.compile(r"[Oo]ption '([^']+)'")
+
+
+def _option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option name of ``parser`` and its subcommands, without dashes (e.g. ``trainer.max_epochs``).
+
+    Reads argparse's ``_actions`` (private by convention, unchanged since Python 3.2: it has no public list).
+    """
+    names: set[str] = set()
+    for action in parser._actions:
+        names.update(option.lstrip("-") for option in action.option_strings if option.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                names |= _option_names(subparser)
+    return names
+
+
+def _init_arg_names(base: type) -> set[str]:
+    """The ``__init__`` argument names of ``base`` and of every subclass imported so far."""
+    names: set[str] = set()
+    todo = [base]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        names |= set(class_defaults(cls))
+    return names
+
+
+def closest_options(name: str, parser: argparse.ArgumentParser, init_arg: bool = False) -> list[str]:
+    """The valid option names closest to a mistyped ``name`` (difflib), best first; may be empty.
+
+    ``name`` is compared with the parser's options, or with ``init_arg`` (jsonargparse names a model's or
+    data module's ``init_args`` option without its group) the ``__init__`` arguments of the project's
+    modules and datamodules.
+    """
+    if init_arg:
+        candidates = _init_arg_names(LightningModule) | _init_arg_names(LightningDataModule)
+    else:
+        candidates = _option_names(parser)
+    return difflib.get_close_matches(name, sorted(candidates), n=3)
+
+
+class DeepLabArgumentParser(LightningArgumentParser):
+    """The CLI's parser: an unknown option is reported as jsonargparse's root message and the closest names.
+
+    jsonargparse reports ``--model.init_args.output_strid 12`` as its union dump around "Option
+    'output_strid' is not accepted"; here the usage line, that message and "closest: output_stride".
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print usage and the error (jsonargparse's behaviour), the root message of an unknown option."""
+        root = root_cause(ex) if ex is not None else None
+        if isinstance(root, KeyError) and root.args:  # jsonargparse's NSKeyError: an unknown option
+            message = str(root.args[0])
+            unknown = _UNKNOWN_OPTION.search(message)
+            name = unknown.group(1) if unknown else ""
+            close = closest_options(name, self, init_arg="." not in name) if name else []
+            if close:
+                message += f" (closest valid: {', '.join(close)})"
+        elif message.startswith("unrecognized arguments:"):
+            given = message.split(":", 1)[1].split()
+            names = [w.split("=")[0][2:] for w in given if w.startswith("--")]
+            close = [c for name in names for c in closest_options(name, self)]
+            if close:
+                message += f" (closest valid: {', '.join(close)})"
+        super().error(message, ex)
+
+
+class ClassCountMismatch(UserError, ValueError):
+    """The class count of the data differs from the one the user gave or the checkpoint holds."""
+
+
 class DeepLabCLI(LightningCLI):
     """LightningCLI with the project's links and checkpoint defaults."""
+
+    def _add_instantiators(self) -> None:
+        """Build model and data through :class:`BuildingInstantiator` around Lightning's own instantiators.
+
+        Overrides a private LightningCLI method and uses its private ``_InstantiatorFn`` (which saves the
+        class path in the hyper-parameters): there is no public way to wrap an instantiator. Checked on
+        lightning 2.6; pyproject.toml bounds lightning below 2.7.
+        """
+        for key, base in (("model", self._model_class), ("data", self._datamodule_class)):
+            inner = _InstantiatorFn(cli=self, key=key)
+            self.parser.add_instantiator(BuildingInstantiator(key, inner), base, subclasses=True)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data -> model arguments and add the always-on checkpoint callback."""
@@ -124,6 +255,10 @@ class DeepLabCLI(LightningCLI):
         hyper-parameters are reconciled with the user's (:meth:`reconcile_checkpoint`).
         """
         self.config = parser.parse_args(with_checkpoint_classes(list(args)))
+        subcommand = self.config.get("subcommand")
+        model = (self.config[subcommand] if subcommand else self.config).get("model")
+        # the user's class count (config or command line), before --ckpt_path's fills it in
+        self._user_num_classes = model.init_args.get("num_classes") if model is not None else None
         self.reconcile_checkpoint(parser)
 
     def reconcile_checkpoint(self, parser: LightningArgumentParser) -> None:
@@ -184,22 +319,26 @@ class DeepLabCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir is None:
                 init_args.save_dir = root
-        self._given_num_classes = config.model.init_args.get("num_classes")
+        self._given_num_classes = self._user_num_classes
 
     def instantiate_classes(self) -> None:
-        """Instantiate, then check the class count: data, command line and checkpoint must agree."""
-        super().instantiate_classes()
+        """Instantiate, then check the class count: data, command line and checkpoint must agree.
+
+        Each message names where its two counts came from: the user's option, the checkpoint, the data.
+        """
+        with user_errors_unwrapped():
+            super().instantiate_classes()
         data_classes = getattr(self.datamodule, "num_classes", None)
         if data_classes is None:
             return
         default = class_defaults(type(self.model)).get("num_classes")
         given = self._given_num_classes
         if given is not None and given != default and given != data_classes:
-            raise ValueError(
+            raise ClassCountMismatch(
                 f"model.init_args.num_classes={given} was given but the data module "
                 f"{type(self.datamodule).__name__} has {data_classes} classes "
                 f"({self.datamodule.class_names}); the class count comes from the data: drop the option, "
-                "or use data with that many classes"
+                "or use data with that many classes (the option was set in a config or on the command line)"
             )
         if given is not None and given == default != data_classes:  # left at its default: said, not silent
             data = type(self.datamodule).__name__
@@ -210,7 +349,7 @@ class DeepLabCLI(LightningCLI):
         saved = getattr(self, "_checkpoint", None)
         saved_classes = saved.hparams.get("num_classes") if saved is not None else None
         if saved is not None and saved_classes is not None and saved_classes != data_classes:
-            raise ValueError(
+            raise ClassCountMismatch(
                 f"Checkpoint {saved.path} has {saved_classes} classes but the data module "
                 f"{type(self.datamodule).__name__} has {data_classes}. --ckpt_path restores a run as it was; "
                 f"to fine-tune on these {data_classes} classes, start from its weights instead: "
@@ -234,6 +373,10 @@ class DeepLabCLI(LightningCLI):
             self.config_init["predict"]["return_predictions"] = False
 
 
+#: ``--ckpt_path`` values Lightning resolves itself rather than naming a file.
+CKPT_PATH_WORDS = ("best", "hpc", "registry", "last")
+
+
 def _checkpoint_file(config: Namespace) -> Path | None:
     """Return the file ``ckpt_path`` names (``last``: the newest ``last*.ckpt`` of the run), else None."""
     ckpt_path = config.get("ckpt_path")
@@ -244,7 +387,7 @@ def _checkpoint_file(config: Namespace) -> Path | None:
         folder = config.get("checkpoint", Namespace()).get("dirpath") or os.path.join(root, "checkpoints")
         found = sorted(Path(folder).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None  # the newest, as Lightning resolves "last"
-    if ckpt_path in ("best", "hpc", "registry"):
+    if ckpt_path in CKPT_PATH_WORDS:
         return None
     return Path(ckpt_path)
 
@@ -282,24 +425,27 @@ def with_checkpoint_classes(words: list[str]) -> list[str]:
     """Insert the checkpoint's model and data classes when a subcommand has ``--ckpt_path`` and no config.
 
     Only when neither ``--config`` nor the group itself (``--model``/``--data``) is given; the user's
-    words follow the inserted ones, so they still override. Unreadable checkpoints are left alone here
-    and reported by :meth:`DeepLabCLI._parse_ckpt_path`.
+    words follow the inserted ones, so they still override. Without a config the checkpoint is read here,
+    so that a missing, unreadable or foreign file is reported as such (not as "model is required"); a
+    class it names outside ``deeplab_lit`` is refused (:func:`~deeplab_lit.modules.restore.check_trusted`).
     """
     subcommand = next((i for i, w in enumerate(words) if not w.startswith("-")), None)
     if subcommand is None:
         return words
     rest = words[subcommand + 1 :]
     ckpt_path = _option_value(rest, "ckpt_path")
-    if not ckpt_path or _option_value(rest, "config") or "-c" in rest or not Path(ckpt_path).is_file():
+    if not ckpt_path or ckpt_path in CKPT_PATH_WORDS or _option_value(rest, "config") or "-c" in rest:
         return words
-    try:
-        saved = read_training_checkpoint(ckpt_path)
-    except (OSError, ValueError):
-        return words
+    saved = read_training_checkpoint(ckpt_path)
     inserted = []
     if not _gives(rest, "model"):
+        if saved.model_class is None:
+            reconcile_model(saved, None, {})  # raises: the checkpoint does not say which class; name it
+        check_trusted(saved, saved.model_class, "model", f"--model {saved.model_class}")
         inserted.append(f"--model={saved.model_class}")
     if not _gives(rest, "data") and saved.data_class:
+        check_trusted(saved, saved.data_class, "datamodule", f"--data {saved.data_class} (or a --config)")
+        check_trusted_options(saved, saved.data_hparams, "data")
         data = {"class_path": saved.data_class, "init_args": plain(saved.data_hparams)}
         inserted.append(f"--data={json.dumps(data)}")
     return [*words[: subcommand + 1], *inserted, *rest]
@@ -376,10 +522,8 @@ def _training_checkpoint_or_none(path: str) -> TrainingCheckpoint | None:
     """Return the training checkpoint at ``path``, or None when it is a plain/published weights file."""
     try:
         return read_training_checkpoint(path)
-    except ValueError as err:
-        if "not a training checkpoint" in str(err):
-            return None
-        raise
+    except NotATrainingCheckpoint:
+        return None
 
 
 def _export_parser() -> ArgumentParser:
@@ -388,7 +532,7 @@ def _export_parser() -> ArgumentParser:
     Training configs are accepted with ``--config`` (their ``model`` section is used; ``data``,
     ``trainer`` and the rest are read and ignored), so no data set and no trainer are built.
     """
-    parser = ArgumentParser(
+    parser = DeepLabArgumentParser(
         prog=f"{PROG} export",
         description="Write a DeepLab network as ONNX (dynamic batch, height, width), checked in onnxruntime.",
     )
@@ -398,6 +542,7 @@ def _export_parser() -> ArgumentParser:
     parser.add_argument("--exporter", type=str, default="dynamo", help=f"One of {EXPORTERS}")
     parser.add_argument("--opset", type=int | None, default=None, help="ONNX opset (None: default)")
     parser.add_subclass_arguments(SegmentationModule, "model", required=False, fail_untyped=False)
+    parser.add_instantiator(BuildingInstantiator("model"), SegmentationModule, subclasses=True)
     for ignored in ("data", "trainer", "checkpoint", "prediction", "seed_everything"):
         parser.add_argument(f"--{ignored}", type=Any, default=None, help=argparse.SUPPRESS)
     return parser
@@ -432,10 +577,12 @@ def export(words: list[str]) -> Path:
             "export needs a model: --ckpt_path of a deeplab_lit run, or a --config (or --model) whose model "
             "the file named by --ckpt_path fits (published and plain state dicts)"
         )
-    module = parser.instantiate_classes(config).model
+    with user_errors_unwrapped():
+        module = parser.instantiate_classes(config).model
     normalization = module.normalization
     if config.ckpt_path:
-        info = load_weights(module.model, config.ckpt_path, num_classes=module.hparams.num_classes)
+        with building("--ckpt_path"):  # a file that does not fit the model: the user's choice of file
+            info = load_weights(module.model, config.ckpt_path, num_classes=module.hparams.num_classes)
         normalization = info.normalization or normalization
     normalization = normalization or _configured_normalization(config.get("data"))
     metadata = {
@@ -479,6 +626,7 @@ def main(args: list[str] | None = None, run: bool = True) -> DeepLabCLI | Path |
         SegmentationDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=DeepLabArgumentParser,
         args=words,
         run=run,
         save_config_callback=ConfigToLoggers,

@@ -8,6 +8,7 @@ the LightningCLI (``fit``/``validate``/``test``/``predict``) or the ``export`` p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,11 +56,43 @@ def front_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Set to 1 to see the full traceback of every error, the user's included.
+DEBUG_VARIABLE = "DEEPLAB_LIT_DEBUG"
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's error (see :mod:`deeplab_lit.errors` for the rule).
+
+    Imported here, when an error is being reported, because some modules that define them import Lightning.
+    """
+    from deeplab_lit.callbacks.resume import CheckpointWriteError
+    from deeplab_lit.data.preflight import PreflightError
+    from deeplab_lit.errors import PATH_ERRORS, UserError
+    from deeplab_lit.models.checkpoint_formats import UnsafeCheckpointError
+    from deeplab_lit.models.registry import UnknownWeightsError
+
+    project = (PreflightError, UnsafeCheckpointError, UnknownWeightsError, CheckpointWriteError)
+    return (UserError, *PATH_ERRORS, *project)
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line report of a user's error (what it concerns, then its own message); None for a bug."""
+    if not isinstance(err, user_error_types()):
+        return None
+    if isinstance(err, KeyError) and err.args:  # str() of a KeyError is its repr
+        return str(err.args[0])
+    concerns = getattr(err, "concerns", "")
+    return f"{concerns}: {err}" if concerns else str(err)
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run ``deeplab-lit``: help and version here, subcommands in :func:`deeplab_lit.cli.main`.
 
-    Returns the exit status 0 (errors exit through ``SystemExit`` or an exception): the console script
-    passes the return value to ``sys.exit``, where anything else would print it and exit with status 1.
+    An error of the user's making (:func:`user_message`) is printed as one message on stderr, without a
+    traceback, and gives exit status 2 (as a command-line error does); ``DEEPLAB_LIT_DEBUG=1`` raises it
+    with its traceback instead. Other errors (bugs) keep their traceback.
+
+    Returns the exit status: 0, or 2 after a user's error. The console script passes it to ``sys.exit``.
     """
     words = list(sys.argv[1:] if args is None else args)
     if not words or words[0] in ("-h", "--help", "--version"):
@@ -70,5 +103,13 @@ def main(args: Sequence[str] | None = None) -> int:
         parser.parse_args(words)  # prints and exits
     from deeplab_lit.cli import main as run_cli
 
-    run_cli(words)
+    try:
+        run_cli(words)
+    except Exception as err:
+        message = None if os.environ.get(DEBUG_VARIABLE) == "1" else user_message(err)
+        if message is None:
+            raise
+        print(f"{PROG} {words[0]}: error: {message}", file=sys.stderr)
+        print(f"({DEBUG_VARIABLE}=1 shows the full traceback)", file=sys.stderr)
+        return 2
     return 0

@@ -12,6 +12,10 @@ The rule, for ``fit``/``validate``/``test``/``predict``/``export`` with ``--ckpt
   channels-last; the training recipe) is the user's where the user set it, else the checkpoint's.
 - ``weights`` and ``pretrained_backbone`` are ignored: the checkpoint's tensors replace whatever they would
   load, and nothing is downloaded for them.
+- A class path the checkpoint records (model, datamodule, or a ``class_path`` inside their options) is
+  followed only into this package (``deeplab_lit.*``): importing another module would run its code, and a
+  checkpoint is data. Another class must be named by the user (``--model``, ``--data``, a config), else
+  :class:`UntrustedClassPath` names it.
 
 Lightning's own ``LightningCLI`` merges the checkpoint's hyper-parameters *over* the user's options, so an
 evaluation option given on the command line silently did nothing; the CLI uses :func:`reconcile_model`
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 
+from deeplab_lit.errors import UserError, building
 from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint, refusal
 from deeplab_lit.models.weights import resolve_options
 
@@ -41,6 +46,22 @@ ARCHITECTURE: tuple[str, ...] = ("num_classes", *OPTIONS)
 SUPERSEDED: dict[str, Any] = {"weights": None, "pretrained_backbone": False}
 #: Keys Lightning and LightningCLI add to the saved hyper-parameters that are no ``__init__`` arguments.
 _BOOKKEEPING = ("_class_path", "_instantiator")
+#: The package whose classes a checkpoint may name; any other module is imported only when the user names it.
+TRUSTED_PACKAGE = "deeplab_lit"
+
+
+class CheckpointError(UserError, ValueError):
+    """A ``--ckpt_path`` file that cannot be used: unreadable, of another kind, or naming a refused class."""
+
+    concerns = "--ckpt_path"
+
+
+class NotATrainingCheckpoint(CheckpointError):
+    """A readable file that is no Lightning checkpoint of this project (a state dict: use ``weights:``)."""
+
+
+class UntrustedClassPath(CheckpointError):
+    """A class path recorded in a checkpoint that lies outside :data:`TRUSTED_PACKAGE` and no user named."""
 
 
 @dataclass
@@ -79,13 +100,58 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def class_paths(value: Any) -> list[str]:
+    """Return every ``class_path`` string inside ``value`` (nested mappings and lists), outermost first."""
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        if isinstance(value.get("class_path"), str):
+            found.append(value["class_path"])
+        for item in value.values():
+            found += class_paths(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found += class_paths(item)
+    return found
+
+
+def check_trusted(saved: TrainingCheckpoint, class_path: str | None, what: str, remedy: str) -> None:
+    """Refuse a class path the checkpoint records outside :data:`TRUSTED_PACKAGE`, before anything imports it.
+
+    Args:
+        saved: The checkpoint that records it.
+        class_path: The recorded class path (None: nothing to check).
+        what: What it is for, e.g. ``"model"`` or ``"option loss of the model"``.
+        remedy: The option with which a user who trusts the class names it, e.g. ``"--model mymod.MyNet"``.
+
+    Raises:
+        UntrustedClassPath: ``class_path`` lies outside the package.
+    """
+    if class_path is None or class_path.split(".", 1)[0] == TRUSTED_PACKAGE:
+        return
+    raise UntrustedClassPath(
+        f"Checkpoint {str(saved.path)!r} names the class {class_path!r} for its {what}; classes a checkpoint "
+        f"names are only imported from {TRUSTED_PACKAGE}, as importing another module runs its code. If you "
+        f"trust that module, name the class yourself: {remedy}"
+    )
+
+
+def check_trusted_options(saved: TrainingCheckpoint, options: Mapping[str, Any], group: str) -> None:
+    """Refuse every untrusted ``class_path`` in the ``group`` (``model``/``data``) options taken from it."""
+    for name, value in options.items():
+        for path in class_paths(value):
+            remedy = f"--{group}.init_args.{name} (on the command line or in a config)"
+            check_trusted(saved, path, f"{group} option {name}", remedy)
+
+
 def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     """Read the hyper-parameters of a Lightning checkpoint of this project (tensors memory-mapped, not read).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is unreadable, needs unsafe unpickling, or is no Lightning checkpoint of a
-            ``deeplab_lit`` module (a plain or published state dict: the message says to use ``weights:``).
+        CheckpointError: the file is unreadable (:class:`NotATrainingCheckpoint`: no Lightning checkpoint of
+            a ``deeplab_lit`` module, e.g. a plain or published state dict: the message says to use
+            ``weights:``).
+        UnsafeCheckpointError: it needs unsafe unpickling.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -95,13 +161,13 @@ def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     except pickle.UnpicklingError as err:
         raise refusal(path, repr(str(path)), err) from err
     except Exception as err:  # torch/zip raise many types for a truncated or foreign file
-        raise ValueError(
+        raise CheckpointError(
             f"Checkpoint {str(path)!r} could not be read: {err}. The file is truncated, corrupt or not a "
             "PyTorch checkpoint."
         ) from err
     hparams = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
     if not isinstance(raw, Mapping) or "pytorch-lightning_version" not in raw or not hparams:
-        raise ValueError(
+        raise NotATrainingCheckpoint(
             f"{str(path)!r} is not a training checkpoint of this project (no Lightning state or "
             "hyper-parameters): --ckpt_path takes the .ckpt files a deeplab_lit run writes. To start from "
             "plain or published weights (a state dict, torchvision's or kazuto1011's files), pass them as "
@@ -154,18 +220,21 @@ def reconcile_model(
 
     Raises:
         ValueError: another version class, or an architecture option that contradicts the checkpoint.
+        UntrustedClassPath: the checkpoint names a class outside this package that the user did not name.
     """
     class_path = saved.model_class or given_class
     if class_path is None:
-        raise ValueError(
+        raise CheckpointError(
             f"Checkpoint {str(saved.path)!r} does not record which module wrote it (it was written through "
             "the Python API, not the command line): name it with --model (e.g. --model "
             "deeplab_lit.DeepLabV3) or a --config whose model section is the one it was trained with."
         )
+    if class_path != given_class:  # the user's own class is imported as the user named it
+        check_trusted(saved, class_path, "model", f"--model {class_path} (or model.class_path in a config)")
     saved_class = import_class(class_path)
     if given_class is not None and import_class(given_class) is not saved_class:
         given_name = given_class.rsplit(".", 1)[-1]
-        raise ValueError(
+        raise CheckpointError(
             f"Checkpoint {str(saved.path)!r} holds a {saved_class.__name__} but the model given is "
             f"{given_name} (model.class_path in the config or --model). The checkpoint decides the version: "
             f"drop the model option or give {saved_class.__name__}. To start a {given_name} from its "
@@ -177,12 +246,14 @@ def reconcile_model(
     architecture = {k: saved.hparams[k] for k in ARCHITECTURE if k in saved.hparams}
     checkpoint = _as_checkpoint(saved, saved_class, architecture)
     # reinit_classifier is a weights: option; a checkpoint restores its own classifier, so it never applies.
-    taken = resolve_options(checkpoint, {**defaults, **given, "reinit_classifier": False}, defaults)
+    with building("--ckpt_path"):  # an architecture option that contradicts the checkpoint: the user's
+        taken = resolve_options(checkpoint, {**defaults, **given, "reinit_classifier": False}, defaults)
     init_args = {**defaults, **saved.hparams, **taken}  # taken: also what the file implies, unrecorded
     for name, value in given.items():
         if name not in architecture and not _same(value, defaults.get(name)):
             init_args[name] = value  # the user's evaluation / recipe option wins over the saved one
     init_args.update(SUPERSEDED)
+    check_trusted_options(saved, {k: v for k, v in init_args.items() if v is saved.hparams.get(k)}, "model")
     return f"{saved_class.__module__}.{saved_class.__name__}", init_args, taken
 
 

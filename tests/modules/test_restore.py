@@ -94,6 +94,17 @@ def test_a_checkpoint_with_another_class_count_names_both_counts_and_the_weights
         main(["validate", "--config", str(V3PLUS), *args])
 
 
+def test_a_class_count_mismatch_blames_the_checkpoint_not_an_option_nobody_gave(trained, tmp_path):
+    saved = torch.load(trained["ckpt"], weights_only=True)
+    saved["hyper_parameters"]["num_classes"] = 6  # a run on 6 classes (not the default 21), data of 21
+    six = tmp_path / "six.ckpt"
+    torch.save(saved, six)
+    with pytest.raises(ValueError, match=r"Checkpoint .*six\.ckpt has 6 classes but the data module "
+                       r"VOCDataModule has 21") as caught:  # fmt: skip
+        main(["validate", "--config", str(V3PLUS), *tiny(tmp_path, trained["voc"]), f"--ckpt_path={six}"])
+    assert "was given" not in str(caught.value)
+
+
 def test_an_explicit_class_count_that_disagrees_with_the_data_is_an_error(trained, tmp_path):
     with pytest.raises(ValueError, match=r"num_classes=0 was given but the data module VOCDataModule has 21"):
         main(["validate", "--config", str(V3PLUS), *tiny(tmp_path, trained["voc"]),
