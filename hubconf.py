@@ -8,9 +8,9 @@
 Each returns the plain network (``deeplab_lit.models``' ``Segmenter``, or ``MultiScaleSegmenter`` for MSC
 weights; no Lightning), in eval mode with its weights loaded through the registry (downloaded once,
 checksum checked), or freshly initialised with ``pretrained=False``. ``model(x)`` takes images normalised
-as the weights need (``deeplab_lit.models.registry.get_weights(name).normalization.normalize(uint8)``)
+as the weights need (``deeplab_lit.weights.registry.get_weights(name).normalization.normalize(uint8)``)
 and gives logits (N, C, H, W) at the input's size. ``deeplab`` takes any registered name
-(``deeplab_lit.models.registry.list_weights()``, including ones added with ``register_weights``); the
+(``deeplab_lit.weights.registry.list_weights()``, including ones added with ``register_weights``); the
 other entry points are the published weights' own.
 """
 
@@ -28,10 +28,10 @@ def deeplab(weights: str, pretrained: bool = True) -> nn.Module:
     """DeepLab network of a registered weights name, e.g. ``"deeplabv3_resnet101.coco_voc"``.
 
     Args:
-        weights: The registered name (``deeplab_lit.models.registry.list_weights()``).
+        weights: The registered name (``deeplab_lit.weights.registry.list_weights()``).
         pretrained: Load the weights; False builds the same network freshly initialised.
     """
-    from deeplab_lit.models.weights import build_published  # on call: listing entry points stays light
+    from deeplab_lit.weights.load import build_published  # on call: listing entry points stays light
 
     return build_published(weights, pretrained=pretrained)
 

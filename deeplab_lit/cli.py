@@ -50,7 +50,6 @@ from deeplab_lit.data.datamodules import SegmentationDataModule
 from deeplab_lit.errors import UserError, building, find_in_chain, root_cause
 from deeplab_lit.export import EXPORTERS, export_onnx
 from deeplab_lit.loggers import ConfigToLoggers
-from deeplab_lit.models.weights import load_weights
 from deeplab_lit.modules.base import SegmentationModule
 from deeplab_lit.modules.restore import (
     NotATrainingCheckpoint,
@@ -65,6 +64,7 @@ from deeplab_lit.modules.restore import (
 )
 from deeplab_lit.normalization import Normalization
 from deeplab_lit.paths import check_writable
+from deeplab_lit.weights.load import load_weights
 
 
 def _names(entry: Any, base: type) -> bool:
@@ -464,12 +464,12 @@ def with_named_weights(words: list[str]) -> list[str] | None:
     """Rewrite ``predict --weights NAME PATH [--output DIR]`` into the LightningCLI's own options.
 
     The model class, its architecture, class names and normalisation come from the registry entry
-    (:mod:`deeplab_lit.models.registry`); the images from ``PATH`` (a file, folder or glob); the masks go
+    (:mod:`deeplab_lit.weights.registry`); the images from ``PATH`` (a file, folder or glob); the masks go
     to ``--output`` (default ``predictions``), with the run's ``config.yaml``; no logger. Other options
     are passed on after these, so they override. ``--list-weights`` prints the registered names and
     returns None. Words without ``--weights`` are returned unchanged.
     """
-    from deeplab_lit.models import registry
+    from deeplab_lit.weights import registry
 
     options, positionals = _split_words(words[1:])
     names = [name for name, _ in options]

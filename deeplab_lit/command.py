@@ -68,8 +68,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from deeplab_lit.callbacks.resume import CheckpointWriteError
     from deeplab_lit.data.preflight import PreflightError
     from deeplab_lit.errors import PATH_ERRORS, UserError
-    from deeplab_lit.models.checkpoint_formats import UnsafeCheckpointError
-    from deeplab_lit.models.registry import UnknownWeightsError
+    from deeplab_lit.weights.formats import UnsafeCheckpointError
+    from deeplab_lit.weights.registry import UnknownWeightsError
 
     project = (PreflightError, UnsafeCheckpointError, UnknownWeightsError, CheckpointWriteError)
     return (UserError, *PATH_ERRORS, *project)

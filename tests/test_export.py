@@ -17,7 +17,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus  # noqa: E402
 from deeplab_lit.models.deeplab import MultiScaleSegmenter  # noqa: E402
-from deeplab_lit.models.weights import classifier_keys  # noqa: E402
+from deeplab_lit.weights.load import classifier_keys  # noqa: E402
 
 QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
 SIZES = [(1, 3, 65, 77), (2, 3, 41, 99)]  # odd sizes, neither the export example's (97x113)

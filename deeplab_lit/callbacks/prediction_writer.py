@@ -44,6 +44,7 @@ from deeplab_lit.callbacks.prediction_outputs import (
     mask_file,
     save_mask,
 )
+from deeplab_lit.crf import CRFParams, dense_crf
 from deeplab_lit.visualize import overlay
 
 
@@ -101,9 +102,7 @@ class PredictionWriter(BasePredictionWriter):
         if crf:
             self._crf_params()  # an unknown preset fails now, not after the first batch
 
-    def _crf_params(self) -> Any:
-        from deeplab_lit.crf import CRFParams
-
+    def _crf_params(self) -> CRFParams:
         return CRFParams.from_preset(self.crf_preset)
 
     def output_files(self, name: str) -> list[Path]:
@@ -180,8 +179,6 @@ class PredictionWriter(BasePredictionWriter):
         palette, normalization = _data_attributes(trainer)
         images = normalization.denormalize(batch["image"])  # uint8 RGB (N, 3, H, W)
         if self.crf:
-            from deeplab_lit.crf import dense_crf
-
             probs = prediction["logits"].float().softmax(dim=1)
             labels = dense_crf(probs, images.to(probs.device), self._crf_params(), self.crf_backend).argmax(1)
         else:

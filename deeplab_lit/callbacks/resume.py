@@ -63,7 +63,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from deeplab_lit.models.checkpoint_formats import read_weights_file
+from deeplab_lit.weights.formats import read_weights_file
 
 # Lightning's own warning for an absent "last" checkpoint hints at save_last, which this project always sets;
 # BestAndLastCheckpoint._find_last_checkpoints says what happened instead.
@@ -440,11 +440,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Reading: every checkpoint Lightning reads through it (``--ckpt_path`` files, ``last``, ``hpc`` and
     SLURM's auto-resume ``hpc_ckpt_<n>.ckpt``) goes through the project's safe reader
-    (:func:`~deeplab_lit.models.checkpoint_formats.read_weights_file`: ``torch.load(weights_only=True)``
+    (:func:`~deeplab_lit.weights.formats.read_weights_file`: ``torch.load(weights_only=True)``
     with this project's config classes declared safe), whatever ``weights_only`` Lightning passes and
     whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says (some clusters set it; it turns Lightning's
     default load into full unpickling, which runs any code a crafted file holds). A file holding other
-    Python objects raises :class:`~deeplab_lit.models.checkpoint_formats.UnsafeCheckpointError`.
+    Python objects raises :class:`~deeplab_lit.weights.formats.UnsafeCheckpointError`.
 
     Use it as ``trainer.plugins: [{class_path: deeplab_lit.callbacks.AtomicCheckpointIO}]``; the CLI adds
     it when a config names no checkpoint plugin.

@@ -1,6 +1,10 @@
-"""Pure-PyTorch DeepLab models: backbones, heads, one segmenter and per-version builders (no Lightning)."""
+"""Pure-PyTorch DeepLab networks: backbones, heads, one segmenter, per-version builders, BatchNorm folding.
 
-from deeplab_lit.models.backbones import BACKBONES, Backbone, build_backbone
+No Lightning and no file I/O: weights (ImageNet, published, checkpoints) are :mod:`deeplab_lit.weights`' job.
+"""
+
+from deeplab_lit.models.backbone_base import Backbone
+from deeplab_lit.models.backbones import BACKBONES, build_backbone
 from deeplab_lit.models.deeplab import (
     MultiScaleSegmenter,
     Segmenter,
@@ -18,7 +22,6 @@ from deeplab_lit.models.heads import (
     FCNHead,
     LargeFOVHead,
 )
-from deeplab_lit.models.imagenet import load_imagenet_weights
 
 __all__ = [
     "ASPP",
@@ -37,5 +40,4 @@ __all__ = [
     "deeplab_v2",
     "deeplab_v3",
     "deeplab_v3plus",
-    "load_imagenet_weights",
 ]

@@ -1,105 +1,34 @@
-"""Feature extractors for DeepLab: dilated ResNets, LargeFOV VGG-16, MobileNetV2/V3 and aligned Xception-65.
+"""The built-in backbone families, one :class:`BackboneFamily` record each, and :func:`build_backbone`.
 
-Every backbone maps a normalised image ``(N, 3, H, W)`` to a dict of feature maps:
+The families: dilated ResNets, LargeFOV VGG-16, MobileNetV2/V3 and aligned Xception-65;
+:func:`build_backbone` picks one by name, or a timm encoder by ``"timm:<model>"``.
 
-- ``"low"``: stride-4 features (``ceil(H / 4)``), the skip input of the DeepLab v3+ decoder;
-- ``"out"``: the last features, at the backbone's ``output_stride`` (``ceil(H / output_stride)``);
-- ``"aux"`` (ResNets and MobileNetV3-Large only): the input of torchvision's auxiliary FCN head, ResNet
-  ``layer3`` and MobileNetV3's ``features.4`` (stride 8).
-
-The output stride is set by replacing strides with atrous (dilated) convolution (DeepLab v1 Sec. 3.1,
-v3 Sec. 3.1). Module names follow torchvision (and timm for Xception), so their ImageNet state dicts load
-with ``strict=True`` once their classifier keys are dropped (see :mod:`deeplab_lit.models.imagenet`).
+A family's record is all the rest of the code knows of it: its builder, output strides, ResNet stage
+layout (multi-grid, recognising foreign checkpoints), where its ImageNet weights come from and how their
+keys map, whether the v1/v2 LargeFOV head goes on it, and which of its modules fold BatchNorm. Module
+names follow torchvision (timm for Xception), so their ImageNet state dicts load with ``strict=True``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vgg import cfgs, make_layers
 
-from deeplab_lit.models.imagenet import load_imagenet_weights
+from deeplab_lit.models import timm_backbones
+from deeplab_lit.models.backbone_base import Backbone, dilate_for_output_stride, resolve_multi_grid, set_conv
 
 _log = logging.getLogger(__name__)
 
-RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES: tuple[str, ...] = (*RESNETS, "vgg16", "mobilenet_v2", "mobilenet_v3_large", "xception65")
 STYLES: tuple[str, ...] = ("torchvision", "caffe")
-#: Blocks in each ResNet's last stage (layer4), where multi-grid applies.
-LAYER4_BLOCKS: dict[str, int] = {"resnet18": 2, "resnet34": 3, "resnet50": 3, "resnet101": 3}
-#: DeepLab v3's multi-grid unit rates (Sec. 3.2, 4.1: "Multi_Grid = (1, 2, 4)").
-PAPER_MULTI_GRID: tuple[int, ...] = (1, 2, 4)
-OUTPUT_STRIDES: dict[str, tuple[int, ...]] = {
-    **dict.fromkeys(RESNETS, (8, 16, 32)),
-    "vgg16": (8,),
-    "mobilenet_v2": (8, 16, 32),
-    "mobilenet_v3_large": (8, 16, 32),
-    "xception65": (8, 16, 32),
-}
-
-
-class Backbone(nn.Module):
-    """Base class of all backbones: ``forward(x) -> {"low": ..., "out": ...[, "aux": ...]}``.
-
-    Attributes:
-        name: Backbone name, one of :data:`BACKBONES`.
-        low_channels: Channels of ``"low"`` (stride-4 features).
-        out_channels: Channels of ``"out"``.
-        aux_channels: Channels of ``"aux"``, or None if the backbone has no auxiliary output.
-        output_stride: Ratio of input size to ``"out"`` size (8, 16 or 32).
-        multi_grid: The multi-grid unit rates of the last stage's blocks as built (DeepLab v3 Sec. 3.2), or
-            None (plain dilation; every backbone without a ResNet last stage).
-    """
-
-    def __init__(
-        self, name: str, low_channels: int, out_channels: int, aux_channels: int | None, output_stride: int
-    ) -> None:
-        super().__init__()
-        self.name = name
-        self.low_channels = low_channels
-        self.out_channels = out_channels
-        self.aux_channels = aux_channels
-        self.multi_grid: tuple[int, ...] | None = None
-        self.output_stride = output_stride
-
-
-def _set_conv(conv: nn.Conv2d, *, stride: int | None = None, dilation: int | None = None) -> None:
-    """Change a convolution's stride and/or dilation in place, keeping 'same' padding for 3x3 kernels."""
-    if stride is not None:
-        conv.stride = (stride, stride)
-    if dilation is not None:
-        conv.dilation = (dilation, dilation)
-        conv.padding = (dilation * (conv.kernel_size[0] - 1) // 2,) * 2
-
-
-def _dilate_for_output_stride(
-    convs: Sequence[nn.Conv2d], output_stride: int, removed_stride_rate: str
-) -> list[int]:
-    """Replace the strides that would take features past ``output_stride`` by dilation (v3 Sec. 3.1).
-
-    ``convs`` are the spatial convolutions of a network in order. A strided one beyond ``output_stride``
-    gets stride 1, and every later one the rate multiplied by the stride removed. The convolution whose
-    stride is removed runs at the ``"previous"`` rate (the TensorFlow DeepLab code's MobileNetV2 rule) or
-    already at the ``"new"`` one (torchvision's ``mobilenet_v3_large(dilated=True)``).
-
-    Returns:
-        The stride each convolution was left with.
-    """
-    current_stride, rate, strides = 1, 1, []
-    for conv in convs:
-        stride, previous = conv.stride[0], rate
-        if stride > 1 and current_stride * stride > output_stride:
-            rate *= stride
-            stride = 1
-        else:
-            current_stride *= stride
-        _set_conv(conv, stride=stride, dilation=previous if removed_stride_rate == "previous" else rate)
-        strides.append(stride)
-    return strides
+#: A (conv attribute, BatchNorm attribute) pair that a module's forward applies one after the other.
+ConvBNPairs = tuple[tuple[str, str], ...]
 
 
 class ResNetBackbone(Backbone):
@@ -141,7 +70,7 @@ class ResNetBackbone(Backbone):
             resnet.layer3,
             resnet.layer4,
         )
-        multi_grid = self.multi_grid = resolve_multi_grid(name, multi_grid)
+        multi_grid = self.multi_grid = resolve_multi_grid(name, multi_grid, blocks=len(resnet.layer4))
         if style == "caffe":
             self.maxpool.ceil_mode = True
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
@@ -171,13 +100,13 @@ class ResNetBackbone(Backbone):
                 strided_rate = rate = dilation * int(grid[index])
             if isinstance(block, Bottleneck):
                 caffe = self.style == "caffe"
-                _set_conv(block.conv1, stride=block_stride if caffe else 1)
-                _set_conv(block.conv2, stride=1 if caffe else block_stride, dilation=strided_rate)
+                set_conv(block.conv1, stride=block_stride if caffe else 1)
+                set_conv(block.conv2, stride=1 if caffe else block_stride, dilation=strided_rate)
             elif isinstance(block, BasicBlock):
-                _set_conv(block.conv1, stride=block_stride, dilation=strided_rate)
-                _set_conv(block.conv2, dilation=rate)
+                set_conv(block.conv1, stride=block_stride, dilation=strided_rate)
+                set_conv(block.conv2, dilation=rate)
             if block.downsample is not None:
-                _set_conv(block.downsample[0], stride=block_stride)
+                set_conv(block.downsample[0], stride=block_stride)
             block.stride = block_stride
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -214,7 +143,7 @@ class VGG16LargeFOV(Backbone):
         for index in (23, 30):
             features[index] = nn.MaxPool2d(3, stride=1, padding=1)
         for index in (24, 26, 28):
-            _set_conv(features[index], dilation=2)
+            set_conv(features[index], dilation=2)
         features.append(nn.AvgPool2d(3, stride=1, padding=1))
         self.features = features
 
@@ -243,7 +172,7 @@ class MobileNetV2Backbone(Backbone):
             next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
             for block in self.features
         ]
-        strides = _dilate_for_output_stride(convs, output_stride, removed_stride_rate="previous")
+        strides = dilate_for_output_stride(convs, output_stride, removed_stride_rate="previous")
         for block, stride in zip(self.features, strides):
             if hasattr(block, "stride"):
                 block.stride = stride
@@ -281,7 +210,7 @@ class MobileNetV3Backbone(Backbone):
         spatial = [[m for m in layer.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
                    for layer in self.features]  # fmt: skip
         convs = [found[0] for found in spatial if found]
-        _dilate_for_output_stride(convs, output_stride, removed_stride_rate="new")
+        dilate_for_output_stride(convs, output_stride, removed_stride_rate="new")
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return ``{"low": features.3, "aux": features.4, "out": features.16}`` of ``x`` (N, 3, H, W)."""
@@ -319,74 +248,145 @@ class XceptionBackbone(Backbone):
         return {"low": low, "out": out}
 
 
-def resolve_multi_grid(
-    name: str, multi_grid: Sequence[int] | None, blocks: int | None = None, family: str | None = None
-) -> tuple[int, ...] | None:
-    """Return the layer4 multi-grid that backbone ``name`` is built with (DeepLab v3 Sec. 3.2).
+class StageLayout(NamedTuple):
+    """A ResNet's blocks per stage (layer1..layer4) and whether they are Bottlenecks (have ``conv3``)."""
 
-    The paper's (1, 2, 4) is the paper's grid adapted to the backbone: truncated to the blocks a ResNet's
-    last stage has ((1, 2) on ResNet-18), and None (plain dilation) on a backbone with no ResNet last
-    stage (MobileNet, Xception, timm's non-ResNet families), so that DeepLab v3's default builds on every
-    backbone. Any other grid must give one rate per block of a ResNet last stage.
+    blocks: tuple[int, int, int, int]
+    bottleneck: bool
 
-    Args:
-        name: The backbone's name.
-        multi_grid: The grid asked for, or None.
-        blocks: Blocks of the last stage of a ResNet not in :data:`RESNETS` (timm's,
-            :mod:`~deeplab_lit.models.timm_backbones`); None = :data:`LAYER4_BLOCKS`' count for a built-in
-            ResNet, none for any other backbone.
-        family: timm's family of ``name``, named in the error.
 
-    Raises:
-        ValueError: rates that are not positive integers; a grid other than the paper's whose length is not
-            layer4's block count, or on a backbone without a ResNet last stage.
+@dataclass(frozen=True)
+class ImageNetSource:
+    """Where a family's ImageNet classification weights come from and how their keys map onto it.
+
+    Attributes:
+        library: ``"torchvision"`` (a weights enum of ``torchvision.models``) or ``"timm"`` (a tag).
+        default: What ``pretrained_backbone=True`` means: the enum member or timm tag.
+        dropped: Key prefixes of the classifier, not part of the backbone.
+        prefix: The backbone's own prefix for the library's keys (a timm model sits under ``body.``).
     """
-    if multi_grid is None:
-        return None
-    grid = tuple(multi_grid)
-    if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in grid):
-        raise ValueError(f"multi_grid must hold positive integers, got {grid}")
-    blocks = LAYER4_BLOCKS.get(name) if blocks is None else blocks
-    if blocks is None:
-        if grid == PAPER_MULTI_GRID:
-            return None
-        described = name if family is None else f"{name} (timm's {family} family)"
-        raise ValueError(
-            f"multi_grid={grid} sets the rates of ResNet layer4 blocks and {described} has none: pass "
-            f"multi_grid=None (DeepLab v3's default, the paper's {PAPER_MULTI_GRID}, builds without it)"
-        )
-    if grid == PAPER_MULTI_GRID and blocks < len(grid):
-        return grid[:blocks]
-    if len(grid) != blocks:
-        paper = "the paper's" + ("" if blocks == len(PAPER_MULTI_GRID) else f", truncated to {blocks} blocks")
-        raise ValueError(
-            f"multi_grid must give one rate per layer4 block ({blocks} for {name}), got {grid}; e.g. "
-            f"multi_grid={PAPER_MULTI_GRID[:blocks]} ({paper}), or None"
-        )
-    return grid
+
+    library: str
+    default: str
+    dropped: tuple[str, ...]
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """One built-in backbone family: all that the builders, weights and folding code need to know of it.
+
+    Attributes:
+        names: The backbone names it builds.
+        build: ``build(name, output_stride, multi_grid, style)`` -> the backbone (options already checked).
+        output_strides: The output strides it can be built at.
+        imagenet: Its ImageNet weights.
+        stages: ResNets: each name's :class:`StageLayout` (multi-grid needs layer4's block count; foreign
+            checkpoints are recognised by it). Empty for a family without a ResNet last stage.
+        styles: ResNet styles it can be built in.
+        largefov_head: DeepLab v1/v2 put the LargeFOV fc6/fc7 head on it (initialised from the ImageNet
+            fc layers); v3 and v3+ refuse it.
+        fusable: Module types of the family whose forward applies a convolution then its BatchNorm, with
+            those pairs (:mod:`~deeplab_lit.models.fusion` folds them).
+    """
+
+    names: tuple[str, ...]
+    build: Callable[[str, int, Sequence[int] | None, str], Backbone]
+    output_strides: tuple[int, ...]
+    imagenet: ImageNetSource
+    stages: Mapping[str, StageLayout] = field(default_factory=dict)
+    styles: tuple[str, ...] = ("torchvision",)
+    largefov_head: bool = False
+    fusable: Mapping[type[nn.Module], ConvBNPairs] = field(default_factory=dict)
+
+
+FAMILIES: tuple[BackboneFamily, ...] = (
+    BackboneFamily(
+        names=("resnet18", "resnet34", "resnet50", "resnet101"),
+        build=lambda name, stride, grid, style: ResNetBackbone(
+            name, output_stride=stride, multi_grid=grid, style=style
+        ),
+        output_strides=(8, 16, 32),
+        imagenet=ImageNetSource("torchvision", "IMAGENET1K_V1", ("fc.",)),
+        stages={
+            "resnet18": StageLayout((2, 2, 2, 2), False),
+            "resnet34": StageLayout((3, 4, 6, 3), False),
+            "resnet50": StageLayout((3, 4, 6, 3), True),
+            "resnet101": StageLayout((3, 4, 23, 3), True),
+        },
+        styles=STYLES,
+        fusable={
+            BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+            Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+            ResNet: (("conv1", "bn1"),),
+            ResNetBackbone: (("conv1", "bn1"),),
+        },
+    ),
+    BackboneFamily(
+        names=("vgg16",),
+        build=lambda name, stride, grid, style: VGG16LargeFOV(),
+        output_strides=(8,),
+        imagenet=ImageNetSource("torchvision", "IMAGENET1K_V1", ("classifier.",)),
+        largefov_head=True,
+    ),
+    BackboneFamily(
+        names=("mobilenet_v2",),
+        build=lambda name, stride, grid, style: MobileNetV2Backbone(output_stride=stride),
+        output_strides=(8, 16, 32),
+        imagenet=ImageNetSource("torchvision", "IMAGENET1K_V1", ("classifier.", "features.18.")),
+    ),
+    BackboneFamily(
+        names=("mobilenet_v3_large",),
+        build=lambda name, stride, grid, style: MobileNetV3Backbone(output_stride=stride),
+        output_strides=(8, 16, 32),
+        # what torchvision's deeplabv3_mobilenet_v3_large starts from
+        imagenet=ImageNetSource("torchvision", "IMAGENET1K_V1", ("classifier.",)),
+    ),
+    BackboneFamily(
+        names=("xception65",),
+        build=lambda name, stride, grid, style: XceptionBackbone(output_stride=stride),
+        output_strides=(8, 16, 32),
+        imagenet=ImageNetSource("timm", "ra3_in1k", ("head.",), prefix="body."),
+    ),
+)
+_BY_NAME: dict[str, BackboneFamily] = {name: family for family in FAMILIES for name in family.names}
+#: The built-in backbones' names; any ``"timm:<model>"`` name is a backbone too.
+BACKBONES: tuple[str, ...] = tuple(_BY_NAME)
+#: Each built-in ResNet's stage layout, by name.
+RESNET_STAGES: dict[str, StageLayout] = {name: s for family in FAMILIES for name, s in family.stages.items()}
+
+
+def backbone_family(name: str) -> BackboneFamily | None:
+    """The record of built-in backbone ``name``; None for a timm encoder or an unknown name."""
+    return _BY_NAME.get(name)
+
+
+def layer4_blocks(name: str) -> int | None:
+    """Blocks in the last stage of built-in ResNet ``name`` (where multi-grid applies); None otherwise."""
+    layout = RESNET_STAGES.get(name)
+    return None if layout is None else layout.blocks[-1]
 
 
 def check_backbone_options(
     name: str, output_stride: int, multi_grid: Sequence[int] | None = None, style: str = "torchvision"
 ) -> None:
     """Raise one clear ValueError for a bad backbone option (see :func:`build_backbone`)."""
-    from deeplab_lit.models import timm_backbones  # here: it subclasses Backbone (an import cycle)
-
     if timm_backbones.is_timm_name(name):
         timm_backbones.check_timm_backbone(name, output_stride, multi_grid, style)
         return
-    if name not in BACKBONES:
+    family = backbone_family(name)
+    if family is None:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {BACKBONES}")
-    if output_stride not in OUTPUT_STRIDES[name]:
+    if output_stride not in family.output_strides:
         raise ValueError(
             f"output_stride={output_stride!r} is not supported by {name}; "
-            f"expected one of {OUTPUT_STRIDES[name]}"
+            f"expected one of {family.output_strides}"
         )
     if style not in STYLES:
         raise ValueError(f"Unknown ResNet style {style!r}; expected one of {STYLES}")
-    if name not in RESNETS and style != "torchvision":
+    if style not in family.styles:
         raise ValueError(f"style={style!r} is a ResNet option; {name} only has style='torchvision'")
-    resolve_multi_grid(name, multi_grid)
+    resolve_multi_grid(name, multi_grid, layer4_blocks(name))
 
 
 def build_backbone(
@@ -395,46 +395,32 @@ def build_backbone(
     output_stride: int = 16,
     multi_grid: Sequence[int] | None = None,
     style: str = "torchvision",
-    pretrained: bool | str = False,
 ) -> Backbone:
-    """Build a backbone by name.
+    """Build a backbone by name, randomly initialised (ImageNet weights: :mod:`deeplab_lit.weights.imagenet`).
 
     Args:
         name: One of :data:`BACKBONES`, or ``"timm:<model name>"`` for a timm encoder
             (:class:`~deeplab_lit.models.timm_backbones.TimmBackbone`, e.g. ``"timm:convnext_tiny"``).
         output_stride: Input size / ``"out"`` size: 8, 16 or 32 (32 = no dilation); VGG-16 allows only 8.
         multi_grid: ResNets only: per-block rate multipliers of layer4 (DeepLab v3 Sec. 3.2), e.g. (1, 2, 4),
-            the paper's, which ResNet-18 (two blocks) takes as (1, 2); see :func:`resolve_multi_grid`.
-            timm's ResNet family (``"timm:resnet50d"``, ...) takes it too.
+            the paper's, which ResNet-18 (two blocks) takes as (1, 2), and a backbone without a ResNet last
+            stage as None (:func:`~.backbone_base.resolve_multi_grid`). timm's ResNets take it too.
         style: ResNets only: ``"torchvision"`` or ``"caffe"`` (see :class:`ResNetBackbone`).
-        pretrained: False for random initialisation, True for the default ImageNet weights, or a string:
-            a torchvision weights name (``"IMAGENET1K_V2"``), a timm tag for xception65 (``"tf_in1k"``),
-            or the path of a local state-dict file. See
-            :func:`~deeplab_lit.models.imagenet.load_imagenet_weights`.
 
     Returns:
-        The backbone; ``forward(x)`` returns ``{"low", "out"}`` (plus ``"aux"`` for ResNets and
-        mobilenet_v3_large).
+        The backbone; ``forward(x)`` returns ``{"low", "out"}`` (plus ``"aux"`` where it has one).
 
     Raises:
         ValueError: unknown name, unsupported output stride, style or multi-grid.
     """
-    from deeplab_lit.models import timm_backbones  # here: it subclasses Backbone (an import cycle)
-
     check_backbone_options(name, output_stride, multi_grid, style)
     backbone: Backbone
     if timm_backbones.is_timm_name(name):
         backbone = timm_backbones.TimmBackbone(name, output_stride=output_stride, multi_grid=multi_grid)
-    elif name in RESNETS:
-        backbone = ResNetBackbone(name, output_stride=output_stride, multi_grid=multi_grid, style=style)
-    elif name == "vgg16":
-        backbone = VGG16LargeFOV()
-    elif name == "mobilenet_v2":
-        backbone = MobileNetV2Backbone(output_stride=output_stride)
-    elif name == "mobilenet_v3_large":
-        backbone = MobileNetV3Backbone(output_stride=output_stride)
     else:
-        backbone = XceptionBackbone(output_stride=output_stride)
+        family = backbone_family(name)
+        assert family is not None  # checked above
+        backbone = family.build(name, output_stride, multi_grid, style)
     built = backbone.multi_grid
     if multi_grid is not None and built != tuple(multi_grid):  # the paper's grid, adapted: say so
         _log.info(
@@ -444,6 +430,4 @@ def build_backbone(
             f"{name} has no such stage" if built is None else f"{name}'s has {len(built)} blocks",
             "without multi-grid" if built is None else f"with {built}",
         )
-    if pretrained is not False:
-        load_imagenet_weights(backbone, name, pretrained)
     return backbone

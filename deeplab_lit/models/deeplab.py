@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeplab_lit.models.backbones import BACKBONES, Backbone, build_backbone
+from deeplab_lit.models.backbone_base import Backbone
+from deeplab_lit.models.backbones import BACKBONES, backbone_family, build_backbone
 from deeplab_lit.models.heads import (
     ASPP,
     ASPPSum,
@@ -29,7 +30,6 @@ from deeplab_lit.models.heads import (
     LargeFOVHead,
     check_separable_form,
 )
-from deeplab_lit.models.imagenet import init_from_imagenet
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -185,11 +185,18 @@ def _aux_head(body: Backbone, num_classes: int, aux_head: bool) -> FCNHead | Non
     return FCNHead(body.aux_channels, num_classes)
 
 
-def _not_vgg(backbone: str, version: str) -> None:
-    if backbone == "vgg16":
+def _largefov(backbone: str) -> bool:
+    """Whether DeepLab v1/v2 put the LargeFOV fc6/fc7 head on ``backbone`` (VGG-16, v1 Sec. 3.1)."""
+    family = backbone_family(backbone)
+    return family is not None and family.largefov_head
+
+
+def _not_largefov(backbone: str, version: str) -> None:
+    if _largefov(backbone):
         raise ValueError(
-            f"vgg16 is the DeepLab v1/v2 backbone; {version} takes one of "
-            f"{tuple(name for name in BACKBONES if name != 'vgg16')} or a timm encoder, 'timm:<model name>'"
+            f"{backbone} is the DeepLab v1/v2 backbone; {version} takes one of "
+            f"{tuple(name for name in BACKBONES if not _largefov(name))} or a timm encoder, "
+            "'timm:<model name>'"
         )
 
 
@@ -198,7 +205,6 @@ def deeplab_v1(
     num_classes: int,
     backbone: str = "vgg16",
     output_stride: int = 8,
-    pretrained_backbone: bool | str = False,
     largefov_rate: int = 12,
     style: str = "torchvision",
 ) -> Segmenter:
@@ -209,19 +215,16 @@ def deeplab_v1(
         backbone: ``"vgg16"`` (LargeFOV head: fc6 rate ``largefov_rate``, fc7, fc8) or another backbone
             (followed by one 1x1 classifier).
         output_stride: 8 (the paper; VGG-16 allows only 8).
-        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`. With ``vgg16``,
-            fc6/fc7 are also initialised from VGG's ImageNet fc layers, subsampled (v1 Sec. 3.1).
         largefov_rate: fc6 dilation of the VGG-16 head (12 = LargeFOV); unused for other backbones.
         style: ResNet style, ``"caffe"`` for kazuto1011's DeepLab-v1 ResNet-101 checkpoints.
     """
     _check_num_classes(num_classes)
     _check_rates([largefov_rate], "largefov_rate")
     body = build_backbone(backbone, output_stride=output_stride, style=style)
-    if backbone == "vgg16":
+    if _largefov(backbone):
         model = Segmenter(body, LargeFOVHead(body.out_channels, num_classes, rate=largefov_rate))
     else:
         model = Segmenter(body, ConvClassifier(body.out_channels, num_classes))
-    init_from_imagenet(model, pretrained_backbone)
     return model
 
 
@@ -233,7 +236,6 @@ def deeplab_v2(
     atrous_rates: Sequence[int] = (6, 12, 18, 24),
     msc_scales: Sequence[float] | None = None,
     style: str = "torchvision",
-    pretrained_backbone: bool | str = False,
 ) -> Segmenter | MultiScaleSegmenter:
     """DeepLab v2: dilated backbone + ASPP with summed class scores (v2 Sec. 3.3), optional MSC inputs.
 
@@ -247,18 +249,15 @@ def deeplab_v2(
         atrous_rates: ASPP rates, (6, 12, 18, 24) = ASPP-L.
         msc_scales: If given, e.g. (1.0, 0.75, 0.5), wrap in :class:`MultiScaleSegmenter`.
         style: ResNet style; ``"caffe"`` matches kazuto1011/deeplab-pytorch's checkpoints.
-        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`; with ``vgg16`` each
-            branch's fc6/fc7 too, from VGG's ImageNet fc layers (:func:`~.imagenet.init_from_imagenet`).
     """
     _check_num_classes(num_classes)
     rates = _check_rates(atrous_rates, "atrous_rates")
     body = build_backbone(backbone, output_stride=output_stride, style=style)
-    branch_channels = 1024 if backbone == "vgg16" else None
+    branch_channels = 1024 if _largefov(backbone) else None
     model: Segmenter | MultiScaleSegmenter
     model = Segmenter(body, ASPPSum(body.out_channels, num_classes, rates, branch_channels=branch_channels))
     if msc_scales is not None:
         model = MultiScaleSegmenter(model, msc_scales)
-    init_from_imagenet(model, pretrained_backbone)
     return model
 
 
@@ -271,7 +270,6 @@ def deeplab_v3(
     multi_grid: Sequence[int] | None = (1, 2, 4),
     aux_head: bool = False,
     style: str = "torchvision",
-    pretrained_backbone: bool | str = False,
 ) -> Segmenter:
     """DeepLab v3: dilated backbone with multi-grid, ASPP with image pooling (v3 Sec. 3.2-3.3).
 
@@ -287,15 +285,13 @@ def deeplab_v3(
             built without multi-grid under the paper's grid, said in an info line; any other grid raises.
         aux_head: Add torchvision's auxiliary FCN head on layer3 (backbones with an ``"aux"`` output).
         style: ResNet style.
-        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
     """
     _check_num_classes(num_classes)
-    _not_vgg(backbone, "deeplab_v3")
+    _not_largefov(backbone, "deeplab_v3")
     rates = None if atrous_rates is None else _check_rates(atrous_rates, "atrous_rates")
     body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, style=style)
     head = DeepLabV3Head(body.out_channels, num_classes, _v3_rates(rates, output_stride))
     model = Segmenter(body, head, aux_classifier=_aux_head(body, num_classes, aux_head))
-    init_from_imagenet(model, pretrained_backbone)
     return model
 
 
@@ -309,7 +305,6 @@ def deeplab_v3plus(
     separable: bool = False,
     aux_head: bool = False,
     style: str = "torchvision",
-    pretrained_backbone: bool | str = False,
     channels: int = 256,
     separable_form: str = "xception",
 ) -> Segmenter:
@@ -325,7 +320,6 @@ def deeplab_v3plus(
         separable: Atrous depthwise-separable convolutions in the ASPP branches and the decoder.
         aux_head: Add an auxiliary FCN head on layer3 (backbones with an ``"aux"`` output).
         style: ResNet style.
-        pretrained_backbone: See :func:`~deeplab_lit.models.backbones.build_backbone`.
         channels: Width of the ASPP and of the decoder's 3x3 convolutions (256 in the paper). At the
             stride-4 resolution the decoder dominates the cost of a small backbone; a narrower one (e.g.
             64) makes a cheap model for CPU experiments.
@@ -342,7 +336,7 @@ def deeplab_v3plus(
             separable convolution", has the figures and what was ruled out as the cause.
     """
     _check_num_classes(num_classes)
-    _not_vgg(backbone, "deeplab_v3plus")
+    _not_largefov(backbone, "deeplab_v3plus")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be a positive int (256 in the paper), got {channels!r}")
     check_separable_form(separable_form)
@@ -355,7 +349,6 @@ def deeplab_v3plus(
         separable_form=separable_form,
     )  # fmt: skip
     model = Segmenter(body, head, decoder, aux_classifier=_aux_head(body, num_classes, aux_head))
-    init_from_imagenet(model, pretrained_backbone)
     return model
 
 

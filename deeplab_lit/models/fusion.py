@@ -27,17 +27,14 @@ from typing import TypeGuard
 
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from deeplab_lit.models.backbones import ResNetBackbone
+from deeplab_lit.models.backbones import FAMILIES, ConvBNPairs
 from deeplab_lit.models.heads import ASPPPooling, AtrousDepthwiseConv2d
 
-#: Module types whose forward applies ``conv`` then ``bn`` directly, as (conv attribute, bn attribute) pairs.
-FUSABLE_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
-    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
-    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
-    ResNet: (("conv1", "bn1"),),
-    ResNetBackbone: (("conv1", "bn1"),),
+#: Module types whose forward applies ``conv`` then ``bn`` directly, as (conv attribute, bn attribute) pairs:
+#: each built-in backbone family's (its record's ``fusable``).
+FUSABLE_PAIRS: dict[type[nn.Module], ConvBNPairs] = {
+    kind: pairs for family in FAMILIES for kind, pairs in family.fusable.items()
 }
 
 
@@ -46,7 +43,7 @@ def _timm_loaded() -> bool:
     return "timm" in sys.modules
 
 
-def _fusable_pairs() -> dict[type[nn.Module], tuple[tuple[str, str], ...]]:
+def _fusable_pairs() -> dict[type[nn.Module], ConvBNPairs]:
     """:data:`FUSABLE_PAIRS`, plus timm's layers once timm is loaded.
 
     Each pair was read off the timm 1.0.31 ``forward`` of its class (conv, then its BatchNorm, nothing

@@ -43,7 +43,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from deeplab_lit.models.backbones import Backbone, _set_conv, resolve_multi_grid
+from deeplab_lit.models.backbone_base import Backbone, resolve_multi_grid, set_conv
 
 #: Prefix of a timm encoder's backbone name: ``"timm:convnext_tiny"``.
 TIMM_PREFIX = "timm:"
@@ -244,7 +244,7 @@ class TimmBackbone(Backbone):
     ``body`` is timm's feature extractor; its parameters sit under the segmenter's ``backbone``, so they
     train at the base learning rate and ``freeze_bn`` reaches its BatchNorms (timm's ``BatchNormAct2d``
     subclasses ``nn.BatchNorm2d``). Its state-dict keys are timm's ``features_only`` keys (``stages_0``
-    for ``stages.0``); :func:`~deeplab_lit.models.imagenet.load_imagenet_weights` loads ImageNet weights
+    for ``stages.0``); :func:`~deeplab_lit.weights.imagenet.load_imagenet_weights` loads ImageNet weights
     through timm's own pretrained mechanism, which maps them.
 
     Args:
@@ -283,7 +283,7 @@ class TimmBackbone(Backbone):
         for block, unit_rate in zip(cast(nn.Sequential, self.body.get_submodule("layer4")), grid):
             for conv in (getattr(block, name, None) for name in ("conv1", "conv2")):
                 if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
-                    _set_conv(conv, dilation=base_rate * unit_rate)
+                    set_conv(conv, dilation=base_rate * unit_rate)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Return ``{"low": stride 4, "aux": penultimate, "out": last}`` features of ``x`` (N, 3, H, W)."""

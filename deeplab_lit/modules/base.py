@@ -24,19 +24,14 @@ from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode,
 from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.losses import ClassWeighted, build_loss
 from deeplab_lit.metrics import SegmentationMetrics
-from deeplab_lit.models.deeplab import builder_kwargs
 from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
 from deeplab_lit.models.heads import separable_options
-from deeplab_lit.models.weights import (
-    Checkpoint,
-    load_weights,
-    read_checkpoint,
-    resolve_options,
-)
 from deeplab_lit.modules.restore import class_defaults
 from deeplab_lit.modules.schedule import apply_options, options_of
 from deeplab_lit.modules.trainable_crf import NETWORK_OUTPUT, build_trainable_crf
 from deeplab_lit.normalization import Normalization
+from deeplab_lit.weights.imagenet import build_network
+from deeplab_lit.weights.load import Checkpoint, load_weights, read_checkpoint, resolve_options
 
 if TYPE_CHECKING:  # annotation only: its home moved between Lightning releases
     from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -58,12 +53,12 @@ class SegmentationModule(LightningModule):
         num_classes: Number of classes, void excluded (21 for VOC, 19 for Cityscapes).
         backbone: Backbone name (see ``deeplab_lit.models.BACKBONES``).
         pretrained_backbone: ``True`` for torchvision/timm ImageNet weights, a weights-enum name, or a
-            local state-dict path; ``False`` for random initialisation. With ``vgg16`` the builder also
+            local state-dict path; ``False`` for random initialisation. With ``vgg16`` this also
             initialises the LargeFOV fc6/fc7 from VGG's ImageNet fc layers, subsampled (DeepLab v1 Sec. 3.1).
-        weights: A registered name (``deeplabv3_resnet101.coco_voc``; :mod:`deeplab_lit.models.registry`),
+        weights: A registered name (``deeplabv3_resnet101.coco_voc``; :mod:`deeplab_lit.weights.registry`),
             or the path or URL of a whole-model checkpoint to start from: this project's, torchvision's
             ``deeplabv3_resnet50/101`` and ``deeplabv3_mobilenet_v3_large``, or kazuto1011/deeplab-pytorch's
-            DeepLab v1/v2 ResNet-101 (see :mod:`deeplab_lit.models.weights`). Architecture options left at
+            DeepLab v1/v2 ResNet-101 (see :mod:`deeplab_lit.weights.load`). Architecture options left at
             their defaults are taken from it (e.g. ``style``, ``msc_scales``); options set to other values
             than it needs raise ValueError. The input normalisation it needs is checked against the data's
             at ``setup``.
@@ -193,7 +188,9 @@ class SegmentationModule(LightningModule):
         accelerate(self.model, channels_last=self.hparams["channels_last"], compile=self.hparams["compile"])
 
     def build_model(self) -> nn.Module:
-        """Build the network: :attr:`builder` called with the hyper-parameters its signature accepts.
+        """Build the network: :attr:`builder` with the hyper-parameters it accepts, ImageNet-initialised.
+
+        :func:`~deeplab_lit.weights.imagenet.build_network` applies ``pretrained_backbone``.
 
         Override it for a network no builder makes; it must offer ``forward`` and ``forward_train``.
         """
@@ -203,7 +200,7 @@ class SegmentationModule(LightningModule):
                 f"{type(self).__name__} names no builder: set the class attribute builder (e.g. "
                 "builder = deeplab_lit.models.deeplab_v3) or override build_model"
             )
-        return builder(**builder_kwargs(builder, self.hparams))
+        return build_network(builder, self.hparams)
 
     # -------------------------------------------------------------------------- weights, normalisation
     def _adopt_weights_options(self, checkpoint: Checkpoint) -> None:

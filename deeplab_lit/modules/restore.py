@@ -7,7 +7,7 @@ The rule, for ``fit``/``validate``/``test``/``predict``/``export`` with ``--ckpt
   class count, ...). An architecture option the user set (in a config or on the command line) to another
   value than the checkpoint's is an error naming both values; one left at its default takes the
   checkpoint's. The architecture conflicts are judged by the same function as ``weights:``
-  (:func:`deeplab_lit.models.weights.resolve_options`).
+  (:func:`deeplab_lit.weights.load.resolve_options`).
 - **Everything else** (evaluation-time inference: TTA, sliding window; CRF; BatchNorm folding; compile;
   channels-last; the training recipe) is the user's where the user set it, else the checkpoint's.
 - ``weights`` and ``pretrained_backbone`` are ignored: the checkpoint's tensors replace whatever they would
@@ -37,8 +37,8 @@ import torch
 from jsonargparse import Namespace
 
 from deeplab_lit.errors import UserError, building
-from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint, refusal
-from deeplab_lit.models.weights import resolve_options
+from deeplab_lit.weights.formats import OPTIONS, Checkpoint, refusal
+from deeplab_lit.weights.load import resolve_options
 
 #: Options that decide the network's structure; a checkpoint's values win, a contradiction is an error.
 ARCHITECTURE: tuple[str, ...] = ("num_classes", *OPTIONS)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from deeplab_lit.models import MultiScaleSegmenter, Segmenter
-from deeplab_lit.models.registry import get_weights
-from tests.models.test_registry import hub, register, sha256, tiny_checkpoint, tiny_entry  # noqa: F401
+from deeplab_lit.weights.registry import get_weights
+from tests.weights.test_registry import hub, register, sha256, tiny_checkpoint, tiny_entry  # noqa: F401
 
 REPO = str(Path(__file__).parents[2])
 

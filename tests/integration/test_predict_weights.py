@@ -14,9 +14,9 @@ from PIL import Image
 from deeplab_lit.cli import main
 from deeplab_lit.data.voc import VOC_CLASSES
 from deeplab_lit.models import deeplab_v3
-from deeplab_lit.models.registry import WeightsEntry
 from deeplab_lit.normalization import CAFFE_BGR
-from tests.models.test_registry import TINY_OPTIONS, hub, randomize, register, sha256  # noqa: F401
+from deeplab_lit.weights.registry import WeightsEntry
+from tests.weights.test_registry import TINY_OPTIONS, hub, randomize, register, sha256  # noqa: F401
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback
 from deeplab_lit.callbacks import NonFiniteLossGuard
 from deeplab_lit.callbacks.guards import NonFiniteLossError
 from deeplab_lit.cli import main
-from deeplab_lit.models.checkpoint_formats import UnsafeCheckpointError
+from deeplab_lit.weights.formats import UnsafeCheckpointError
 
 REPO = Path(__file__).parents[2]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

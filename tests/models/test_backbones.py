@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from deeplab_lit.models.backbones import BACKBONES, build_backbone, resolve_multi_grid
+from deeplab_lit.models.backbone_base import resolve_multi_grid
+from deeplab_lit.models.backbones import BACKBONES, build_backbone, layer4_blocks
 
 
 def _structure(backbone: nn.Module) -> list[tuple]:
@@ -176,7 +177,8 @@ def test_paper_multi_grid_is_truncated_to_resnet18s_two_blocks():
     r34 = build_backbone("resnet34", multi_grid=(1, 2, 4))
     assert [blk.conv2.dilation[0] for blk in r34.layer4] == [2, 4, 8]
     assert (
-        resolve_multi_grid("resnet18", [1, 2, 4]) == (1, 2) and resolve_multi_grid("resnet50", None) is None
+        resolve_multi_grid("resnet18", [1, 2, 4], layer4_blocks("resnet18")) == (1, 2)
+        and resolve_multi_grid("resnet50", None, layer4_blocks("resnet50")) is None
     )
 
 

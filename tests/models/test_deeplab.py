@@ -17,6 +17,7 @@ from deeplab_lit.models import (
     deeplab_v3,
     deeplab_v3plus,
 )
+from deeplab_lit.weights import build_network
 
 ODD_SIZES = [(2, 33, 47), (1, 65, 41)]
 
@@ -169,13 +170,25 @@ def test_builder_argument_errors():
 def test_option_errors_come_before_the_imagenet_weights_are_read(tmp_path):
     missing = str(tmp_path / "missing.pth")  # reading it would raise FileNotFoundError
     with pytest.raises(ValueError, match="atrous_rates"):
-        deeplab_v3(num_classes=2, backbone="resnet18", atrous_rates=(0,), pretrained_backbone=missing)
+        build_network(
+            deeplab_v3,
+            dict(num_classes=2, backbone="resnet18", atrous_rates=(0,), pretrained_backbone=missing),
+        )
     with pytest.raises(ValueError, match="including 1.0"):
-        deeplab_v2(num_classes=2, backbone="resnet18", msc_scales=(0.5,), pretrained_backbone=missing)
+        build_network(
+            deeplab_v2,
+            dict(num_classes=2, backbone="resnet18", msc_scales=(0.5,), pretrained_backbone=missing),
+        )
     with pytest.raises(ValueError, match="aux_head=True needs .*'aux' output.*mobilenet_v2 has none"):
-        deeplab_v3plus(num_classes=2, backbone="mobilenet_v2", aux_head=True, pretrained_backbone=missing)
+        build_network(
+            deeplab_v3plus,
+            dict(num_classes=2, backbone="mobilenet_v2", aux_head=True, pretrained_backbone=missing),
+        )
     with pytest.raises(FileNotFoundError, match="missing.pth"):  # good options: the file is read last
-        deeplab_v2(num_classes=2, backbone="resnet18", msc_scales=(1.0, 0.5), pretrained_backbone=missing)
+        build_network(
+            deeplab_v2,
+            dict(num_classes=2, backbone="resnet18", msc_scales=(1.0, 0.5), pretrained_backbone=missing),
+        )
 
 
 def test_v3plus_channels_sets_aspp_and_decoder_width():

@@ -23,12 +23,12 @@ from torchvision.models.segmentation import (
 
 from deeplab_lit import DeepLabV3
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
-from deeplab_lit.models.backbones import build_backbone
-from deeplab_lit.models.imagenet import DEFAULT_WEIGHTS
-from deeplab_lit.models.registry import describe_weights, get_weights, register_weights, unregister_weights
-from deeplab_lit.models.weights import build_published, load_weights, read_checkpoint
+from deeplab_lit.models.backbones import backbone_family, build_backbone
 from deeplab_lit.normalization import IMAGENET
+from deeplab_lit.weights.load import build_published, load_weights, read_checkpoint
+from deeplab_lit.weights.registry import describe_weights, get_weights, register_weights, unregister_weights
 from tests.models.test_fusion import assert_folds_exactly, randomise_batchnorm
+from tests.weights import imagenet_backbone
 
 NAME = "deeplabv3_mobilenet_v3_large.coco_voc"
 TORCHVISION_OPTIONS = {"backbone": "mobilenet_v3_large", "output_stride": 16, "atrous_rates": (12, 24, 36),
@@ -39,7 +39,7 @@ def with_batch_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BatchNorm affine parameters and running statistics measured on random images; eval mode.
 
     The statistics a network would have: each BatchNorm's output keeps unit scale, so every layer shows in
-    the logits. With made-up statistics (``tests.models.test_weights.randomize``) the signal fades through
+    the logits. With made-up statistics (``tests.weights.test_load.randomize``) the signal fades through
     MobileNetV3's 17 layers: the logits vary by 0.01 over the image, and running the stride-removed block
     at the wrong rate (the MobileNetV2 rule) moves them by 8e-5, inside the 1e-4 tolerance; here by 6.
     """
@@ -115,11 +115,14 @@ def test_imagenet_weights_load_strictly_and_give_torchvisions_features(tmp_path)
     classifier = with_batch_statistics(torchvision.models.mobilenet_v3_large(weights=None))
     path = tmp_path / "mobilenet_v3_large-imagenet.pth"
     torch.save(classifier.state_dict(), path)  # torchvision's layout: features.* and classifier.*
-    backbone = build_backbone("mobilenet_v3_large", output_stride=32, pretrained=str(path)).eval()
+    backbone = imagenet_backbone("mobilenet_v3_large", output_stride=32, source=str(path)).eval()
     x = torch.randn(1, 3, 61, 77)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x)["out"], classifier.features(x), atol=0, rtol=0)
-    assert DEFAULT_WEIGHTS["mobilenet_v3_large"] in torchvision.models.MobileNet_V3_Large_Weights.__members__
+    assert (
+        backbone_family("mobilenet_v3_large").imagenet.default
+        in torchvision.models.MobileNet_V3_Large_Weights.__members__
+    )
 
 
 # ---------------------------------------------------------------------------------------- torchvision's file

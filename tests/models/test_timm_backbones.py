@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from deeplab_lit.models import build_backbone, deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
 from deeplab_lit.models.fusion import count_batchnorms
 from deeplab_lit.models.timm_backbones import TimmBackbone
+from deeplab_lit.weights import build_network
 from tests.models.test_fusion import assert_folds_exactly, randomise_batchnorm
+from tests.weights import imagenet_backbone
 
 FAMILIES = ("convnext_atto", "efficientnet_b0", "resnet18d", "regnety_002", "mobilenetv3_small_050")
 BUILDERS = {
@@ -141,8 +143,8 @@ def test_timm_and_own_format_weight_files_load(tmp_path):
     torch.manual_seed(0)
     imagenet = timm.create_model("convnext_atto")  # a classification model: timm's checkpoint format
     save_file(imagenet.state_dict(), tmp_path / "model.safetensors")
-    backbone = build_backbone(
-        "timm:convnext_atto", output_stride=8, pretrained=str(tmp_path / "model.safetensors")
+    backbone = imagenet_backbone(
+        "timm:convnext_atto", output_stride=8, source=str(tmp_path / "model.safetensors")
     )
     assert torch.equal(backbone.state_dict()["body.stem_0.weight"], imagenet.stem[0].weight)
     assert torch.equal(
@@ -150,13 +152,13 @@ def test_timm_and_own_format_weight_files_load(tmp_path):
         imagenet.stages[3].blocks[1].mlp.fc2.weight,
     )
     torch.save(backbone.state_dict(), tmp_path / "own.pth")  # the backbone's own keys load as they are
-    again = build_backbone("timm:convnext_atto", pretrained=str(tmp_path / "own.pth"))
+    again = imagenet_backbone("timm:convnext_atto", source=str(tmp_path / "own.pth"))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), backbone.state_dict().values()))
     torch.save(timm.create_model("resnet18d").state_dict(), tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match=r"resnet\.pth' does not match timm's convnext_atto"):
-        build_backbone("timm:convnext_atto", pretrained=str(tmp_path / "resnet.pth"))
+        imagenet_backbone("timm:convnext_atto", source=str(tmp_path / "resnet.pth"))
     with pytest.raises(ValueError, match=r"Unknown ImageNet weights 'in22k'.*\('d2_in1k',\)"):
-        build_backbone("timm:convnext_atto", pretrained="in22k")
+        imagenet_backbone("timm:convnext_atto", source="in22k")
 
 
 def test_offline_pretrained_weights_give_one_clear_message(monkeypatch):
@@ -168,7 +170,9 @@ def test_offline_pretrained_weights_give_one_clear_message(monkeypatch):
 
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)  # never download in tests
     with pytest.raises(RuntimeError) as caught:
-        deeplab_v3plus(num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=True)
+        build_network(
+            deeplab_v3plus, dict(num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=True)
+        )
     message = str(caught.value)
     assert "timm:convnext_atto" in message and "outgoing traffic is disabled" in message
     url = "https://huggingface.co/timm/convnext_atto.d2_in1k/resolve/main/model.safetensors"
@@ -188,8 +192,13 @@ def test_the_offline_advice_works_a_local_timm_model_safetensors_loads(tmp_path,
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_network)
     published = timm.create_model("convnext_atto")  # the classifier model as timm's hub file holds it
     save_file(published.state_dict(), tmp_path / "model.safetensors")
-    model = deeplab_v3plus(
-        num_classes=3, backbone="timm:convnext_atto", pretrained_backbone=str(tmp_path / "model.safetensors")
+    model = build_network(
+        deeplab_v3plus,
+        dict(
+            num_classes=3,
+            backbone="timm:convnext_atto",
+            pretrained_backbone=str(tmp_path / "model.safetensors"),
+        ),
     )
     assert torch.equal(
         model.backbone.body.stages_3.blocks[1].mlp.fc2.weight, published.stages[3].blocks[1].mlp.fc2.weight

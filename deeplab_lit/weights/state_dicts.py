@@ -1,7 +1,7 @@
 """One checked comparison of a state dict read from a file against the module it is loaded into.
 
-Both ImageNet initialisation (:mod:`deeplab_lit.models.imagenet`) and ``weights:``
-(:mod:`deeplab_lit.models.weights`) use it, so that both fill the same gaps and find the same problems;
+Both ImageNet initialisation (:mod:`deeplab_lit.weights.imagenet`) and ``weights:``
+(:mod:`deeplab_lit.weights.load`) use it, so that both fill the same gaps and find the same problems;
 each caller words its own message, since only it knows what the file and the module are.
 """
 

@@ -2,12 +2,13 @@
 
 ``source`` chooses the weights:
 
-- ``True``: the default ImageNet weights (:data:`DEFAULT_WEIGHTS`). For torchvision backbones this is
-  ``IMAGENET1K_V1``, the classic weights torchvision's own DeepLabV3/FCN models were trained from; pass
-  ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101, MobileNetV2/V3). For
-  vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect 0-255 inputs with the mean
-  subtracted, and hold no usable fc layers). For xception65 the default is timm's ``ra3_in1k``; ``"tf_in1k"``
-  is the TensorFlow port. timm's Xception weights expect inputs scaled with mean = std = 0.5.
+- ``True``: the default ImageNet weights (its backbone family's ``imagenet.default``). For torchvision
+  backbones this is ``IMAGENET1K_V1``, the classic weights torchvision's own DeepLabV3/FCN models were trained
+  from; pass ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101,
+  MobileNetV2/V3). For vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect 0-255
+  inputs with the mean subtracted, and hold no usable fc layers). For xception65 the default is timm's
+  ``ra3_in1k``; ``"tf_in1k"`` is the TensorFlow port. timm's Xception weights expect inputs scaled with mean =
+  std = 0.5.
 - for a timm encoder (``"timm:<model>"``, :mod:`~deeplab_lit.models.timm_backbones`): True is timm's
   default weights of that model (``timm.models.get_pretrained_cfg("<model>").tag``), a string a tag of
   ``timm.list_pretrained("<model>.*")`` (``"fb_in22k"``) or a local file in timm's format (timm's
@@ -16,8 +17,10 @@
   (``.pth``/``.pt`` via ``torch.load``, or ``.safetensors``) in torchvision's/timm's key format (classifier
   keys may be present; they are dropped) or in the backbone's own format (``backbone.state_dict()``).
 
-:func:`init_from_imagenet` initialises a whole DeepLab network: its backbone and, for VGG-16, the fc6/fc7
-of every LargeFOV head from VGG's fc layers (DeepLab v1 Sec. 3.1), reading the weights once.
+:func:`build_network` builds a DeepLab network and, as ``pretrained_backbone`` says, initialises it
+(:func:`init_from_imagenet`: its backbone and, for VGG-16, the fc6/fc7 of every LargeFOV head from VGG's
+fc layers, DeepLab v1 Sec. 3.1, reading the weights once): the only path by which ImageNet weights reach
+a network, for the modules and the published models alike.
 
 Downloads are cached where torch caches weights (``torch.hub.get_dir()``; timm's under the Hugging Face
 cache). Offline with nothing cached, a RuntimeError says so and how to pass a local file instead (for
@@ -29,42 +32,22 @@ from __future__ import annotations
 import http.client
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from deeplab_lit.models.checkpoint_formats import read_weights_file, refusal
-from deeplab_lit.models.download import offline_message
+from deeplab_lit.models.backbones import BACKBONES, ImageNetSource, backbone_family
+from deeplab_lit.models.deeplab import MultiScaleSegmenter, Segmenter, builder_kwargs
 from deeplab_lit.models.heads import LargeFOVHead
-from deeplab_lit.models.state_dicts import compare_state
+from deeplab_lit.models.timm_backbones import TimmBackbone, is_timm_name
+from deeplab_lit.weights.download import offline_message
+from deeplab_lit.weights.formats import read_weights_file, refusal
+from deeplab_lit.weights.state_dicts import compare_state
 
-if TYPE_CHECKING:  # deeplab.py imports this module to call init_from_imagenet
-    from deeplab_lit.models.deeplab import MultiScaleSegmenter, Segmenter
-
-TIMM_BACKBONES: tuple[str, ...] = ("xception65",)
-DEFAULT_WEIGHTS: dict[str, str] = {
-    "resnet18": "IMAGENET1K_V1",
-    "resnet34": "IMAGENET1K_V1",
-    "resnet50": "IMAGENET1K_V1",
-    "resnet101": "IMAGENET1K_V1",
-    "vgg16": "IMAGENET1K_V1",
-    "mobilenet_v2": "IMAGENET1K_V1",
-    "mobilenet_v3_large": "IMAGENET1K_V1",  # what torchvision's deeplabv3_mobilenet_v3_large starts from
-    "xception65": "ra3_in1k",
-}
-# ImageNet checkpoint keys that are not part of the backbone body, and the body's key prefix.
-_DROPPED: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("resnet18", "resnet34", "resnet50", "resnet101"), ("fc.",)),
-    "vgg16": ("classifier.",),
-    "mobilenet_v2": ("classifier.", "features.18."),
-    "mobilenet_v3_large": ("classifier.",),
-    "xception65": ("head.",),
-}
-_PREFIX: dict[str, str] = {"xception65": "body."}
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
@@ -88,7 +71,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file cannot be read, holds no ``{name: tensor}`` mapping, or holds other Python
-            objects (never unpickled, see :func:`~deeplab_lit.models.checkpoint_formats.read_weights_file`).
+            objects (never unpickled, see :func:`~deeplab_lit.weights.formats.read_weights_file`).
     """
     path = Path(path)
     if not path.is_file():
@@ -102,16 +85,23 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return dict(state)
 
 
+def _imagenet_source(name: str) -> ImageNetSource:
+    family = backbone_family(name)
+    if family is None:
+        raise ValueError(f"No ImageNet weights for backbone {name!r}; expected one of {BACKBONES}")
+    return family.imagenet
+
+
 def _looks_like_path(source: str) -> bool:
     return os.sep in source or "/" in source or source.lower().endswith(_FILE_SUFFIXES)
 
 
 def _offline_message(name: str, what: str, err: BaseException, file_name: str) -> str:
-    """The shared offline message (:func:`~deeplab_lit.models.download.offline_message`) for a backbone."""
+    """The shared offline message (:func:`~deeplab_lit.weights.download.offline_message`) for a backbone."""
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     instead = (
-        f"pass the local file instead of True, e.g. pretrained='/path/to/{file_name}' "
-        f"(pretrained_backbone='/path/to/{file_name}' for the model builders)"
+        f"pass the local file instead of True, e.g. pretrained_backbone='/path/to/{file_name}' "
+        f"(source='/path/to/{file_name}' for load_imagenet_weights)"
     )
     what = f"the ImageNet weights for backbone {name!r} ({what})"
     return offline_message(what, err, cache, file_name, "that cache folder", instead)
@@ -141,8 +131,8 @@ def _timm_offline_message(name: str, origin: str, full_name: str, err: BaseExcep
     return (
         f"Could not download the ImageNet weights for backbone {name!r} ({origin}): {err}. This machine may "
         f"be offline. Download the file on a machine with internet access ({where}), bring it here and pass "
-        f"its path instead of True: pretrained_backbone='/path/to/{file_name}' (pretrained='/path/to/"
-        f"{file_name}' for build_backbone and load_imagenet_weights). Copying it into a cache folder does "
+        f"its path instead of True: pretrained_backbone='/path/to/{file_name}' (source='/path/to/"
+        f"{file_name}' for load_imagenet_weights). Copying it into a cache folder does "
         "not work: timm's weights come via the Hugging Face cache, which keeps files in folders it manages."
     )
 
@@ -194,8 +184,6 @@ def _timm_encoder_state_dict(
     file already in the backbone's format (``backbone.state_dict()``) is returned as it is.
     """
     import timm
-
-    from deeplab_lit.models.timm_backbones import TimmBackbone  # here: it imports this module's importer
 
     if not isinstance(backbone, TimmBackbone):
         raise TypeError(f"Backbone {name!r} must be a TimmBackbone, got {type(backbone).__name__}")
@@ -252,19 +240,16 @@ def imagenet_state_dict(name: str, source: bool | str | os.PathLike[str]) -> tup
         FileNotFoundError: ``source`` looks like a path but no such file exists.
         RuntimeError: the download failed (offline and not cached).
     """
-    if name not in DEFAULT_WEIGHTS:
-        raise ValueError(
-            f"No ImageNet weights for backbone {name!r}; expected one of {tuple(DEFAULT_WEIGHTS)}"
-        )
+    source_of = _imagenet_source(name)
     if isinstance(source, os.PathLike) or (isinstance(source, str) and Path(source).is_file()):
         return read_state_dict(source), f"weights file {os.fspath(source)!r}"
     if isinstance(source, str) and _looks_like_path(source):
         raise FileNotFoundError(f"ImageNet weights file {source!r} for backbone {name!r} does not exist")
     if source is True:
-        source = DEFAULT_WEIGHTS[name]
+        source = source_of.default
     if not isinstance(source, str):
         raise TypeError(f"pretrained must be a bool, a weights name or a file path, got {source!r}")
-    if name in TIMM_BACKBONES:
+    if source_of.library == "timm":
         return _timm_state_dict(name, source), f"timm weights {name}.{source}"
     return _torchvision_state_dict(name, source), f"torchvision weights {name} {source}"
 
@@ -294,14 +279,15 @@ def load_imagenet_weights(
     """
     if source is False or source is None:
         return {}
-    if name.startswith("timm:"):
+    if is_timm_name(name):
         read, origin = _timm_encoder_state_dict(backbone, name, source)
+        keys = ImageNetSource("timm", "", ())  # already in the backbone's own keys
     else:
         read, origin = imagenet_state_dict(name, source)
+        keys = _imagenet_source(name)
     state, expected = dict(read), backbone.state_dict()
     if set(state) != set(expected):  # torchvision/timm format: drop the classifier, add the body prefix
-        prefix = _PREFIX.get(name, "")
-        state = {prefix + k: v for k, v in state.items() if not k.startswith(_DROPPED.get(name, ()))}
+        state = {keys.prefix + k: v for k, v in state.items() if not k.startswith(keys.dropped)}
     report = compare_state(expected, state)
     if report.missing or report.unexpected:
         missing, unexpected = report.missing, report.unexpected
@@ -373,7 +359,7 @@ def init_from_imagenet(model: Segmenter | MultiScaleSegmenter, source: bool | st
     The backbone (``model.backbone``) gets the ImageNet weights (:func:`load_imagenet_weights`); with a
     VGG-16 backbone, every LargeFOV head (v1's head, each branch of v2's VGG-16 ASPP) also gets fc6/fc7
     from VGG's fc layers (:func:`init_largefov_from_vgg`), from the same read of the file. The builders
-    call this last, once every option has been checked.
+    call it through :func:`build_network`, once every option has been checked.
 
     Args:
         model: A ``Segmenter`` or ``MultiScaleSegmenter``; changed in place.
@@ -384,5 +370,25 @@ def init_from_imagenet(model: Segmenter | MultiScaleSegmenter, source: bool | st
     """
     backbone = model.backbone
     state = load_imagenet_weights(backbone, backbone.name, source)
-    if backbone.name == "vgg16":
+    family = backbone_family(backbone.name)
+    if family is not None and family.largefov_head:
         init_largefov_from_vgg(model, state)
+
+
+def build_network(builder: Callable[..., nn.Module], options: Mapping[str, Any]) -> nn.Module:
+    """Build ``builder``'s network from stored ``options``, its backbone from ImageNet if they say so.
+
+    The one path by which ``pretrained_backbone`` reaches a network (a module's ``build_model``, the
+    published-model builder): the builders in :mod:`deeplab_lit.models` build randomly initialised
+    networks and read no file. ``options`` may hold more than ``builder`` takes (see
+    :func:`~deeplab_lit.models.deeplab.builder_kwargs`).
+    """
+    model = builder(**builder_kwargs(builder, options))
+    source = options.get("pretrained_backbone", False)
+    if source is not False and source is not None:
+        if not isinstance(model, Segmenter | MultiScaleSegmenter):
+            raise TypeError(
+                f"pretrained_backbone needs a Segmenter or MultiScaleSegmenter, got {type(model)}"
+            )
+        init_from_imagenet(model, source)
+    return model

@@ -19,9 +19,9 @@ from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet
 from deeplab_lit import DeepLabV2, DeepLabV3, DeepLabV3Plus
 from deeplab_lit.cli import main
 from deeplab_lit.models import deeplab_v1, deeplab_v2, deeplab_v3, deeplab_v3plus
-from deeplab_lit.models.download import cache_path
-from deeplab_lit.models.weights import load_weights, read_checkpoint, resolve_options
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
+from deeplab_lit.weights.download import cache_path
+from deeplab_lit.weights.load import load_weights, read_checkpoint, resolve_options
 from tests import fakes
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"

@@ -1,7 +1,7 @@
 """Load published and own DeepLab checkpoints into our models, checking everything they imply.
 
-:func:`load_weights` takes a registered name (:mod:`deeplab_lit.models.registry`), a path or a URL, read by
-:func:`~deeplab_lit.models.checkpoint_formats.read_checkpoint` (this project's, torchvision's
+:func:`load_weights` takes a registered name (:mod:`deeplab_lit.weights.registry`), a path or a URL, read by
+:func:`~deeplab_lit.weights.formats.read_checkpoint` (this project's, torchvision's
 ``deeplabv3_resnet50/101`` and ``deeplabv3_mobilenet_v3_large``, kazuto1011/deeplab-pytorch's DeepLab v1/v2
 ResNet checkpoints, recognised from their keys; the key maps are documented there), and loads it into a
 model built by :mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``).
@@ -11,7 +11,7 @@ MSC, auxiliary head). The model's structure (strides, dilations, paddings, pooli
 compared with a model built with those options on the meta device, and a mismatch raises one ValueError
 that names the file, the options it needs and the model's. Every tensor is loaded with strict key and
 shape checks; another class count raises unless ``reinit_classifier=True``, which loads everything but the
-layers that output class scores. :func:`~deeplab_lit.models.options.resolve_options` (re-exported here)
+layers that output class scores. :func:`~deeplab_lit.weights.options.resolve_options` (re-exported here)
 reconciles the implied options with the ones given, before a network is built.
 """
 
@@ -25,21 +25,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from deeplab_lit.models.checkpoint_formats import (
+from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
+from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead, separable_options
+from deeplab_lit.normalization import Normalization
+from deeplab_lit.weights.formats import (
     FORMATS,
     OPTIONS,
     Checkpoint,
     UnsafeCheckpointError,
-    class_version,
     entry_options,
     read_checkpoint,
 )
-from deeplab_lit.models.deeplab import BUILDERS, MultiScaleSegmenter, Segmenter, builder_kwargs
-from deeplab_lit.models.heads import ASPP, ASPPSum, DeepLabV3Head, FCNHead, LargeFOVHead, separable_options
-from deeplab_lit.models.options import module_version, resolve_options
-from deeplab_lit.models.registry import get_weights
-from deeplab_lit.models.state_dicts import compare_state
-from deeplab_lit.normalization import Normalization
+from deeplab_lit.weights.imagenet import build_network
+from deeplab_lit.weights.options import module_version, resolve_options
+from deeplab_lit.weights.registry import class_version, get_weights
+from deeplab_lit.weights.state_dicts import compare_state
 
 __all__ = [
     "BUILDERS", "FORMATS", "Checkpoint", "UnsafeCheckpointError", "WeightsInfo", "build_published",
@@ -303,14 +303,13 @@ def build_published(name: str, *, pretrained: bool = True) -> nn.Module:
     Raises:
         UnknownWeightsError: ``name`` is not registered (the message lists the names).
         RuntimeError, FileNotFoundError, ValueError: the file cannot be had or is not the one registered
-            (see :func:`~deeplab_lit.models.registry.weights_file`).
+            (see :func:`~deeplab_lit.weights.registry.weights_file`).
     """
     entry = get_weights(name)
     version = class_version(entry.module_class)
     if version is None:
         raise ValueError(f"Weights {name!r}: module_class {entry.module_class!r} is no DeepLab version")
-    builder = BUILDERS[version]
-    model = builder(**builder_kwargs(builder, {**entry_options(entry), "num_classes": entry.num_classes}))
+    model = build_network(BUILDERS[version], {**entry_options(entry), "num_classes": entry.num_classes})
     if pretrained:
         load_weights(model, name, num_classes=entry.num_classes)
         model.eval()

@@ -24,7 +24,9 @@ from torchvision.models.segmentation import (
 
 from deeplab_lit import DeepLabV3
 from deeplab_lit.models import MultiScaleSegmenter, Segmenter, deeplab_v3
-from deeplab_lit.models.registry import (
+from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
+from deeplab_lit.weights.load import build_published, describe_model, load_weights, read_checkpoint
+from deeplab_lit.weights.registry import (
     UnknownWeightsError,
     WeightsEntry,
     describe_weights,
@@ -33,9 +35,7 @@ from deeplab_lit.models.registry import (
     register_weights,
     unregister_weights,
 )
-from deeplab_lit.models.weights import build_published, describe_model, load_weights, read_checkpoint
-from deeplab_lit.normalization import CAFFE_BGR, IMAGENET
-from tests.models.test_weights import KazutoDeepLab, KazutoMSC, randomize
+from tests.weights.test_load import KazutoDeepLab, KazutoMSC, randomize
 
 PUBLISHED = (
     "deeplabv1_resnet101.coco_init",

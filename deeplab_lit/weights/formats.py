@@ -13,7 +13,7 @@ Formats (a ``module.`` prefix, left by ``DataParallel``, is dropped first):
   ``fc`` classifier (``DeepLabV1``), or no classifier.
 
 Each format also implies options its tensors do not hold (``Checkpoint.options``); loading and checking
-them is :mod:`deeplab_lit.models.weights`' job.
+them is :mod:`deeplab_lit.weights.load`' job.
 
 Key maps (checkpoint -> ``Segmenter``; an ``MultiScaleSegmenter`` adds ``segmenter.`` in front):
 
@@ -61,10 +61,11 @@ import torch
 from torch import Tensor
 
 from deeplab_lit.inference import InferenceConfig
-from deeplab_lit.models.download import cache_path, checksum_problem, download, expected_sha256, is_url
+from deeplab_lit.models.backbones import RESNET_STAGES
 from deeplab_lit.models.heads import separable_options
-from deeplab_lit.models.registry import WeightsEntry, close_names, find_weights, weights_file
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
+from deeplab_lit.weights.download import cache_path, checksum_problem, download, expected_sha256, is_url
+from deeplab_lit.weights.registry import WeightsEntry, class_version, close_names, find_weights, weights_file
 
 FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
 #: Architecture options a checkpoint can imply, in the order messages list them.
@@ -74,11 +75,9 @@ OPTIONS: tuple[str, ...] = (
 )  # fmt: skip
 #: The config objects this project's checkpoints hold in their hyper-parameters: safe to unpickle.
 _SAFE_CLASSES = (InferenceConfig, Normalization)
-_RESNET_DEPTHS: dict[tuple[int | bool, ...], str] = {  # (blocks in layer1..4, has conv3) -> name
-    (2, 2, 2, 2, False): "resnet18",
-    (3, 4, 6, 3, False): "resnet34",
-    (3, 4, 6, 3, True): "resnet50",
-    (3, 4, 23, 3, True): "resnet101",
+#: (blocks in layer1..4, has conv3) -> name, from the built-in ResNets' records.
+_RESNET_DEPTHS: dict[tuple[int | bool, ...], str] = {
+    (*layout.blocks, layout.bottleneck): name for name, layout in RESNET_STAGES.items()
 }
 #: torchvision's MobileNetV3-Large ``features``: 17 layers, the last a 1x1 conv from 160 to 960 channels.
 _MOBILENET_V3_LARGE = (17, (960, 160, 1, 1))
@@ -239,11 +238,11 @@ def read_checkpoint(source: str | os.PathLike[str], *, sha256: str | None = None
     Files are read without unpickling arbitrary objects (see :func:`read_weights_file`).
 
     Args:
-        source: A registered weights name (:mod:`deeplab_lit.models.registry`: its file, downloaded once and
+        source: A registered weights name (:mod:`deeplab_lit.weights.registry`: its file, downloaded once and
             checked against the entry, which completes the options, class count and normalisation), a
             local file (``.pth``/``.pt``/``.ckpt`` via ``torch.load``, or ``.safetensors``) or an
             ``http(s)://``/``file://``/``ftp://`` URL, downloaded once into torch's cache (see
-            :mod:`deeplab_lit.models.download`).
+            :mod:`deeplab_lit.weights.download`).
         sha256: The file's SHA-256 (or a prefix), checked if given; for URLs, a ``-<hex>`` prefix in the
             file name (torchvision's convention) is checked too. A registered name uses its entry's.
 
@@ -455,18 +454,6 @@ def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -
     description = f"kazuto1011/deeplab-pytorch DeepLab {version or ''} {backbone}{' MSC' if msc else ''}"
     return Checkpoint(source, "kazuto1011", " ".join(description.split()), converted, version, options,
                       num_classes, CAFFE_BGR)  # fmt: skip
-
-
-#: The LightningModule class of each DeepLab version.
-VERSION_CLASSES: dict[str, str] = {
-    "v1": "DeepLabV1", "v2": "DeepLabV2", "v3": "DeepLabV3", "v3+": "DeepLabV3Plus",
-}  # fmt: skip
-
-
-def class_version(class_path: str | None) -> str | None:
-    """Return the DeepLab version of a module class name or path (``"deeplab_lit.DeepLabV2"`` -> ``"v2"``)."""
-    name = (class_path or "").rsplit(".", 1)[-1]
-    return {cls: version for version, cls in VERSION_CLASSES.items()}.get(name)
 
 
 def _version_from_keys(state: Mapping[str, Tensor]) -> str | None:

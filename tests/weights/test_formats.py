@@ -17,10 +17,10 @@ import torch
 import torchvision
 
 from deeplab_lit.inference import InferenceConfig
-from deeplab_lit.models import build_backbone
-from deeplab_lit.models.checkpoint_formats import UnsafeCheckpointError, read_checkpoint
-from deeplab_lit.models.download import cache_path, download
 from deeplab_lit.normalization import CAFFE_BGR
+from deeplab_lit.weights.download import cache_path, download
+from deeplab_lit.weights.formats import UnsafeCheckpointError, read_checkpoint
+from tests.weights import imagenet_backbone
 
 
 class RunsShellCommand:
@@ -88,7 +88,7 @@ def test_crafted_pickle_is_refused_without_running_its_code(tmp_path, hub):
         with pytest.raises(ValueError, match=r"raw\.pth.*without full unpickling.*arbitrary code"):
             read_checkpoint(source)
     with pytest.raises(ValueError, match=r"zip\.pth.*arbitrary code"):  # ImageNet weights: same reader
-        build_backbone("resnet18", pretrained=str(zip_file))
+        imagenet_backbone("resnet18", source=str(zip_file))
     assert not marker.exists()
 
 
@@ -148,7 +148,7 @@ def test_cached_imagenet_weights_replaced_by_a_crafted_pickle_are_refused(tmp_pa
     hub.mkdir(parents=True)
     torch.save({"evil": RunsShellCommand(marker)}, hub / "resnet18-f37072fd.pth")  # torchvision's file name
     with pytest.raises(UnsafeCheckpointError, match=r"resnet18-f37072fd\.pth.*arbitrary code"):
-        build_backbone("resnet18", pretrained=True)
+        imagenet_backbone("resnet18", source=True)
     assert not marker.exists()
 
 

@@ -8,7 +8,9 @@ import torchvision
 from deeplab_lit import DeepLabV1, DeepLabV2
 from deeplab_lit.models import build_backbone, deeplab_v1, deeplab_v2, deeplab_v3plus
 from deeplab_lit.models.heads import LargeFOVHead
-from deeplab_lit.models.imagenet import imagenet_state_dict, init_largefov_from_vgg, load_imagenet_weights
+from deeplab_lit.weights import build_network
+from deeplab_lit.weights.imagenet import imagenet_state_dict, init_largefov_from_vgg, load_imagenet_weights
+from tests.weights import imagenet_backbone
 
 
 @pytest.fixture
@@ -36,12 +38,14 @@ def _torchvision_resnet18_file(tmp_path):
 
 def test_local_torchvision_file_loads(tmp_path):
     path, state = _torchvision_resnet18_file(tmp_path)
-    backbone = build_backbone("resnet18", output_stride=8, pretrained=str(path))
+    backbone = imagenet_backbone("resnet18", output_stride=8, source=str(path))
     loaded = backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
     assert "fc.weight" not in loaded
     # a whole segmenter built with it starts from the same weights
-    model = deeplab_v3plus(num_classes=2, backbone="resnet18", pretrained_backbone=str(path))
+    model = build_network(
+        deeplab_v3plus, dict(num_classes=2, backbone="resnet18", pretrained_backbone=str(path))
+    )
     assert torch.equal(model.backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
 
 
@@ -49,20 +53,20 @@ def test_backbone_format_and_wrapped_checkpoint_load(tmp_path):
     source = build_backbone("mobilenet_v2")
     path = tmp_path / "mbv2.pt"
     torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
-    target = build_backbone("mobilenet_v2", output_stride=8, pretrained=path)
+    target = imagenet_backbone("mobilenet_v2", output_stride=8, source=path)
     assert torch.equal(target.features[17].conv[0][0].weight, source.features[17].conv[0][0].weight)
 
 
 def test_mobilenet_and_vgg_imagenet_layouts_load(tmp_path):
     state = torchvision.models.mobilenet_v2().state_dict()  # has features.18.* and classifier.*
     torch.save(state, tmp_path / "mbv2.pth")
-    backbone = build_backbone("mobilenet_v2", pretrained=str(tmp_path / "mbv2.pth"))
+    backbone = imagenet_backbone("mobilenet_v2", source=str(tmp_path / "mbv2.pth"))
     assert torch.equal(backbone.features[0][0].weight, state["features.0.0.weight"])
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"]).state_dict()
     vgg_state = {f"features.{k}": v for k, v in features.items()}
     vgg_state["classifier.0.weight"] = torch.zeros(8, 8)  # fc layers are not part of the body
     torch.save(vgg_state, tmp_path / "vgg16.pth")
-    vgg = build_backbone("vgg16", output_stride=8, pretrained=str(tmp_path / "vgg16.pth"))
+    vgg = imagenet_backbone("vgg16", output_stride=8, source=str(tmp_path / "vgg16.pth"))
     assert torch.equal(vgg.features[28].weight, features["28.weight"])
 
 
@@ -74,7 +78,7 @@ def test_timm_layout_loads_into_xception(tmp_path):
     from safetensors.torch import save_file
 
     save_file(timm_state, str(tmp_path / "model.safetensors"))
-    target = build_backbone("xception65", pretrained=str(tmp_path / "model.safetensors"))
+    target = imagenet_backbone("xception65", source=str(tmp_path / "model.safetensors"))
     assert torch.equal(target.body.stem[0].conv.weight, source.body.stem[0].conv.weight)
 
 
@@ -83,10 +87,10 @@ def test_mismatched_file_names_file_and_keys(tmp_path):
     with pytest.raises(
         ValueError, match=r"resnet18-imagenet\.pth.*resnet34.*missing keys.*layer1\.2\.conv1\.weight"
     ):
-        build_backbone("resnet34", pretrained=str(path))
+        imagenet_backbone("resnet34", source=str(path))
     torch.save({"conv1.weight": torch.zeros(1), "stray.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"bad\.pth.*unexpected keys \(first: \['stray\.weight'\]\)"):
-        build_backbone("resnet18", pretrained=str(tmp_path / "bad.pth"))
+        imagenet_backbone("resnet18", source=str(tmp_path / "bad.pth"))
 
 
 def test_wrong_shapes_unreadable_and_missing_files(tmp_path):
@@ -94,12 +98,12 @@ def test_wrong_shapes_unreadable_and_missing_files(tmp_path):
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(state, tmp_path / "shapes.pth")
     with pytest.raises(ValueError, match=r"shapes\.pth.*wrong shapes.*conv1\.weight"):
-        build_backbone("resnet18", pretrained=str(tmp_path / "shapes.pth"))
+        imagenet_backbone("resnet18", source=str(tmp_path / "shapes.pth"))
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"corrupt\.pth.*could not be read"):
-        build_backbone("resnet18", pretrained=str(tmp_path / "corrupt.pth"))
+        imagenet_backbone("resnet18", source=str(tmp_path / "corrupt.pth"))
     with pytest.raises(FileNotFoundError, match=r"nowhere/resnet18\.pth"):
-        build_backbone("resnet18", pretrained="nowhere/resnet18.pth")
+        imagenet_backbone("resnet18", source="nowhere/resnet18.pth")
 
 
 def test_unknown_weights_name():
@@ -113,12 +117,12 @@ def test_unknown_weights_name():
 
 def test_offline_error_is_clear(offline, tmp_path):
     with pytest.raises(RuntimeError) as info:
-        build_backbone("resnet18", pretrained=True)
+        imagenet_backbone("resnet18", source=True)
     message = str(info.value)
     assert offline and offline[0].endswith("resnet18-f37072fd.pth")  # the real download was attempted
     assert "Could not download" in message and "ResNet18_Weights.IMAGENET1K_V1" in message
     assert os.path.join(str(tmp_path / "hub"), "checkpoints") in message  # where torch caches weights
-    assert "pretrained='/path/to/resnet18-f37072fd.pth'" in message
+    assert "pretrained_backbone='/path/to/resnet18-f37072fd.pth'" in message
     assert "name resolution" in message
     # a named enum goes through the same path
     with pytest.raises(RuntimeError, match="ResNet50_Weights.IMAGENET1K_V2"):
@@ -194,7 +198,7 @@ def _vgg16_imagenet_file(tmp_path):
 def test_vgg16_builder_and_module_initialise_the_same_network_from_imagenet(tmp_path, builder, module):
     path, vgg = _vgg16_imagenet_file(tmp_path)
     torch.manual_seed(0)
-    built = builder(num_classes=3, backbone="vgg16", pretrained_backbone=str(path))
+    built = build_network(builder, dict(num_classes=3, backbone="vgg16", pretrained_backbone=str(path)))
     torch.manual_seed(0)
     trained = module(num_classes=3, backbone="vgg16", pretrained_backbone=str(path)).model
     ours, theirs = built.state_dict(), trained.state_dict()

@@ -11,7 +11,7 @@ Names follow ``<DeepLab version>_<backbone>[_msc].<training data>``, e.g.
 architecture on the same data would get a suffix (``.coco_voc_v2``).
 
 A name is accepted wherever a weights path or URL is (``weights: deeplabv3_resnet101.coco_voc`` in a
-config, :func:`~deeplab_lit.models.weights.load_weights`, ``torch.hub.load``); it wins only when it is a
+config, :func:`~deeplab_lit.weights.load.load_weights`, ``torch.hub.load``); it wins only when it is a
 registered name, so paths and URLs behave as before. Its file is kept in torch's checkpoint folder under
 its published file name (``<torch.hub.get_dir()>/checkpoints/<file_name>``, where torchvision keeps the
 same files), downloaded once and checked against the checksum when one is known. Tests and users add
@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from deeplab_lit.models.download import checksum_problem, download, is_url
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
+from deeplab_lit.weights.download import checksum_problem, download, is_url
 
 __all__ = [
-    "VOC_CLASSES", "UnknownWeightsError", "WeightsEntry", "close_names", "describe_weights", "find_weights",
-    "get_weights",
-    "list_weights", "register_weights", "unregister_weights", "weights_file",
+    "VERSION_CLASSES", "VOC_CLASSES", "UnknownWeightsError", "WeightsEntry", "class_version", "close_names",
+    "describe_weights", "find_weights", "get_weights", "list_weights", "register_weights",
+    "unregister_weights", "weights_file",
 ]  # fmt: skip
 
 #: PASCAL VOC's 20 categories and background, in label order (torchvision's names for them).
@@ -150,6 +150,18 @@ class UnknownWeightsError(KeyError):
         return str(self.args[0])
 
 
+#: The LightningModule class of each DeepLab version.
+VERSION_CLASSES: dict[str, str] = {
+    "v1": "DeepLabV1", "v2": "DeepLabV2", "v3": "DeepLabV3", "v3+": "DeepLabV3Plus",
+}  # fmt: skip
+
+
+def class_version(class_path: str | None) -> str | None:
+    """Return the DeepLab version of a module class name or path (``"deeplab_lit.DeepLabV2"`` -> ``"v2"``)."""
+    name = (class_path or "").rsplit(".", 1)[-1]
+    return {cls: version for version, cls in VERSION_CLASSES.items()}.get(name)
+
+
 _REGISTRY: dict[str, WeightsEntry] = {}
 
 
@@ -211,9 +223,6 @@ def get_weights(name: str) -> WeightsEntry:
 
 def describe_weights() -> str:
     """A text table of the registered weights: name, DeepLab version, backbone, data, mIoU, source."""
-    # Here, not at the top: checkpoint_formats imports this module (it reads names through it).
-    from deeplab_lit.models.checkpoint_formats import class_version
-
     rows = [("name", "version", "backbone", "trained on", "published mIoU (%)", "source")]
     for name in list_weights():
         entry = _REGISTRY[name]

@@ -2,7 +2,7 @@
 
 :func:`resolve_options` is called by the LightningModules before they build their network (``weights:``)
 and by the command line for ``--ckpt_path``: the DeepLab version first, then each architecture option
-(:data:`~deeplab_lit.models.checkpoint_formats.OPTIONS`), then the class count. An option left at its
+(:data:`~deeplab_lit.weights.formats.OPTIONS`), then the class count. An option left at its
 default takes the checkpoint's value; one set otherwise is an error naming both values.
 """
 
@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from deeplab_lit.models.backbones import LAYER4_BLOCKS, resolve_multi_grid
-from deeplab_lit.models.checkpoint_formats import VERSION_CLASSES, Checkpoint, class_version
+from deeplab_lit.models.backbone_base import resolve_multi_grid
+from deeplab_lit.models.backbones import backbone_family, layer4_blocks
+from deeplab_lit.weights.formats import Checkpoint
+from deeplab_lit.weights.registry import VERSION_CLASSES, class_version
 
 __all__ = ["module_version", "resolve_options"]
 
@@ -35,9 +37,10 @@ def module_version(model: str | type | None) -> str | None:
 
 def _plain(name: str, value: Any, backbone: str | None) -> Any:
     """Return ``value`` in a form equal for equivalent options (lists as tuples, multi-grid as built)."""
-    if name == "multi_grid" and value is not None and backbone in LAYER4_BLOCKS:
+    blocks = layer4_blocks(backbone) if backbone is not None else None
+    if name == "multi_grid" and value is not None and blocks is not None:
         try:
-            return resolve_multi_grid(backbone, value)
+            return resolve_multi_grid(str(backbone), value, blocks)
         except ValueError:
             pass
     return tuple(value) if isinstance(value, list | tuple) else value
@@ -60,7 +63,7 @@ def resolve_options(
        where that works (a DeepLab v1/v2 ResNet, whose head is only classifiers, starting from another
        version's backbone). With ``reinit_classifier`` set across versions only the options that identify
        the backbone's weights (``backbone``, ``style``) are reconciled.
-    2. Architecture options (:data:`~deeplab_lit.models.checkpoint_formats.OPTIONS`, and ``num_classes`` if
+    2. Architecture options (:data:`~deeplab_lit.weights.formats.OPTIONS`, and ``num_classes`` if
        ``checkpoint.options`` holds it): one left at its default (``defaults``) takes the checkpoint's
        value; one set to another value is a conflict. Options the module does not have (not in ``given``)
        are left to :func:`load_weights`' check.
@@ -159,7 +162,9 @@ def _check_version(
     backbone = given.get("backbone")
     if backbone is None or backbone == defaults.get("backbone"):
         backbone = checkpoint.options.get("backbone", backbone)
-    head_is_classifiers = target in ("v1", "v2") and backbone != "vgg16"  # see weights.classifier_keys
+    family = backbone_family(str(backbone))
+    largefov = family is not None and family.largefov_head
+    head_is_classifiers = target in ("v1", "v2") and not largefov  # see load.classifier_keys
     if reinit and head_is_classifiers:
         return
     fits = VERSION_CLASSES[str(checkpoint.version)]

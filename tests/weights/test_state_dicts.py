@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from deeplab_lit.models.state_dicts import compare_state
+from deeplab_lit.weights.state_dicts import compare_state
 
 
 def test_compare_state_fills_batch_counts_and_finds_missing_unexpected_and_wrong_shapes():
