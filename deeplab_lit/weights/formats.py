@@ -48,6 +48,7 @@ deeplab_lit: ``model.`` (the LightningModule's attribute) is dropped; ``segmente
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
@@ -62,17 +63,17 @@ from torch import Tensor
 
 from deeplab_lit.inference import InferenceConfig
 from deeplab_lit.models.backbones import RESNET_STAGES
+from deeplab_lit.models.deeplab import BUILDERS
 from deeplab_lit.models.heads import separable_options
 from deeplab_lit.normalization import CAFFE_BGR, IMAGENET, Normalization
 from deeplab_lit.weights.download import cache_path, checksum_problem, download, expected_sha256, is_url
 from deeplab_lit.weights.registry import WeightsEntry, class_version, close_names, find_weights, weights_file
 
 FORMATS: tuple[str, ...] = ("deeplab_lit", "torchvision", "kazuto1011")
-#: Architecture options a checkpoint can imply, in the order messages list them.
-OPTIONS: tuple[str, ...] = (
-    "backbone", "style", "output_stride", "atrous_rates", "multi_grid", "msc_scales", "aux_head", "separable",
-    "largefov_rate", "channels", "separable_form",
-)  # fmt: skip
+#: Architecture options a checkpoint can imply: the builders' parameters but the class count, in order.
+OPTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys(name for build in BUILDERS.values() for name in inspect.signature(build).parameters)
+)[1:]  # every builder's first parameter is num_classes
 #: The config objects this project's checkpoints hold in their hyper-parameters: safe to unpickle.
 _SAFE_CLASSES = (InferenceConfig, Normalization)
 #: (blocks in layer1..4, has conv3) -> name, from the built-in ResNets' records.
