@@ -40,12 +40,12 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.utilities import rank_zero_info
 
+from deeplab_lit import DESCRIPTION, PROG
 from deeplab_lit.callbacks.guards import NonFiniteLossGuard
 from deeplab_lit.callbacks.interrupt import InterruptCheckpoint
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
 from deeplab_lit.callbacks.summary import RunSummary
-from deeplab_lit.command import DESCRIPTION, PROG
 from deeplab_lit.data.datamodules import SegmentationDataModule
 from deeplab_lit.errors import UserError, building, find_in_chain, root_cause
 from deeplab_lit.export import EXPORTERS, export_onnx
