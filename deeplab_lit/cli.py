@@ -46,6 +46,7 @@ from deeplab_lit.callbacks.interrupt import InterruptCheckpoint
 from deeplab_lit.callbacks.prediction_writer import PredictionWriter
 from deeplab_lit.callbacks.resume import BestAndLastCheckpoint
 from deeplab_lit.callbacks.summary import RunSummary
+from deeplab_lit.classes import class_defaults, import_class
 from deeplab_lit.data.datamodules import SegmentationDataModule
 from deeplab_lit.errors import UserError, building, find_in_chain, root_cause
 from deeplab_lit.export import EXPORTERS, export_onnx
@@ -57,8 +58,6 @@ from deeplab_lit.modules.restore import (
     TrainingCheckpoint,
     check_trusted,
     check_trusted_options,
-    class_defaults,
-    import_class,
     plain,
     read_training_checkpoint,
     reconcile_model,

@@ -25,8 +25,6 @@ instead (see :mod:`deeplab_lit.cli`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 
+from deeplab_lit.classes import class_defaults, import_class
 from deeplab_lit.errors import UserError, building
 from deeplab_lit.models.checkpoint_formats import OPTIONS, Checkpoint, refusal
 from deeplab_lit.models.weights import resolve_options
@@ -82,22 +81,6 @@ class TrainingCheckpoint:
     hparams: dict[str, Any]
     data_class: str | None = None
     data_hparams: dict[str, Any] = field(default_factory=dict)
-
-
-def class_defaults(cls: type) -> dict[str, Any]:
-    """Return the default of every ``__init__`` argument of ``cls`` and its bases (subclasses win)."""
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass):
-            parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
-            defaults.update({p.name: p.default for p in parameters if p.default is not p.empty})
-    return defaults
-
-
-def import_class(class_path: str) -> type:
-    """Import ``"package.module.Name"``; ImportError/AttributeError name the path."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def class_paths(value: Any) -> list[str]:
