@@ -13,9 +13,9 @@ from torch import nn
 
 from deeplab_lit import DeepLabV3Plus
 from deeplab_lit.classes import class_defaults
+from deeplab_lit.cli.restore import read_training_checkpoint, reconcile_model
 from deeplab_lit.models import deeplab_v3plus
 from deeplab_lit.models.weights import load_weights, read_checkpoint
-from deeplab_lit.modules.restore import read_training_checkpoint, reconcile_model
 
 SMALL = {"num_classes": 3, "backbone": "resnet18", "channels": 8}
 
