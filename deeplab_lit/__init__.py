@@ -16,6 +16,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
+#: The console command's name and one-line description (``deeplab-lit --help`` and every subcommand's).
+PROG = "deeplab-lit"
+DESCRIPTION = (
+    "DeepLab v1, v2, v3 and v3+ for semantic segmentation, in PyTorch Lightning: train, evaluate (with the "
+    "dense CRF), segment photos and export, from YAML configs or published weights."
+)
+
 # Info lines of the package's own (Lightning-free) layers, such as how a backbone was built, shown as
 # Lightning shows its own: on stderr unless the application configured logging itself.
 _logger = logging.getLogger(__name__)
@@ -29,7 +36,16 @@ if TYPE_CHECKING:
 
 _LAZY = {"DeepLabV1", "DeepLabV2", "DeepLabV3", "DeepLabV3Plus", "SegmentationModule"}
 
-__all__ = ["DeepLabV1", "DeepLabV2", "DeepLabV3", "DeepLabV3Plus", "SegmentationModule", "__version__"]
+__all__ = [
+    "DESCRIPTION",
+    "PROG",
+    "DeepLabV1",
+    "DeepLabV2",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "SegmentationModule",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,9 @@
 """The ``deeplab-lit`` console command (and ``python -m deeplab_lit``): a light front door.
 
 ``deeplab-lit``, ``deeplab-lit --help`` and ``deeplab-lit --version`` are answered here without importing
-Lightning (seconds on a small machine); every subcommand goes to :func:`deeplab_lit.cli.main`, which builds
-the LightningCLI (``fit``/``validate``/``test``/``predict``) or the ``export`` parser.
+Lightning; every subcommand goes to :func:`deeplab_lit.cli.main`, which builds the LightningCLI
+(``fit``/``validate``/``test``/``predict``) or the ``export`` parser. ``deeplab_lit.cli`` is imported only
+then (to defer Lightning), and never imports this module: the names both show come from :mod:`deeplab_lit`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-PROG = "deeplab-lit"
-DESCRIPTION = (
-    "DeepLab v1, v2, v3 and v3+ for semantic segmentation, in PyTorch Lightning: train, evaluate (with the "
-    "dense CRF), segment photos and export, from YAML configs or published weights."
-)
+from deeplab_lit import DESCRIPTION, PROG, __version__
+
 SUBCOMMANDS = {
     "fit": "train a model (e.g. --config experiments/quickstart.yaml; --ckpt_path last resumes)",
     "validate": "evaluate on the validation split (mIoU; before/after the CRF with DenseCRFCallback)",
@@ -34,13 +32,6 @@ EXAMPLES = """examples:
 """
 
 
-def version() -> str:
-    """Return the installed package's version."""
-    from deeplab_lit import __version__
-
-    return __version__
-
-
 def front_parser() -> argparse.ArgumentParser:
     """The top-level parser: program name, description, subcommands (each with its own ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -49,7 +40,7 @@ def front_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="subcommands", dest="subcommand", metavar="SUBCOMMAND")
     for name, summary in SUBCOMMANDS.items():
         subparsers.add_parser(name, help=summary, add_help=False)

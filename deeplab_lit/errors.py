@@ -5,7 +5,7 @@ full traceback of every error instead):
 
 - :class:`UserError` and its subclasses: :class:`InvalidOptions` (a ``ValueError``/``TypeError`` a model or
   data class raised while being built from the user's options) and the checkpoint errors of
-  :mod:`deeplab_lit.modules.restore`;
+  :mod:`deeplab_lit.cli.restore`;
 - :data:`PATH_ERRORS`: a file or folder the user named is missing, a folder, or not writable;
 - the project's own validation errors (preflight, unsafe checkpoint, unknown weights name, disk full),
   listed in :func:`deeplab_lit.command.user_error_types`.

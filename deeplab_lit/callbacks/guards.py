@@ -12,9 +12,9 @@ the flag is kept on the device and read every N steps and before every checkpoin
 error still names the first bad step and its loss, but up to N-1 updates on NaN weights happen before it
 (none of them reaches a checkpoint).
 
-The CLI adds the guard to a config that lacks it (:func:`deeplab_lit.cli.add_safeguards`). Without it
-(the Python API), :class:`~deeplab_lit.callbacks.BestAndLastCheckpoint` still never makes weights holding
-NaN or inf a best checkpoint.
+The CLI adds the guard to a config that lacks it (:func:`deeplab_lit.cli.lightning_cli.add_safeguards`).
+Without it (the Python API), :class:`~deeplab_lit.callbacks.BestAndLastCheckpoint` still never makes
+weights holding NaN or inf a best checkpoint.
 """
 
 from __future__ import annotations

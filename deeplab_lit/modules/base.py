@@ -21,12 +21,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode, fast_sgd_options
+from deeplab_lit.classes import class_defaults
 from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.losses import ClassWeighted, build_loss
 from deeplab_lit.metrics import SegmentationMetrics
 from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
 from deeplab_lit.models.heads import separable_options
-from deeplab_lit.modules.restore import class_defaults
 from deeplab_lit.modules.schedule import apply_options, options_of
 from deeplab_lit.modules.trainable_crf import NETWORK_OUTPUT, build_trainable_crf
 from deeplab_lit.normalization import Normalization

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from deeplab_lit import DeepLabV3Plus
+from deeplab_lit.classes import class_defaults
+from deeplab_lit.cli.restore import read_training_checkpoint, reconcile_model
 from deeplab_lit.models import deeplab_v3plus
-from deeplab_lit.modules.restore import class_defaults, read_training_checkpoint, reconcile_model
 from deeplab_lit.weights.load import load_weights, read_checkpoint
 
 SMALL = {"num_classes": 3, "backbone": "resnet18", "channels": 8}

@@ -6,7 +6,7 @@ import lightning
 import pytest
 import torch
 
-from deeplab_lit.modules.restore import read_training_checkpoint, reconcile_model
+from deeplab_lit.cli.restore import read_training_checkpoint, reconcile_model
 
 
 @pytest.fixture

@@ -1,32 +1,21 @@
-"""Where a training checkpoint (``--ckpt_path``) and the user's options meet.
+"""Where a training checkpoint (``--ckpt_path``) and the user's options meet, for every subcommand.
 
-The rule, for ``fit``/``validate``/``test``/``predict``/``export`` with ``--ckpt_path``:
+- The **architecture** comes from the checkpoint: the version class and :data:`ARCHITECTURE` (backbone,
+  output stride, ASPP rates, multi-grid, class count, ...). A user's architecture option that contradicts
+  it is an error naming both values, judged as for ``weights:`` (:func:`resolve_options`).
+- **Everything else** (TTA, sliding window, CRF, BatchNorm folding, compile, the training recipe) is the
+  user's where the user set it, else the checkpoint's; ``weights`` and ``pretrained_backbone`` are ignored.
+- A class path the checkpoint records is followed only into ``deeplab_lit``: importing another module runs
+  its code, and a checkpoint is data. The user names any other class, else :class:`UntrustedClassPath`.
 
-- The network's **architecture** comes from the checkpoint: the version class and the options that shape
-  its tensors or their meaning (:data:`ARCHITECTURE`: backbone, output stride, ASPP rates, multi-grid, MSC,
-  class count, ...). An architecture option the user set (in a config or on the command line) to another
-  value than the checkpoint's is an error naming both values; one left at its default takes the
-  checkpoint's. The architecture conflicts are judged by the same function as ``weights:``
-  (:func:`deeplab_lit.weights.load.resolve_options`).
-- **Everything else** (evaluation-time inference: TTA, sliding window; CRF; BatchNorm folding; compile;
-  channels-last; the training recipe) is the user's where the user set it, else the checkpoint's.
-- ``weights`` and ``pretrained_backbone`` are ignored: the checkpoint's tensors replace whatever they would
-  load, and nothing is downloaded for them.
-- A class path the checkpoint records (model, datamodule, or a ``class_path`` inside their options) is
-  followed only into this package (``deeplab_lit.*``): importing another module would run its code, and a
-  checkpoint is data. Another class must be named by the user (``--model``, ``--data``, a config), else
-  :class:`UntrustedClassPath` names it.
-
-Lightning's own ``LightningCLI`` merges the checkpoint's hyper-parameters *over* the user's options, so an
-evaluation option given on the command line silently did nothing; the CLI uses :func:`reconcile_model`
-instead (see :mod:`deeplab_lit.cli`).
+Command-line glue (jsonargparse namespaces, ``--ckpt_path`` words): LightningCLI's own merge puts the
+checkpoint's hyper-parameters over the user's, so :class:`~deeplab_lit.cli.lightning_cli.DeepLabCLI` calls
+:func:`reconcile_model` instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +25,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 
+from deeplab_lit.classes import class_defaults, import_class
 from deeplab_lit.errors import UserError, building
 from deeplab_lit.weights.formats import OPTIONS, Checkpoint, refusal
 from deeplab_lit.weights.load import resolve_options
@@ -48,6 +38,8 @@ SUPERSEDED: dict[str, Any] = {"weights": None, "pretrained_backbone": False}
 _BOOKKEEPING = ("_class_path", "_instantiator")
 #: The package whose classes a checkpoint may name; any other module is imported only when the user names it.
 TRUSTED_PACKAGE = "deeplab_lit"
+#: ``--ckpt_path`` values Lightning resolves itself rather than naming a file.
+CKPT_PATH_WORDS = ("best", "hpc", "registry", "last")
 
 
 class CheckpointError(UserError, ValueError):
@@ -82,22 +74,6 @@ class TrainingCheckpoint:
     hparams: dict[str, Any]
     data_class: str | None = None
     data_hparams: dict[str, Any] = field(default_factory=dict)
-
-
-def class_defaults(cls: type) -> dict[str, Any]:
-    """Return the default of every ``__init__`` argument of ``cls`` and its bases (subclasses win)."""
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass):
-            parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
-            defaults.update({p.name: p.default for p in parameters if p.default is not p.empty})
-    return defaults
-
-
-def import_class(class_path: str) -> type:
-    """Import ``"package.module.Name"``; ImportError/AttributeError name the path."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def class_paths(value: Any) -> list[str]:
