@@ -14,14 +14,7 @@ The result approximates ``out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j`` (features 
 standard deviations) at a cost linear in the number of points. This module reproduces the arithmetic of
 the reference C++ implementation shipped in pydensecrf (``permutohedral.cpp``: same elevation, rounding,
 barycentric weights, blur order and ``alpha`` scaling), so both CRF backends see the same kernel.
-
-Everything is vectorised, with no Python loop over points: the integer keys of the lattice vertices are
-encoded as one int64 each (mixed radix, the image index included), one stable sort of the codes finds the
-distinct vertices (the "hash table"), and since the code is linear in the key, the neighbour along a
-lattice direction is a constant offset away, found with ``torch.searchsorted``. Splat, the ``d+1`` blurs
-and slice are then sparse CSR matrices, built once per lattice and applied with ``torch.addmm`` (MKL on
-the CPU, cuSPARSE on the GPU) by every :meth:`PermutohedralLattice.filter` call, with no host sync. A
-batch of images is one lattice.
+Everything is vectorised, with no Python loop over points (see :class:`PermutohedralLattice`).
 """
 
 from __future__ import annotations
@@ -39,10 +32,16 @@ _INT64_LIMIT = 2**62
 class PermutohedralLattice:
     """A permutohedral lattice built from a batch of per-point features, ready to filter values.
 
+    The integer keys of the lattice vertices are encoded as one int64 each (mixed radix, the image index
+    included), one stable sort of the codes finds the distinct vertices (the "hash table"), and since the
+    code is linear in the key, the neighbour along a lattice direction is a constant offset away, found
+    with ``torch.searchsorted``. A batch of images is one lattice.
+
     The three stages are stored as sparse CSR matrices, built once: ``splat`` (M, B*P) with the ``d+1``
     barycentric weights of each point, ``blurs`` (d+1 matrices (M, M), ``[1/2, 1, 1/2]`` along one lattice
-    direction each), and ``slice`` (B*P, M), the transposed weights times the reference's ``alpha``. Sparse
-    matrix products run multi-threaded on the CPU (MKL) and on the GPU (cuSPARSE) without host syncs.
+    direction each), and ``slice`` (B*P, M), the transposed weights times the reference's ``alpha``. Every
+    :meth:`filter` call applies them with ``torch.addmm``, multi-threaded on the CPU (MKL) and on the GPU
+    (cuSPARSE), without host syncs.
 
     Args:
         features: Float tensor ``(B, P, d)``: ``B`` independent point sets (images) of ``P`` points with
