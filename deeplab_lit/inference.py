@@ -5,9 +5,8 @@ always come from the same code. Every function maps normalised images (N, 3, H, 
 (N, C, H, W) at the input's size.
 
 Multi-scale + flip follows DeepLab v3 Sec. 4.4 / v3+ Sec. 4: the image is resized to each scale (and
-mirrored), the logits are resized back and averaged. Sliding windows (for Cityscapes' 1024x2048
-frames, larger than a training crop) tile the image with overlapping windows and average the logits
-where windows overlap.
+mirrored), the logits are resized back and averaged. Sliding windows (for Cityscapes' 1024x2048 frames,
+larger than a training crop) average the logits of overlapping windows.
 
 Big images: whole-image inference holds the network's high-resolution feature maps for the whole image
 at once, and nothing here can free them without changing the result, so above

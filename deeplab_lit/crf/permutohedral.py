@@ -3,18 +3,14 @@
 Adams, Baek and Davis, "Fast High-Dimensional Filtering Using the Permutohedral Lattice" (2010), as used
 by Krähenbühl and Koltun's fully-connected CRF (2011, Sec. 4). Every point with a ``d``-dimensional
 feature is embedded in the ``d``-dimensional hyperplane of ``R^(d+1)``, where it lies in one simplex of the
-permutohedral lattice. Filtering is then
-
-1. *splat*: each point scatters its value onto the ``d+1`` vertices of its simplex with barycentric weights;
-2. *blur*: the lattice values are convolved with ``[1/2, 1, 1/2]`` along each of the ``d+1`` lattice
-   directions in turn (neighbours found through the integer lattice keys);
-3. *slice*: each point gathers the blurred values back with the same barycentric weights.
+permutohedral lattice. Filtering is then a *splat* onto the simplices' vertices, a *blur* along each
+lattice direction and a *slice* back to the points (:class:`PermutohedralLattice`).
 
 The result approximates ``out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j`` (features already divided by their
 standard deviations) at a cost linear in the number of points. This module reproduces the arithmetic of
 the reference C++ implementation shipped in pydensecrf (``permutohedral.cpp``: same elevation, rounding,
 barycentric weights, blur order and ``alpha`` scaling), so both CRF backends see the same kernel.
-Everything is vectorised, with no Python loop over points (see :class:`PermutohedralLattice`).
+Everything is vectorised, with no Python loop over points.
 """
 
 from __future__ import annotations
@@ -31,6 +27,14 @@ _INT64_LIMIT = 2**62
 
 class PermutohedralLattice:
     """A permutohedral lattice built from a batch of per-point features, ready to filter values.
+
+    Filtering is
+
+    1. *splat*: each point scatters its value onto the ``d+1`` vertices of its simplex with barycentric
+       weights;
+    2. *blur*: the lattice values are convolved with ``[1/2, 1, 1/2]`` along each of the ``d+1`` lattice
+       directions in turn (neighbours found through the integer lattice keys);
+    3. *slice*: each point gathers the blurred values back with the same barycentric weights.
 
     The integer keys of the lattice vertices are encoded as one int64 each (mixed radix, the image index
     included), one stable sort of the codes finds the distinct vertices (the "hash table"), and since the
