@@ -29,10 +29,9 @@ Model = Callable[[Tensor], Tensor]
 #: Default :attr:`InferenceConfig.max_pixels` (see there for the measurement behind it).
 DEFAULT_MAX_PIXELS = 12_582_912
 #: Automatic windows hold at most ``max_pixels // AUTO_WINDOW_SHARE`` pixels, so that one window's forward
-#: plus the full-size logits being summed stay below a whole-image forward at ``max_pixels``: a 24-MP
-#: (6000x4000) validate with v3+ ResNet-101 peaked at 6.11 GB in windows of a quarter (1774x1773),
-#: 7.44 GB in windows of half (2508x2508), 12.56 GB whole (predict in quarters 6.16 GB; v3 6.05 GB: at
-#: that size the full-size logits and the loss's log-softmax copy, 2 GB each, are most of the peak).
+#: plus the full-size logits being summed stay below a whole-image forward at ``max_pixels`` (quarters
+#: halved the peak of a 24-MP validate, where halves saved less: BENCHMARKS.md, "Evaluation memory and the
+#: data preflight").
 AUTO_WINDOW_SHARE = 4
 
 

@@ -148,7 +148,7 @@ class CRFasRNN(nn.Module):
             stds = log_bandwidths.detach().exp().tolist()
             weights, compatibility = self.kernel_weights.to(dtype), self.compatibility.to(dtype)
             # On the CPU one image at a time, as the offline backend: a smaller working set stays in cache
-            # (8 x 321 x 321, 21 classes, 5 iterations, 2 cores: forward 7.0 s batched, 4.2 s per image).
+            # (faster: BENCHMARKS.md, "The trainable CRF layer").
             chunks = [slice(i, i + 1) for i in range(n)] if logits.device.type == "cpu" else [slice(0, n)]
             # The marginals are kept for a backward only where one can come: not under no_grad (the
             # Function's forward runs with grad mode off, so this is decided here).

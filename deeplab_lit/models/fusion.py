@@ -29,7 +29,7 @@ FUSABLE_PAIRS: dict[type[nn.Module], ConvBNPairs] = {
 
 
 def _timm_loaded() -> bool:
-    """Whether timm is imported: a model holds timm layers only then, and importing it costs ~1 s."""
+    """Whether timm is imported: a model holds timm layers only then, and importing it is slow."""
     return "timm" in sys.modules
 
 
