@@ -5,21 +5,13 @@ always come from the same code. Every function maps normalised images (N, 3, H, 
 (N, C, H, W) at the input's size.
 
 Multi-scale + flip follows DeepLab v3 Sec. 4.4 / v3+ Sec. 4: the image is resized to each scale (and
-mirrored), the logits are resized back and averaged. Sliding windows (for Cityscapes' 1024x2048
-frames, larger than a training crop) tile the image with overlapping windows and average the logits
-where windows overlap.
+mirrored), the logits are resized back and averaged. Sliding windows (for Cityscapes' 1024x2048 frames,
+larger than a training crop) average the logits of overlapping windows.
 
-Big images. Whole-image inference holds the network's high-resolution feature maps for the whole image
-at once. On the CPU (``benchmarks/eval_memory.py``: ``Trainer.validate``, one image, 21 classes, random
-init), DeepLabV3Plus ResNet-101 at output stride 16 peaked at about 1.2 GB + 0.47 GB per megapixel: 1.77
-GB at 1 MP, 3.06 at 4, 4.96 at 8, 6.85 at 12 (4000x3000; ``predict``, which also holds a
-BatchNorm-folded copy of the network, 7.26) and 12.56 GB at 24 MP (6000x4000); DeepLabV3 4.19 GB at 12
-MP. The peak is the v3+ decoder at stride 4: the layer1 features it keeps, the upsampled ASPP output,
-their 304-channel concatenation and the 256-channel convolutions, 0.7-0.9 GB each at 12 MP; the stem at
-stride 2 and layer1 come next. The full-size logits (84 bytes per pixel at 21 classes: 1 GB at 12 MP)
-and the loss's log-softmax copy of them come after the forward and stay below its peak. Nothing here can
-free those feature maps without changing the result, so above :attr:`InferenceConfig.max_pixels`
-:func:`segment` switches to sliding windows by itself (validate, test and predict alike), and says so.
+Big images: whole-image inference holds the network's high-resolution feature maps for the whole image
+at once, and nothing here can free them without changing the result, so above
+:attr:`InferenceConfig.max_pixels` :func:`segment` switches to sliding windows by itself (validate, test
+and predict alike), and says so. What that costs and saves: :class:`InferenceConfig`.
 """
 
 from __future__ import annotations
@@ -37,10 +29,9 @@ Model = Callable[[Tensor], Tensor]
 #: Default :attr:`InferenceConfig.max_pixels` (see there for the measurement behind it).
 DEFAULT_MAX_PIXELS = 12_582_912
 #: Automatic windows hold at most ``max_pixels // AUTO_WINDOW_SHARE`` pixels, so that one window's forward
-#: plus the full-size logits being summed stay below a whole-image forward at ``max_pixels``: a 24-MP
-#: (6000x4000) validate with v3+ ResNet-101 peaked at 6.11 GB in windows of a quarter (1774x1773),
-#: 7.44 GB in windows of half (2508x2508), 12.56 GB whole (predict in quarters 6.16 GB; v3 6.05 GB: at
-#: that size the full-size logits and the loss's log-softmax copy, 2 GB each, are most of the peak).
+#: plus the full-size logits being summed stay below a whole-image forward at ``max_pixels`` (quarters
+#: halved the peak of a 24-MP validate, where halves saved less: BENCHMARKS.md, "Evaluation memory and the
+#: data preflight").
 AUTO_WINDOW_SHARE = 4
 
 
@@ -59,14 +50,12 @@ class InferenceConfig:
             image size says so. ``None`` = always whole. At or below it the logits are exactly those
             of whole-image inference. The default, 12,582,912 (4096x3072), keeps VOC, Cityscapes
             (2048x1024, and its TTA scales up to 1.75) and 12-MP photos (4000x3000, 4032x3024)
-            whole: v3+ ResNet-101 at output stride 16 then peaks under 8 GB on the CPU (7.26 GB to
-            predict 12 MP). Output stride 8 costs about 4x more from layer3 on: lower it there.
-            Windows change results, mostly through the ASPP's image pooling (over one window
-            instead of the image): with the quickstart model (ResNet-18, 300 steps, val mIoU 0.24)
-            on a mosaic of its synthetic scenes, 4.5 % of the labels of a 6000x4000 image differ
-            between whole-image inference and 1774x1773 windows (5.1 % within 32 px of a window
-            edge, 4.4 % elsewhere; pixel accuracy 79.62 % whole, 79.54 % windowed), 2.0 % of a
-            4000x3000 image's with 1448x1448 windows.
+            whole: v3+ ResNet-101 at output stride 16 then peaks under 8 GB on the CPU, its peak the
+            decoder at stride 4 (the layer1 features it keeps, the upsampled ASPP output, their
+            304-channel concatenation and the 256-channel convolutions). Output stride 8 costs about
+            4x more from layer3 on: lower it there. Windows change results, mostly through the
+            ASPP's image pooling (over one window instead of the image): a few percent of the labels
+            of a 12-24 MP image. Figures: BENCHMARKS.md, "Evaluation memory and the data preflight".
     """
 
     scales: tuple[float, ...] = (1.0,)

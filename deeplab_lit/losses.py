@@ -1,12 +1,11 @@
 """Training objectives: the module's one ``loss``, called as ``loss(logits, masks, step)``.
 
 Every loss takes logits (N, C, H, W), masks int64 (N, H, W) with ``ignore_index`` for void, and the
-optimiser step (for schedules such as hard-example mining), and returns a scalar. The LightningModule
-builds it from its ``loss`` option, a mapping ``{"class_path": ..., "init_args": {...}}`` (the full
-import path, ``deeplab_lit.losses.CrossEntropy``), with :func:`build_loss`: where the class's
-``__init__`` takes ``ignore_index`` or ``num_classes``, the module's values are passed, so a loss never
-disagrees with the metrics about which label is void. A loss of one's own is any ``nn.Module`` with that
-call, named by its class path.
+optimiser step (for schedules such as hard-example mining), and returns a scalar; a loss of one's own is
+any ``nn.Module`` with that call. The LightningModule builds it from its ``loss`` option, a mapping
+``{"class_path": ..., "init_args": {...}}`` (the full import path, ``deeplab_lit.losses.CrossEntropy``),
+with :func:`build_loss`: where the class's ``__init__`` takes ``ignore_index`` or ``num_classes``, the
+module's values are passed, so a loss never disagrees with the metrics about which label is void.
 
 * :class:`CrossEntropy`: class weights (a list, or ``"auto"``: median-frequency balancing), the DeepLab
   reference code's bootstrapping (``top_k_percent_pixels``, ``hard_example_mining_step``), label smoothing.

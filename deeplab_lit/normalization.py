@@ -56,7 +56,8 @@ class Normalization:
         if images.dtype != torch.uint8:
             raise TypeError(f"normalize expects uint8 RGB images, got dtype {images.dtype}")
         # Contiguous first: albumentations' ToTensorV2 hands over a channels-first *view* of HWC pixels,
-        # on which these element-wise ops and the DataLoader's collate run ~2x slower (strided).
+        # on which these element-wise ops and the DataLoader's collate run ~2x slower (strided; BENCHMARKS.md,
+        # "Models on the GPU machine (third session)").
         x = images.contiguous().float()
         if self.bgr:
             x = x.flip(-3)

@@ -5,12 +5,8 @@ for hours and overwrites ``last.ckpt`` with them. The guard checks the training 
 pass, so the step that produced it never updates the parameters, and refuses every checkpoint once a bad
 loss has been seen, so the newest checkpoint on disk is the last one written before it.
 
-Cost: reading the flag on the host is a device synchronisation. With ``check_every_n_steps=1`` (the
-default) the guard reads it every step, which stalls the GPU queue briefly once per step (Lightning's
-progress bar already reads the loss every step, so this is usually free). With ``check_every_n_steps=N``
-the flag is kept on the device and read every N steps and before every checkpoint and validation: the
-error still names the first bad step and its loss, but up to N-1 updates on NaN weights happen before it
-(none of them reaches a checkpoint).
+Reading the loss's flag on the host costs a device synchronisation; ``check_every_n_steps`` trades it
+against updates on NaN weights before the error (:class:`NonFiniteLossGuard`).
 
 The CLI adds the guard to a config that lacks it (:func:`deeplab_lit.cli.lightning_cli.add_safeguards`).
 Without it (the Python API), :class:`~deeplab_lit.callbacks.BestAndLastCheckpoint` still never makes
@@ -41,7 +37,11 @@ class NonFiniteLossGuard(Callback):
 
     Args:
         check_every_n_steps: Read the device-side flag every N training steps (and always before a
-            checkpoint is written and before validation); see the module docstring for the trade-off.
+            checkpoint is written and before validation). Reading the flag on the host is a device
+            synchronisation: with 1 (the default) the guard reads it every step, which stalls the GPU
+            queue briefly once per step (Lightning's progress bar already reads the loss every step, so
+            this is usually free). With N the error still names the first bad step and its loss, but up
+            to N-1 updates on NaN weights happen before it (none of them reaches a checkpoint).
 
     Raises:
         ValueError: If ``check_every_n_steps`` is not a positive int.

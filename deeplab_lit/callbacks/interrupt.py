@@ -4,50 +4,12 @@ Without it, Ctrl-C raises ``KeyboardInterrupt`` wherever the process happens to 
 run without saving, and a scheduler's SIGTERM (or SLURM's SIGUSR1 before the time limit) stops it the
 same way: ``last.ckpt`` stays at the previous validation, possibly hours back.
 
-With it, the first of these signals only sets a flag. The run stops at the next consistent point, the
-end of the current training step (optimiser and learning-rate schedule stepped), or the end of the
-current validation batch when the signal arrives during a validation, and writes the whole training
-state with ``trainer.save_checkpoint`` to ``<checkpoint.dirpath>/last.ckpt``: the name
-``--ckpt_path last`` looks for, written through the trainer's checkpoint plugin (the atomic
-:class:`~deeplab_lit.callbacks.AtomicCheckpointIO` in every config of this project), so the previous
-``last.ckpt`` survives a failure during the save. It prints the checkpoint's path and the command that
-resumes the run, and exits with status ``128 + signal number`` (130, 143, 138 for SIGUSR1): the run did
-not finish. A second Ctrl-C stops at once, without a checkpoint (the last one on disk is untouched).
-
-What resuming from it gives (measured against uninterrupted runs, tests/integration/test_interrupt.py):
-
-- Interrupted in a training step: the resumed run continues at the next step with the same weights,
-  optimiser, schedule and loop counters. Lightning restarts the epoch's data loader, so the rest of the
-  epoch sees a new shuffle (see :mod:`deeplab_lit.callbacks.resume`).
-- Interrupted during a validation: the validation stops after the current batch, its partial scores are
-  neither logged nor used to pick the best checkpoint, and the training state (which a validation does
-  not change) is saved. Lightning resumes *after* that validation and does not repeat it; the same
-  holds for a validation that was due right after the interrupted training step. ``validate
-  --ckpt_path <checkpoint>`` gives its scores. The message says so.
-- Interrupted during the sanity check (before the first training step of a fresh run): nothing was
-  trained, so nothing is saved and an earlier ``last.ckpt`` in the folder is left as it was.
-
-The checkpoint records what interrupted it (``callbacks["InterruptCheckpoint"]``: signal, epoch, step,
-where), and a run resumed from it says so.
-
-Signals and Lightning. Lightning's own SIGTERM handler (it sets ``trainer.received_sigterm`` and its loops
-then raise ``SIGTERMException``, a ``SystemExit`` with exit status 0) stays installed and calls this one;
-when its exception ends the run first, this callback saves in ``on_exception`` at the same consistent
-points and sets the exit status. Lightning's SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``,
-its SIGUSR1 handler saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``) keeps working: this
-callback hands SIGUSR1 back while Lightning installs its handlers, then puts its own in front of
-Lightning's and calls it from there. Handlers are installed in ``setup``, before the data loaders start
-their worker processes: the workers inherit them and ignore these signals (a terminal's Ctrl-C reaches
-the whole process group, and a worker that died of it would fail the next batch before the checkpoint
-is written); the main process alone decides. Except SIGTERM: torch's DataLoader workers install a C
-handler of their own that exits on it, so a SIGTERM sent to every process (``kill -TERM -<pgid>``,
-``scancel``) would end them and the main process would then fail on their death (``DataLoader worker
-... is killed by signal``); the datamodules' ``worker_init_fn``
-(:func:`deeplab_lit.data.loaders.worker_init`) ignores it, so it is saved as above. A loader of your own
-needs the same ``worker_init_fn``. In distributed training all processes agree on the
-training step to stop at (one reduction of one number per step), since writing a checkpoint is
-collective; a signal during a validation is acted on at the first training step after it (validation
-shards may be uneven, so no collective runs per validation batch).
+With it, the first of these signals only sets a flag: the run stops at the next consistent point (the end
+of the current training step or validation batch), writes the whole training state to the ``last.ckpt``
+that ``--ckpt_path last`` looks for, prints the command that resumes the run and exits with status
+``128 + signal number``. A second Ctrl-C stops at once, without a checkpoint. What a resumed run gives, and
+how the handlers live with Lightning's own, data loader workers and distributed training: see
+:class:`InterruptCheckpoint`.
 """
 
 from __future__ import annotations
@@ -85,11 +47,56 @@ class TrainingInterrupted(SystemExit):
 
 
 class InterruptCheckpoint(Callback):
-    """Save a resumable checkpoint when SIGINT, SIGTERM or SIGUSR1 interrupts ``fit`` (see the module doc).
+    """Save a resumable checkpoint when SIGINT, SIGTERM or SIGUSR1 interrupts ``fit``.
 
     The CLI always adds it; with a plain ``Trainer`` add it to ``callbacks``. It has no options: the
     checkpoint goes to ``last.ckpt`` in the folder of ``trainer.checkpoint_callback`` (a
     ``ModelCheckpoint``), else to ``<default_root_dir>/checkpoints/last.ckpt``.
+
+    The first signal stops the run at the end of the current training step (optimiser and learning-rate
+    schedule stepped), or at the end of the current validation batch when it arrives during a validation,
+    and writes the whole training state with ``trainer.save_checkpoint``, through the trainer's checkpoint
+    plugin (the atomic :class:`~deeplab_lit.callbacks.AtomicCheckpointIO` in every config of this
+    project), so the previous ``last.ckpt`` survives a failure during the save. The exit status is
+    ``128 + signal number`` (130, 143, 138 for SIGUSR1): the run did not finish. A second Ctrl-C stops at
+    once, and the last checkpoint on disk is untouched.
+
+    What resuming from it gives (measured against uninterrupted runs, tests/integration/test_interrupt.py):
+
+    - Interrupted in a training step: the resumed run continues at the next step with the same weights,
+      optimiser, schedule and loop counters. Lightning restarts the epoch's data loader, so the rest of the
+      epoch sees a new shuffle (see :mod:`deeplab_lit.callbacks.resume`).
+    - Interrupted during a validation: the validation stops after the current batch, its partial scores are
+      neither logged nor used to pick the best checkpoint, and the training state (which a validation does
+      not change) is saved. Lightning resumes *after* that validation and does not repeat it; the same
+      holds for a validation that was due right after the interrupted training step. ``validate
+      --ckpt_path <checkpoint>`` gives its scores. The message says so.
+    - Interrupted during the sanity check (before the first training step of a fresh run): nothing was
+      trained, so nothing is saved and an earlier ``last.ckpt`` in the folder is left as it was.
+
+    The checkpoint records what interrupted it (``callbacks["InterruptCheckpoint"]``: signal, epoch, step,
+    where), and a run resumed from it says so.
+
+    Signals and Lightning. Lightning's own SIGTERM handler (it sets ``trainer.received_sigterm`` and its
+    loops then raise ``SIGTERMException``, a ``SystemExit`` with exit status 0) stays installed and calls
+    this one; when its exception ends the run first, this callback saves in ``on_exception`` at the same
+    consistent points and sets the exit status. Lightning's SLURM auto-requeue
+    (``SLURMEnvironment(auto_requeue=True)``, its SIGUSR1 handler saves ``hpc_ckpt_<n>.ckpt`` and runs
+    ``scontrol requeue``) keeps working: this callback hands SIGUSR1 back while Lightning installs its
+    handlers, then puts its own in front of Lightning's and calls it from there.
+
+    Signals and data loader workers. Handlers are installed in ``setup``, before the data loaders start
+    their worker processes: the workers inherit them and ignore these signals (a terminal's Ctrl-C reaches
+    the whole process group, and a worker that died of it would fail the next batch before the checkpoint
+    is written); the main process alone decides. Except SIGTERM: torch's DataLoader workers install a C
+    handler of their own that exits on it, so a SIGTERM sent to every process (``kill -TERM -<pgid>``,
+    ``scancel``) would end them and the main process would then fail on their death (``DataLoader worker
+    ... is killed by signal``); the datamodules' ``worker_init_fn``
+    (:func:`deeplab_lit.data.loaders.worker_init`) ignores it, so it is saved as above. A loader of your
+    own needs the same ``worker_init_fn``. In distributed training all processes agree on the training
+    step to stop at (one reduction of one number per step), since writing a checkpoint is collective; a
+    signal during a validation is acted on at the first training step after it (validation shards may be
+    uneven, so no collective runs per validation batch).
     """
 
     def __init__(self) -> None:

@@ -1,18 +1,8 @@
 """Where ``predict`` writes each mask and which pixel values it holds: the output formats, checked up front.
 
-``--prediction.format``:
-
-- ``palette`` (default): ``<name>.png``, a palette PNG of the class indices in the data set's colours,
-  and ``<name>_overlay.jpg``; ``<name>`` mirrors the input's folders below the inputs' common folder
-  (:func:`deeplab_lit.data.images.relative_names`).
-- ``cityscapes``: ``<city>_<seq>_<frame>.png``, 8-bit grayscale of Cityscapes *label IDs* (7 = road,
-  ..., 33 = bicycle), mapped from the 19 train IDs with cityscapesScripts' table (the one training uses,
-  :func:`deeplab_lit.data.cityscapes.label_id_to_train_id`, inverted). The Cityscapes server and
-  ``evalPixelLevelSemanticLabeling`` find each prediction by the ``<city>_<seq>_<frame>`` start of its name.
-- ``voc``: ``results/VOC2012/Segmentation/comp6_test_cls/<stem>.png``, palette PNGs in the VOC colours: the
-  layout the PASCAL VOC server unpacks (comp6: training data beyond VOC allowed).
-- ``ade20k``: ``<stem>.png``, 8-bit grayscale of class + 1 (1..150; 0 is "other", never predicted), as the
-  MIT Scene Parsing benchmark reads.
+``--prediction.format`` is ``palette`` (default: a palette PNG of the class indices in the data set's
+colours, and an overlay) or the files an evaluation server reads: ``cityscapes`` (label IDs), ``voc``
+(the comp6 layout) or ``ade20k`` (class + 1); each format's file names and values: :func:`mask_file`.
 
 The server formats write the masks only (a server reads every PNG it is given), in one flat folder named
 by the files' stems, and need the server's class count. Before any image is predicted,
@@ -70,7 +60,21 @@ def check_num_classes(output_format: str, num_classes: int) -> None:
 
 
 def mask_file(output_format: str, name: str) -> str:
-    """Mask path, below the output folder, of the input named ``name`` (``/``-separated, no extension)."""
+    """Mask path, below the output folder, of the input named ``name`` (``/``-separated, no extension).
+
+    - ``palette``: ``<name>.png``, a palette PNG of the class indices in the data set's colours (the
+      overlay, ``<name>_overlay.jpg``, beside it); ``<name>`` mirrors the input's folders below the
+      inputs' common folder (:func:`deeplab_lit.data.images.relative_names`).
+    - ``cityscapes``: ``<city>_<seq>_<frame>.png``, 8-bit grayscale of Cityscapes *label IDs* (7 = road,
+      ..., 33 = bicycle), mapped from the 19 train IDs with cityscapesScripts' table (the one training
+      uses, :func:`deeplab_lit.data.cityscapes.label_id_to_train_id`, inverted). The Cityscapes server and
+      ``evalPixelLevelSemanticLabeling`` find each prediction by the ``<city>_<seq>_<frame>`` start of its
+      name.
+    - ``voc``: ``results/VOC2012/Segmentation/comp6_test_cls/<stem>.png``, palette PNGs in the VOC colours:
+      the layout the PASCAL VOC server unpacks (comp6: training data beyond VOC allowed).
+    - ``ade20k``: ``<stem>.png``, 8-bit grayscale of class + 1 (1..150; 0 is "other", never predicted), as
+      the MIT Scene Parsing benchmark reads.
+    """
     if output_format == "palette":
         return f"{name}.png"
     stem = PurePosixPath(name).name

@@ -9,21 +9,9 @@
 - ``out/<name>_overlay.jpg``: the mask's colours blended over the original image.
 
 ``<name>`` is the input's path below the inputs' common folder without its extension (sub-folders are
-mirrored; inputs that differ only by extension keep it). ``--prediction.format cityscapes|voc|ade20k``
-writes an evaluation server's files instead (:mod:`deeplab_lit.callbacks.prediction_outputs`). Before any
-image is predicted, two inputs that would share an output file, an output that would overwrite an input,
-and a server format that does not fit the model's classes are refused.
-
-Images keep their own size, as viewers show them (turned by their EXIF orientation): the predict loader
-gives whole images, and the logits come back at that size (through the module's inference: plain,
-multi-scale + flip or sliding window). With ``crf=True`` the
-softmax is refined by the dense CRF (:func:`deeplab_lit.crf.dense_crf`, DeepLab v1/v2 post-processing)
-on the raw image before the arg-max. The raw image is recovered from the batch with the datamodule's
-``normalization``, its palette from ``datamodule.palette``.
-
-A file that cannot be read (corrupt, truncated, unsupported, a decompression bomb) is skipped with a
-warning naming it and the reason, and every skipped file is listed again when predict ends
-(``--prediction.skip_unreadable false`` stops at the first one instead).
+mirrored; inputs that differ only by extension keep it). ``--prediction.format`` writes an evaluation
+server's files instead; clashing outputs and a server format that does not fit the model's classes are
+refused before any image is predicted (:mod:`deeplab_lit.callbacks.prediction_outputs`).
 """
 
 from __future__ import annotations
@@ -55,6 +43,13 @@ class UnreadableImageWarning(UserWarning):
 class PredictionWriter(BasePredictionWriter):
     """Write each predicted mask as a palette PNG and an overlay JPEG (only acts in ``predict``).
 
+    Images keep their own size, as viewers show them (turned by their EXIF orientation): the predict
+    loader gives whole images, and the logits come back at that size (through the module's inference:
+    plain, multi-scale + flip or sliding window). With ``crf=True`` the softmax is refined by the dense CRF
+    (:func:`deeplab_lit.crf.dense_crf`, DeepLab v1/v2 post-processing) on the raw image before the
+    arg-max. The raw image is recovered from the batch with the datamodule's ``normalization``, its
+    palette from ``datamodule.palette``.
+
     Args:
         output_dir: Folder for ``<name>.png`` and ``<name>_overlay.jpg`` (created if missing).
         overlay: Also write the overlay (``palette`` format only: a server reads only the masks).
@@ -63,11 +58,12 @@ class PredictionWriter(BasePredictionWriter):
         crf_preset: CRF parameters by name (``"deeplab_v2"`` or ``"deeplab_v1_largefov"``, see
             ``deeplab_lit.crf.PRESETS``).
         crf_backend: ``"auto"``, ``"pydensecrf"`` or ``"torch"`` (see :func:`deeplab_lit.crf.dense_crf`).
-        skip_unreadable: Skip an image that cannot be read, with an :class:`UnreadableImageWarning` naming
-            it and the reason, list every skipped file when predict ends (also in :attr:`skipped`), and
-            go on with the rest; False: stop at the first one with its ValueError. The option lives here,
-            with the other ``--prediction.*`` options of what predict writes, rather than on the
-            datamodule, whose files serve training too, where an unreadable file is always an error.
+        skip_unreadable: Skip an image that cannot be read (corrupt, truncated, unsupported, a
+            decompression bomb), with an :class:`UnreadableImageWarning` naming it and the reason, list
+            every skipped file when predict ends (also in :attr:`skipped`), and go on with the rest; False:
+            stop at the first one with its ValueError. The option lives here, with the other
+            ``--prediction.*`` options of what predict writes, rather than on the datamodule, whose files
+            serve training too, where an unreadable file is always an error.
         format: ``palette`` (class indices in the data set's colours), or an evaluation server's files:
             ``cityscapes`` (label IDs), ``voc`` (comp6 layout), ``ade20k`` (class + 1); see
             :mod:`deeplab_lit.callbacks.prediction_outputs`.

@@ -1,43 +1,16 @@
 """Exact and safe resumption: an up-to-date ``last.ckpt``, random-number state in it, atomic writes.
 
-``BestAndLastCheckpoint`` is Lightning's ``ModelCheckpoint`` with ``last.ckpt`` always the newest state,
-written by a second, plain ``ModelCheckpoint`` that it drives (public API only).
-Since Lightning 2.2, ``save_last=True`` writes ``last.ckpt`` only "whenever a checkpoint file gets saved",
-i.e. with ``monitor: val/mIoU`` only when the score improved: a run that stops improving keeps an old
-``last.ckpt`` and ``--ckpt_path last`` would silently go back to its last improvement. The CLI's
-always-on ``checkpoint`` callback is this class.
+Lightning alone resumes less than it seems: with ``monitor: val/mIoU`` its ``save_last`` refreshes
+``last.ckpt`` only when the score improved, it restores no random number generator, and its writes are
+atomic only when the system temporary folder is on the checkpoint's file system. One class for each:
 
-``RandomStateCheckpoint`` puts the state of every random number generator the training loop draws from
-into each checkpoint and restores it on ``fit(ckpt_path=...)``: Python's ``random``, NumPy's global
-state, torch's CPU and CUDA generators (data order of the shuffling sampler, dropout, worker seeds) and
-the albumentations pipeline of the training set when it runs in the main process (``num_workers=0``).
-Lightning restores weights, optimiser, schedule and loop counters but not these, so without it a
-resumed run draws the next epoch's order and augmentations from the start-of-run seed.
+- :class:`BestAndLastCheckpoint`: ``last.ckpt`` always the newest state (the CLI's ``checkpoint`` callback);
+- :class:`RandomStateCheckpoint`: the generators the training loop draws from, saved and restored (with
+  what a resumed run reproduces exactly, and what not);
+- :class:`AtomicCheckpointIO`: a temporary file renamed over the target, and a clear error on a full disk.
 
-``AtomicCheckpointIO`` writes a checkpoint to a temporary file beside the target, flushes it to disk and
-renames it over the target (``os.replace``, atomic on POSIX and Windows), so a crash while saving leaves
-the previous ``last.ckpt`` intact. Lightning's own ``TorchCheckpointIO`` is atomic only when the system
-temporary folder is on the checkpoint's file system (fsspec writes to ``tempfile.mkstemp()`` and moves the
-file, which becomes a copy across devices), and it holds the serialised checkpoint in memory twice. A
-full disk (or quota) raises :class:`CheckpointWriteError` naming the file, the free space and the
-checkpoint's size, instead of torch's ``inline_container.cc`` message with the cause buried above it.
-
-``BestAndLastCheckpoint`` also makes ``--ckpt_path last`` without any ``last*.ckpt`` an error (Lightning
-warns and trains from scratch). Signals (Ctrl-C, SIGTERM, SIGUSR1) end a fit in a mid-epoch ``last.ckpt``
-through :class:`~deeplab_lit.callbacks.interrupt.InterruptCheckpoint`.
-
-What is exact (tests/integration/test_resume.py): a run SIGKILLed at any moment and resumed with
-``--ckpt_path last`` from a checkpoint written at the end of an epoch (its length in ``max_epochs`` or in
-``max_steps``) finishes with the same step count,
-weights and metrics as an uninterrupted run, on the CPU with ``deterministic: true`` and augmentation in
-the main process (``num_workers=0``). Lightning first repeats the validation that wrote the checkpoint
-(same figures, logged once more). What is not exact: DataLoader workers with ``persistent_workers=True`` (the
-datamodules' choice whenever ``num_workers > 0``) keep their augmentation state in other processes, which
-no checkpoint reaches; and a checkpoint written in the middle of an epoch (``val_check_interval`` or
-``every_n_train_steps``, as in the paper configs, or by an interrupt) resumes with the right step count,
-schedule and optimiser state, but Lightning starts that epoch's data loader afresh (it warns about a
-non-resumable loader), so the rest of that epoch sees a new shuffle: statistically the same training,
-not the same bits.
+Signals (Ctrl-C, SIGTERM, SIGUSR1) end a fit in a mid-epoch ``last.ckpt`` through
+:class:`~deeplab_lit.callbacks.interrupt.InterruptCheckpoint`.
 """
 
 from __future__ import annotations
@@ -71,7 +44,11 @@ warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but the
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` for the best files, with ``last.ckpt`` refreshed at every validation (module doc).
+    """``ModelCheckpoint`` for the best files, with ``last.ckpt`` refreshed at every validation.
+
+    Since Lightning 2.2, ``save_last=True`` writes ``last.ckpt`` only "whenever a checkpoint file gets
+    saved", i.e. with ``monitor: val/mIoU`` only when the score improved: a run that stops improving keeps
+    an old ``last.ckpt`` and ``--ckpt_path last`` would silently go back to its last improvement.
 
     Same arguments as ``ModelCheckpoint``. With ``save_last=True``, ``last.ckpt`` is written by a second,
     plain ``ModelCheckpoint`` (``filename="last"``, no monitor, top 1, the same folder, file system,
@@ -81,7 +58,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     own ``save_last`` (a copy only when a best file is written) is off (``save_last`` reads False).
     ``last_model_path`` is that file. ``save_last="link"`` is Lightning's (a link to the newest best
     file). The schedule is the default one, every validation: ``every_n_train_steps`` or
-    ``train_time_interval`` steer the best files only.
+    ``train_time_interval`` steer the best files only. ``--ckpt_path last`` without any ``last*.ckpt`` is
+    an error (Lightning warns and trains from scratch).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -273,8 +251,27 @@ def _other_last_checkpoints(trainer: Trainer, this: ModelCheckpoint) -> bool:
 class RandomStateCheckpoint(Callback):
     """Save the random generators' states in every checkpoint and restore them when training resumes.
 
+    The generators: Python's ``random``, NumPy's global state, torch's CPU and CUDA generators (data order
+    of the shuffling sampler, dropout, worker seeds) and the albumentations pipeline of the training set
+    when it runs in the main process (``num_workers=0``). Lightning restores weights, optimiser, schedule
+    and loop counters but not these, so without it a resumed run draws the next epoch's order and
+    augmentations from the start-of-run seed.
+
     Add it to ``trainer.callbacks``; it has no options. The state is the one of the process that writes
     the checkpoint (global rank 0) and is restored on every process.
+
+    What is exact (tests/integration/test_resume.py): a run SIGKILLed at any moment and resumed with
+    ``--ckpt_path last`` from a checkpoint written at the end of an epoch (its length in ``max_epochs`` or
+    in ``max_steps``) finishes with the same step count, weights and metrics as an uninterrupted run, on
+    the CPU with ``deterministic: true`` and augmentation in the main process (``num_workers=0``).
+    Lightning first repeats the validation that wrote the checkpoint (same figures, logged once more).
+    What is not exact: DataLoader workers with ``persistent_workers=True`` (the datamodules' choice
+    whenever ``num_workers > 0``) keep their augmentation state in other processes, which no checkpoint
+    reaches; and a checkpoint written in the middle of an epoch (``val_check_interval`` or
+    ``every_n_train_steps``, as in the paper configs, or by an interrupt) resumes with the right step
+    count, schedule and optimiser state, but Lightning starts that epoch's data loader afresh (it warns
+    about a non-resumable loader), so the rest of that epoch sees a new shuffle: statistically the same
+    training, not the same bits.
     """
 
     def __init__(self) -> None:
@@ -434,9 +431,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Local paths: ``torch.save`` streams into a temporary file in the target's folder (named
     ``.<name>.<random>.tmp``, which no ``last``/``best`` lookup matches), which is flushed to disk and
-    renamed over the target. A failure or a kill at any moment leaves either the old or the new file,
-    never a mix; a kill may leave the hidden temporary file behind. Remote paths (``s3://``...) use
-    Lightning's implementation.
+    renamed over the target (``os.replace``, atomic on POSIX and Windows). A failure or a kill at any
+    moment leaves either the old or the new file, never a mix; a kill may leave the hidden temporary file
+    behind. Remote paths (``s3://``...) use Lightning's implementation. Lightning's own
+    ``TorchCheckpointIO`` is atomic only when the system temporary folder is on the checkpoint's file
+    system (fsspec writes to ``tempfile.mkstemp()`` and moves the file, which becomes a copy across
+    devices), and it holds the serialised checkpoint in memory twice. A full disk (or quota) raises
+    :class:`CheckpointWriteError` naming the file, the free space and the checkpoint's size, instead of
+    torch's ``inline_container.cc`` message with the cause buried above it.
 
     Reading: every checkpoint Lightning reads through it (``--ckpt_path`` files, ``last``, ``hpc`` and
     SLURM's auto-resume ``hpc_ckpt_<n>.ckpt``) goes through the project's safe reader

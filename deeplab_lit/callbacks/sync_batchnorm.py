@@ -17,8 +17,9 @@ import torch
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
-# timm is imported inside the methods: the CLI imports this module for every run, timm costs ~1 s to
-# import, and a model without timm layers needs none of it.
+# timm is imported inside the methods: the CLI imports this module for every run, timm is slow to import
+# (BENCHMARKS.md, "Command-line start-up and the quickstart"), and a model without timm layers needs none
+# of it.
 
 
 class SyncBatchNorm(TorchSyncBatchNorm):

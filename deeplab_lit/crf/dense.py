@@ -118,12 +118,12 @@ def _check_inputs(probs: Tensor, images: Tensor) -> None:
 
 
 def auto_backend(device: torch.device) -> str:
-    """The backend ``"auto"`` picks on ``device``: the one measured faster there (BENCHMARKS.md).
+    """The backend ``"auto"`` picks on ``device``: the one measured faster there.
 
-    Measured per image at 500x375, 21 classes, 10 iterations (``benchmarks/crf_speed.py``): with 2 cores,
-    torch on 2 threads 1.41 s against 1.63 s for a pool of 2 pydensecrf processes; with 16 cores, 0.218 s
-    against 0.437 s; on a GPU torch is the only choice. With a single torch thread, though, torch costs
-    2.81 CPU seconds per image and one pydensecrf process 2.36: pydensecrf is then faster.
+    torch on all the threads beats a pool of as many pydensecrf processes, on 2 cores and on 16, and on a
+    GPU torch is the only choice. With a single torch thread, though, torch costs more CPU time per image
+    than one pydensecrf process: pydensecrf is then faster. Figures: BENCHMARKS.md, "Dense CRF
+    (benchmarks/crf_speed.py)" and "Dense CRF on the GPU machine (third session)".
     """
     if device.type != "cpu" or torch.get_num_threads() > 1:
         return "torch"

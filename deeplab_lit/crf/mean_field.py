@@ -10,12 +10,6 @@ Krähenbühl and Koltun, "Efficient Inference in Fully Connected CRFs with Gauss
   the reference's Potts compatibility multiplies the filtered marginals by ``-w_k`` and subtracts the
   result from the energy, so ``Q <- softmax(-U + sum_k w_k D_k^-1/2 K_k D_k^-1/2 Q)`` (the textbook Potts
   message ``w_k sum_{l' != l}`` differs from it by a per-pixel constant, which the softmax removes).
-
-The bilateral lattice is built once per batch (one lattice for all its images); the spatial lattice
-depends only on the image size, so it is built once per size and cached, and filters all the images of a
-batch as extra channels. The iteration loop is sparse matrix products and an in-place softmax into
-buffers allocated once, free of host synchronisation, on any device. On the CPU the images of a batch are
-refined one after the other (faster there: smaller working set); on a GPU the whole batch is one problem.
 """
 
 from __future__ import annotations
@@ -78,6 +72,13 @@ def spatial_kernel(
 
 def mean_field(unary: Tensor, images: Tensor, params: CRFParams, per_image: bool | None = None) -> Tensor:
     """Dense-CRF mean-field inference with permutohedral filtering.
+
+    The bilateral lattice is built once per batch (one lattice for all its images); the spatial lattice
+    depends only on the image size, so it is built once per size and cached, and filters all the images
+    of a batch as extra channels. The iteration loop is sparse matrix products and an in-place softmax
+    into buffers allocated once, free of host synchronisation, on any device. On the CPU the images of a
+    batch are refined one after the other (faster there: smaller working set); on a GPU the whole batch
+    is one problem.
 
     Args:
         unary: ``(N, C, H, W)`` float unary energies, ``-log p``.

@@ -3,25 +3,14 @@
 Adams, Baek and Davis, "Fast High-Dimensional Filtering Using the Permutohedral Lattice" (2010), as used
 by Krähenbühl and Koltun's fully-connected CRF (2011, Sec. 4). Every point with a ``d``-dimensional
 feature is embedded in the ``d``-dimensional hyperplane of ``R^(d+1)``, where it lies in one simplex of the
-permutohedral lattice. Filtering is then
-
-1. *splat*: each point scatters its value onto the ``d+1`` vertices of its simplex with barycentric weights;
-2. *blur*: the lattice values are convolved with ``[1/2, 1, 1/2]`` along each of the ``d+1`` lattice
-   directions in turn (neighbours found through the integer lattice keys);
-3. *slice*: each point gathers the blurred values back with the same barycentric weights.
+permutohedral lattice. Filtering is then a *splat* onto the simplices' vertices, a *blur* along each
+lattice direction and a *slice* back to the points (:class:`PermutohedralLattice`).
 
 The result approximates ``out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j`` (features already divided by their
 standard deviations) at a cost linear in the number of points. This module reproduces the arithmetic of
 the reference C++ implementation shipped in pydensecrf (``permutohedral.cpp``: same elevation, rounding,
 barycentric weights, blur order and ``alpha`` scaling), so both CRF backends see the same kernel.
-
-Everything is vectorised, with no Python loop over points: the integer keys of the lattice vertices are
-encoded as one int64 each (mixed radix, the image index included), one stable sort of the codes finds the
-distinct vertices (the "hash table"), and since the code is linear in the key, the neighbour along a
-lattice direction is a constant offset away, found with ``torch.searchsorted``. Splat, the ``d+1`` blurs
-and slice are then sparse CSR matrices, built once per lattice and applied with ``torch.addmm`` (MKL on
-the CPU, cuSPARSE on the GPU) by every :meth:`PermutohedralLattice.filter` call, with no host sync. A
-batch of images is one lattice.
+Everything is vectorised, with no Python loop over points.
 """
 
 from __future__ import annotations
@@ -39,10 +28,24 @@ _INT64_LIMIT = 2**62
 class PermutohedralLattice:
     """A permutohedral lattice built from a batch of per-point features, ready to filter values.
 
+    Filtering is
+
+    1. *splat*: each point scatters its value onto the ``d+1`` vertices of its simplex with barycentric
+       weights;
+    2. *blur*: the lattice values are convolved with ``[1/2, 1, 1/2]`` along each of the ``d+1`` lattice
+       directions in turn (neighbours found through the integer lattice keys);
+    3. *slice*: each point gathers the blurred values back with the same barycentric weights.
+
+    The integer keys of the lattice vertices are encoded as one int64 each (mixed radix, the image index
+    included), one stable sort of the codes finds the distinct vertices (the "hash table"), and since the
+    code is linear in the key, the neighbour along a lattice direction is a constant offset away, found
+    with ``torch.searchsorted``. A batch of images is one lattice.
+
     The three stages are stored as sparse CSR matrices, built once: ``splat`` (M, B*P) with the ``d+1``
     barycentric weights of each point, ``blurs`` (d+1 matrices (M, M), ``[1/2, 1, 1/2]`` along one lattice
-    direction each), and ``slice`` (B*P, M), the transposed weights times the reference's ``alpha``. Sparse
-    matrix products run multi-threaded on the CPU (MKL) and on the GPU (cuSPARSE) without host syncs.
+    direction each), and ``slice`` (B*P, M), the transposed weights times the reference's ``alpha``. Every
+    :meth:`filter` call applies them with ``torch.addmm``, multi-threaded on the CPU (MKL) and on the GPU
+    (cuSPARSE), without host syncs.
 
     Args:
         features: Float tensor ``(B, P, d)``: ``B`` independent point sets (images) of ``P`` points with

@@ -4,18 +4,9 @@ pydensecrf (PyPI ``pydensecrf2``) is single-threaded, so the images of a batch a
 worker processes: a machine with ``k`` cores refines ``k`` images at once. The pool is created lazily on
 the first batch that needs it, reused by every later call with the same size, rebuilt after a fork (a
 child process never uses its parent's workers) and shut down at interpreter exit. With one worker, or one
-image, the work runs in this process and no pool is started.
-
-A worker never outlives its parent: a watchdog thread in each worker exits it once the parent is gone,
-even when the parent was killed with SIGKILL and had no chance to shut the pool down. Workers ignore
-SIGINT (Ctrl+C reaches the whole process group; the parent alone decides what to do) and take the
-default action on SIGTERM, whatever handlers the parent had installed before forking.
-
-Workers are forked on Linux: they start at once, and they only run numpy and pydensecrf (never torch,
-CUDA or OpenMP), so a parent holding CUDA contexts or thread pools is no danger to them. Elsewhere, and
-whenever :data:`MP_CONTEXT` is set to ``"spawn"`` or ``"forkserver"``, each worker imports
-``deeplab_lit`` first, which costs the import time of the package once per pool. Only numpy arrays and
-the parameters cross the process boundary.
+image, the work runs in this process and no pool is started. A worker never outlives its parent and
+leaves signals to it (:func:`_init_worker`). Only numpy arrays and the parameters cross the process
+boundary.
 """
 
 from __future__ import annotations
@@ -34,7 +25,10 @@ import numpy as np
 
 from deeplab_lit.crf.params import CRFParams
 
-#: How the pool's workers are started (a ``multiprocessing`` start method).
+#: How the pool's workers are started (a ``multiprocessing`` start method). Forked on Linux: workers start at
+#: once, and they only run numpy and pydensecrf (never torch, CUDA or OpenMP), so a parent holding CUDA
+#: contexts or thread pools is no danger to them. With ``"spawn"`` or ``"forkserver"`` each worker imports
+#: ``deeplab_lit`` first, which costs the import time of the package once per pool.
 MP_CONTEXT = "fork" if sys.platform.startswith("linux") else "spawn"
 #: Seconds between a worker's checks that its parent is still alive.
 PARENT_CHECK_INTERVAL = 0.5
@@ -150,7 +144,13 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _init_worker(parent_pid: int) -> None:
-    """Reset inherited signal handlers and start the orphan watchdog (runs once in each worker)."""
+    """Reset inherited signal handlers and start the orphan watchdog (runs once in each worker).
+
+    The watchdog thread exits the worker once the parent is gone, even when the parent was killed with
+    SIGKILL and had no chance to shut the pool down. Workers ignore SIGINT (Ctrl+C reaches the whole
+    process group; the parent alone decides what to do) and take the default action on SIGTERM, whatever
+    handlers the parent had installed before forking.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(

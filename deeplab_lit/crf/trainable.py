@@ -7,30 +7,9 @@ grid-searching them. Here the Gaussian filtering of every iteration is the *exac
 the offline ``torch`` backend (:mod:`~deeplab_lit.crf.permutohedral`, equal to pydensecrf's), on the CPU or
 the GPU, for a whole batch at once.
 
-One iteration, for network logits ``L`` (``N, C, H, W``; ``Q_0 = softmax(L)``)::
-
-    m_t     = sum_k w_k D_k^-1/2 K_k D_k^-1/2 Q_t     (k: spatial and bilateral kernel, Sec. 4.1)
-    Z_t+1   = L - m_t mu^T                           (compatibility transform, mu is C x C)
-    Q_t+1   = softmax(Z_t+1)
-
-and the layer returns ``Z_T``: logits whose softmax is the CRF's marginals. Initialised with a preset's
-weights and the Potts compatibility ``mu = 1 - I``, ``Z_T`` differs from the offline backend's energy by a
-per-pixel constant, so the marginals are the same (:func:`~deeplab_lit.crf.dense_crf` clamps the
-probabilities at ``PROB_EPS`` before ``-log``; where every probability is above it, the two agree).
-
-The backward pass is one custom ``autograd.Function`` over all iterations. It keeps only the marginals
-``Q_0 .. Q_T-1`` (``T`` tensors the size of the logits; none under ``no_grad``) and no lattice buffers:
-the filter's transpose is the same lattice with its blurs in reverse order
-(:meth:`PermutohedralLattice.transposed`), so the gradient of ``K Q`` is one more filtering of the
-incoming gradient. Per iteration the backward filters twice per kernel (the transposed filter, and the
-forward one again when the compatibility learns): forward plus backward costs about three forward passes,
-and the memory is ``T + 2`` logits plus the lattices.
-
-The kernels' bandwidths are fixed by default. With ``learn_bandwidths=True`` their logarithms learn too,
-with the gradient of the Gaussian kernel ``exp(-|f_i - f_j|^2 / 2)`` (features ``f`` divided by the
-bandwidths), in which the lattice stands for the Gaussian: the lattice's own output is piecewise linear
-in the features, so this is the gradient of what it approximates, not of its interpolation. It costs the
-bilateral filter on ``d + 3`` times the channels per iteration of the backward pass.
+:class:`CRFasRNN` is the layer (one iteration's equations, and how it matches the offline CRF);
+:class:`_MeanField` is its memory-lean backward; :meth:`NormalisedKernel.log_bandwidth_grads` the optional
+gradient of the bandwidths.
 """
 
 from __future__ import annotations
@@ -64,6 +43,17 @@ RawFilter = Callable[[Tensor, bool], Tensor]
 class CRFasRNN(nn.Module):
     """Differentiable fully-connected CRF: ``layer(logits, images)`` -> refined logits (CRF-as-RNN).
 
+    One iteration, for network logits ``L`` (``N, C, H, W``; ``Q_0 = softmax(L)``)::
+
+        m_t     = sum_k w_k D_k^-1/2 K_k D_k^-1/2 Q_t     (k: spatial and bilateral kernel, Sec. 4.1)
+        Z_t+1   = L - m_t mu^T                           (compatibility transform, mu is C x C)
+        Q_t+1   = softmax(Z_t+1)
+
+    and the layer returns ``Z_T``: logits whose softmax is the CRF's marginals. Initialised with a preset's
+    weights and the Potts compatibility ``mu = 1 - I``, ``Z_T`` differs from the offline backend's energy
+    by a per-pixel constant, so the marginals are the same (:func:`~deeplab_lit.crf.dense_crf` clamps the
+    probabilities at ``PROB_EPS`` before ``-log``; where every probability is above it, the two agree).
+
     Args:
         num_classes: Classes ``C`` of the logits.
         preset: Named parameters the layer starts from (:data:`~deeplab_lit.crf.PRESETS`): the kernels'
@@ -73,7 +63,7 @@ class CRFasRNN(nn.Module):
             converge further (the offline CRF runs 10).
         learn_bandwidths: Learn the logarithms of the three bandwidths (spatial ``xy``, bilateral ``xy``
             and ``rgb``) as well. Off by default: the bandwidth gradient is that of the exact Gaussian
-            (see the module docstring) and costs extra filtering.
+            (see :meth:`NormalisedKernel.log_bandwidth_grads`) and costs extra filtering.
         filter: ``"lattice"`` (default) or ``"exact"``, the dense Gaussian, ``O((H W)^2)``: only for tiny
             images (tests, references).
 
@@ -158,7 +148,7 @@ class CRFasRNN(nn.Module):
             stds = log_bandwidths.detach().exp().tolist()
             weights, compatibility = self.kernel_weights.to(dtype), self.compatibility.to(dtype)
             # On the CPU one image at a time, as the offline backend: a smaller working set stays in cache
-            # (8 x 321 x 321, 21 classes, 5 iterations, 2 cores: forward 7.0 s batched, 4.2 s per image).
+            # (faster: BENCHMARKS.md, "The trainable CRF layer").
             chunks = [slice(i, i + 1) for i in range(n)] if logits.device.type == "cpu" else [slice(0, n)]
             # The marginals are kept for a backward only where one can come: not under no_grad (the
             # Function's forward runs with grad mode off, so this is decided here).
@@ -251,6 +241,10 @@ class NormalisedKernel:
         ``K_ij = exp(-|f_i - f_j|^2 / 2)`` with the features of group ``G`` divided by ``s``,
         ``dK_ij / d log s = K_ij |f_iG - f_jG|^2``, so ``B(x, y) = <x |f_G|^2, K y> - 2 sum_{d in G}
         <x f_d, K(f_d y)> + <x, K(|f_G|^2 y)>``: filters of ``y`` times powers of the features.
+
+        The lattice stands for the Gaussian here: its own output is piecewise linear in the features, so
+        this is the gradient of what it approximates, not of its interpolation. It costs the bilateral
+        filter on ``d + 3`` times the channels per iteration of the backward pass.
         """
         n = self.norm
         nq, ng = n * q, n * grad
@@ -280,7 +274,16 @@ class NormalisedKernel:
 
 
 class _MeanField(torch.autograd.Function):
-    """``T`` mean-field iterations with a backward that stores only the marginals (module docstring)."""
+    """``T`` mean-field iterations with a backward that stores only the marginals.
+
+    One custom ``autograd.Function`` over all iterations. It keeps only the marginals ``Q_0 .. Q_T-1``
+    (``T`` tensors the size of the logits; none under ``no_grad``) and no lattice buffers: the filter's
+    transpose is the same lattice with its blurs in reverse order (:meth:`PermutohedralLattice.transposed`),
+    so the gradient of ``K Q`` is one more filtering of the incoming gradient. Per iteration the backward
+    filters twice per kernel (the transposed filter, and the forward one again when the compatibility
+    learns): forward plus backward costs about three forward passes, and the memory is ``T + 2`` logits
+    plus the lattices.
+    """
 
     @staticmethod
     def forward(

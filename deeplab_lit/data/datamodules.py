@@ -4,9 +4,6 @@ Every datamodule knows its ``num_classes`` and ``class_names`` at construction (
 link ``data.num_classes`` to the model), exposes ``ignore_index`` (255), its ``normalization`` and a
 ``palette`` for writing masks, and yields batches ``{"image": float (N, 3, H, W), "mask": int64
 (N, H, W), "name": list[str]}``; predict batches carry ``"path"`` instead of ``"mask"``.
-
-About 600 lines: the base (260) and the seven data sets' classes, each a few dozen lines of its own options;
-kept in one module so that the options a subclass changes are read next to the base that declares them.
 """
 
 from __future__ import annotations

@@ -9,9 +9,6 @@ Images become 8-bit RGB the way an image viewer shows them, whatever the camera 
 (``round(v / 257)``, so 65535 -> 255: a plain ``convert("RGB")`` clips every value above 255 to white),
 palette, CMYK, YCbCr, Lab and 1-bit images are converted by Pillow, and transparent pixels are composited
 over :data:`TRANSPARENT_BACKGROUND`. Float images have no defined value range and are refused.
-
-Longer than this project's usual module (about 440 lines) on purpose: decoding, the pixel modes and the
-two datasets built on them share one set of error messages, and reading a file is one job.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from deeplab_lit.data.transforms import seed_worker
 def default_num_workers() -> int:
     """Return the usable CPU cores shared among the node's GPUs (one process each), 1 to 12; no GPU: <= 4.
 
-    On the H100 machine of BENCHMARKS.md (16 cores) 4 workers delivered 292 augmented 500x375 VOC
-    images/s while ResNet-50 DeepLabs train at 150-220 images/s: too little headroom. On a CPU-only
+    On a 16-core H100 machine 4 workers delivered too little headroom over the ResNet-50 DeepLabs'
+    training step (BENCHMARKS.md, "Models on the GPU machine (third session)"). On a CPU-only
     machine the training step is far slower than even one worker, and more workers would only hold
     memory, so at most 4 there.
     """

@@ -7,27 +7,11 @@ size check, the label map and the class-range check are the same code, and a tru
 fails the same way) - with only the transform swapped for one that records the image size. Every
 bad pair is collected, and one :class:`PreflightError` lists them all.
 
-Speed: a pair costs what the loader pays for it before augmentation, 3.4-3.7 CPU ms for a random
-500x375 JPEG (quality 90) + palette PNG on this project's 2-core VM (``benchmarks/preflight_speed.py``:
-41-44 CPU s for VOC's 10,582 + 1,449 pairs, about 21 s over two free cores); the pairs are spread over
-``num_workers`` processes, and pairs whose two files have not changed (same path, size and
-modification time) since a run that found them good are taken from a cache file, so only the first
-run on a data set pays (0.35-0.6 s for those 12,031 pairs). The verdict also depends on the number of
-classes, the label map, the reader (the source of the dataset class and its bases), Pillow's version
-and this module's :data:`PREFLIGHT_VERSION`: all of them key the cache file. The cache lives under
-``$XDG_CACHE_HOME/deeplab_lit/preflight`` (``~/.cache`` when unset), never in the data root, which may
-be read-only.
-
-Pillow's JPEG draft mode (decoding at 1/8 scale) was measured as the cheap alternative: it does catch
-truncated files, but on random 500x375 JPEGs it saved only a fifth of the decoding time (entropy
-decoding dominates), too little for a second reading path that training does not take.
-
-Under DDP every process calls ``setup``: process ``r`` of ``n`` checks pairs ``r, r + n, ...``, the
-verdicts are exchanged (``all_gather_object``), and every process raises the same error or goes on,
-so none waits forever for one that stopped. Each node's local rank 0 writes the cache.
-
-About 440 lines on purpose: the check, its process pool, its cache and its DDP sharding are one job whose
-parts share the cache keys and the error list; split apart they would need each other's internals.
+A pair costs what the loader pays for it before augmentation (BENCHMARKS.md, "Evaluation memory and
+the data preflight"), so the pairs are spread over ``num_workers`` processes and those an earlier run
+found good are cached (:func:`cache_file`): only the first run on a data set pays. Pillow's JPEG draft
+mode saves too little for a second reading path that training does not take (same section). Under DDP
+the processes share the pairs and all raise the same error (:func:`check_splits`).
 """
 
 from __future__ import annotations
@@ -225,7 +209,14 @@ def _reader_sources(dataset: SegmentationDataset) -> str:
 
 
 def cache_file(dataset: SegmentationDataset, folder: Path) -> Path:
-    """Return the cache file of one split: keyed by all but the files that can change a verdict."""
+    """Return the cache file of one split: keyed by all but the files that can change a verdict.
+
+    A pair whose two files have not changed (same path, size and modification time) since a run that
+    found it good is taken from this file. The verdict also depends on the number of classes, the label
+    map, the reader (the source of the dataset class and its bases), Pillow's version and this module's
+    :data:`PREFLIGHT_VERSION`: all of them key the file. It lives under :func:`cache_dir`, never in the
+    data root, which may be read-only.
+    """
     label_map = dataset.label_map
     context = {
         "preflight": PREFLIGHT_VERSION,
@@ -334,6 +325,10 @@ def check_splits(
     write_cache: bool = True,
 ) -> dict[str, SplitCheck]:
     """Read every pair of ``splits`` as training would, and raise one error listing every bad pair.
+
+    Under DDP every process calls it: process ``r`` of ``n`` checks pairs ``r, r + n, ...``, the verdicts
+    are exchanged (``all_gather_object``), and every process raises the same error or goes on, so none
+    waits forever for one that stopped. Each node's local rank 0 writes the cache.
 
     Args:
         splits: Role (``"train"``, ``"val"``, ``"test"``) -> dataset of image/mask pairs.

@@ -1,25 +1,12 @@
 """The embedded default data set: shapes on clutter, written once in the VOC layout.
 
 Six classes: ``background`` and five shapes, ``disc``, ``square``, ``triangle``, ``ring`` and
-``cross``. Each image holds 1..``max_objects`` shapes at log-uniform sizes (by default radii of 1/10
-to 1/3 of the image side; every shape has the area of the disc of that radius, so classes are
-balanced), rotated, each painted a saturated colour of random hue (nearly flat: a faint gradient and
-a little noise), so colour says nothing about the class. The background is a noisy stripe texture of
-two near-grey colours, with distractors of the background class on it (``clutter``): elongated
-ellipses, lines and jagged blobs of any colour. Shapes never touch one another (each is placed where it
-keeps a gap of 1/32 of the side to the earlier ones, or left out after 20 tries): a shape half hidden behind
-another could be any class, and such labels slow learning (measured with the quickstart's network at
-64 px, batch 16, 500 steps: val mIoU 0.38 with format 3's occlusion, 0.43 without). Like VOC, a thin void
-band (255) runs along every object outline, unless ``void_border=False``.
-
-``imbalance`` (default 1: every shape class equally likely) skews the shapes' classes for studies of
-class imbalance: the shape classes are drawn with probabilities falling geometrically from ``disc`` to
-``cross``, the first ``imbalance`` times as likely as the last (``cross`` is the rare class).
-
-Colour and texture tell objects from most of the background (deliberately easy, so that a small
-network trained from scratch on a CPU gets past the all-background phase within its first hundred
-steps); telling a disc from a ring, a square from a cross, or a shape from a coloured
-distractor needs the shape over the object's whole extent, not one pixel's colour.
+``cross``, each a saturated colour of random hue on a noisy grey stripe texture with distractors of
+the background class (how an image is drawn: :func:`render_sample`). Colour and texture tell objects
+from most of the background (deliberately easy, so that a small network trained from scratch on a CPU
+gets past the all-background phase within its first hundred steps); telling a disc from a ring, a
+square from a cross, or a shape from a coloured distractor needs the shape over the object's whole
+extent, not one pixel's colour. ``imbalance`` skews the shape classes for studies of class imbalance.
 
 Written as ``root/{JPEGImages,SegmentationClass,ImageSets/Segmentation}`` with a ``synthetic.json``
 manifest of the generation parameters. Generation is atomic (a temporary folder renamed into place)
@@ -204,8 +191,20 @@ def render_sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image and its mask (object radii log-uniform in ``object_size`` x ``size``).
 
+    Each image holds 1..``max_objects`` shapes at log-uniform sizes; every shape has the area of the disc
+    of its radius, so classes are balanced. Each is rotated and painted a saturated colour of random hue
+    (nearly flat: a faint gradient and a little noise), so colour says nothing about the class. The
+    background is a noisy stripe texture of two near-grey colours, with distractors of the background
+    class on it: elongated ellipses, lines and jagged blobs of any colour. Shapes never touch one another
+    (each is placed where it keeps a gap of 1/32 of the side to the earlier ones, or left out after 20
+    tries): a shape half hidden behind another could be any class, and such labels slow learning
+    (BENCHMARKS.md, "Synthetic data: occlusion"). Like VOC, a thin void band (255) runs along every object
+    outline, unless ``void_border=False``.
+
     ``clutter`` in [0, 1] scales the number of flat distractors on the background (up to
-    ``6 * clutter``). ``imbalance`` skews the shape classes (:func:`shape_class_probabilities`).
+    ``6 * clutter``). ``imbalance`` skews the shape classes (:func:`shape_class_probabilities`): drawn
+    with probabilities falling geometrically from ``disc`` to ``cross``, the first ``imbalance`` times as
+    likely as the last (``cross`` is the rare class); 1 draws every shape class equally likely.
 
     Returns:
         ``(image, mask)``: uint8 ``(size, size, 3)`` RGB and uint8 ``(size, size)`` class indices / 255.

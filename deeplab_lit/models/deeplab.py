@@ -329,11 +329,8 @@ def deeplab_v3plus(
             pointwise, BN, ReLU (the DeepLab v3+ reference code's, for weights converted from it; separable
             checkpoints written before this option hold it and restore in it by themselves). Checked even
             when ``separable`` is false. ``"xception"`` is the default because it learned faster from
-            random initialisation and as well later: ``benchmarks/separable_forms.py`` (the quickstart
-            recipe: ResNet-18, OS 16, 64 channels, 64 px synthetic data; seeds 0-2) gave val mIoU 0.259
-            mean against 0.230 for ``"deeplab"`` after 150 steps (ahead on every seed), and 0.318 against
-            0.322 after 300 (level within the seeds' spread, 0.29-0.36); BENCHMARKS.md, "Atrous
-            separable convolution", has the figures and what was ruled out as the cause.
+            random initialisation and as well later (BENCHMARKS.md, "Atrous separable convolution: which
+            form learns", has the figures and what was ruled out as the cause).
     """
     _check_num_classes(num_classes)
     _not_largefov(backbone, "deeplab_v3plus")

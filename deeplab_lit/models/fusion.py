@@ -4,19 +4,9 @@ In evaluation mode a BatchNorm is an affine map per channel, ``y = (x - mean) / 
 beta``, so a convolution followed by it equals one convolution with rescaled weights and a bias. Folding
 removes one memory-bound pass over every feature map (a few percent of inference time on a GPU, more on
 a CPU). The arithmetic is torch's own :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`; this module only
-finds the pairs.
-
-Pairs are found by structure, never guessed from names alone:
-
-- in an ``nn.Sequential`` (or a subclass that runs its children in order), a ``Conv2d`` immediately
-  followed by a ``BatchNorm2d``;
-- in modules whose ``forward`` is known to apply a convolution then its BatchNorm directly: torchvision's
-  ResNet blocks (``conv1/bn1``, ...), our :class:`~deeplab_lit.models.backbones.ResNetBackbone` stem, timm's
-  ``ConvNormAct`` and aligned-Xception ``SeparableConv2d`` (see :func:`_fusable_pairs`).
-
-A folded BatchNorm becomes ``nn.Identity``; timm's ``BatchNormAct2d`` (BatchNorm + dropout + activation)
-becomes its dropout and activation. This covers every layer of every DeepLab version's model (VGG-16 has
-no BatchNorm). Use it for predict and export only: the folded model has no BatchNorm to train.
+finds the pairs, by structure, never guessed from names alone (:func:`fuse_conv_bn`). This covers every
+layer of every DeepLab version's model (VGG-16 has no BatchNorm). Use it for predict and export only: the
+folded model has no BatchNorm to train.
 """
 
 from __future__ import annotations
@@ -39,7 +29,7 @@ FUSABLE_PAIRS: dict[type[nn.Module], ConvBNPairs] = {
 
 
 def _timm_loaded() -> bool:
-    """Whether timm is imported: a model holds timm layers only then, and importing it costs ~1 s."""
+    """Whether timm is imported: a model holds timm layers only then, and importing it is slow."""
     return "timm" in sys.modules
 
 
@@ -186,6 +176,18 @@ def count_batchnorms(model: nn.Module) -> int:
 
 def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every BatchNorm that directly follows a convolution into that convolution, for inference.
+
+    Pairs are found by structure:
+
+    - in an ``nn.Sequential`` (or a subclass that runs its children in order), a ``Conv2d`` immediately
+      followed by a ``BatchNorm2d``;
+    - in modules whose ``forward`` is known to apply a convolution then its BatchNorm directly:
+      torchvision's ResNet blocks (``conv1/bn1``, ...), our
+      :class:`~deeplab_lit.models.backbones.ResNetBackbone` stem, timm's ``ConvNormAct`` and
+      aligned-Xception ``SeparableConv2d`` (see :func:`_fusable_pairs`).
+
+    A folded BatchNorm becomes ``nn.Identity``; timm's ``BatchNormAct2d`` (BatchNorm + dropout +
+    activation) becomes its dropout and activation.
 
     Outputs equal the eval-mode model's to float rounding (about 1e-6 relative). The memory format of the
     weights (e.g. channels-last) is kept. A compiled (``nn.Module.compile``) model is returned uncompiled:

@@ -32,11 +32,11 @@ def _init_classifier(conv: nn.Conv2d) -> nn.Conv2d:
 class AtrousDepthwiseConv2d(nn.Conv2d):
     """Depthwise dilated 3x3 convolution that runs channels-first on the CPU.
 
-    oneDNN's channels-last kernel for depthwise convolutions falls off a cliff above rate 4 on the CPU:
-    at 2048 channels on a 32x24 map it takes 1.5 ms at rate 4 but 75 ms at rate 5 (70 at 6), against
-    16-20 ms channels-first at any rate (2-core VM). So on the CPU, for rates of 5 and more, the input is
-    made channels-first for this one convolution (the following 1x1 convolution returns to the network's
-    format). Same parameters and state-dict keys as ``nn.Conv2d``; identical results.
+    oneDNN's channels-last kernel for depthwise convolutions falls off a cliff above rate 4 on the CPU,
+    several times slower than channels-first from rate 5 (BENCHMARKS.md, "Models (benchmarks/speed.py)").
+    So on the CPU, for rates of 5 and more, the input is made channels-first for this one convolution (the
+    following 1x1 convolution returns to the network's format). Same parameters and state-dict keys as
+    ``nn.Conv2d``; identical results.
     """
 
     def forward(self, x: Tensor) -> Tensor:

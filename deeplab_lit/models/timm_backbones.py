@@ -8,28 +8,9 @@ encoder, dilated by timm itself (DeepLab v3 Sec. 3.1: strides replaced by atrous
 - ``"aux"``: the level before the last (the role of ResNet's ``layer3``), input of the optional FCN head;
 - ``"out"``: the last level, at ``output_stride``.
 
-Feature sizes are timm's: ``ceil(H / s)`` for padded strided convolutions (EfficientNet, ResNet-D),
-``floor(H / 4)`` after ConvNeXt's 4x4 patchify stem. Every consumer resizes to the tensor it is matched
-to, so any input size works.
-
-Before building, the options are checked once per (model, output stride) on the ``meta`` device, where
-no memory is allocated and no arithmetic is done: the model is built there and run once in training mode
-on a ``(1, 3, 64, 64)`` meta tensor. That refuses, with one ValueError naming the model's timm family and
-the reason, the families DeepLab cannot use (measured with timm 1.0.31):
-
-- no ``output_stride`` option (no dilated variant): ``swin_*``, ``vit_*``, ``efficientvit_*``, ...;
-- a BatchNorm that sees one value per channel at batch size 1 in training (BatchNorm after global
-  pooling: ``resnest*``'s split attention, ``rexnet_*``'s squeeze-excitation): BatchNorm's "Expected more
-  than 1 value per channel when training" check looks only at shapes, so it runs on meta tensors too;
-- a model whose features do not reach the requested stride, or that has no stride-4 level.
-
-Multi-grid (DeepLab v3 Sec. 3.2) is defined on ResNet's last stage; it applies to timm's ResNet family
-(``timm.models.resnet``: ``resnet50d``, ``resnext50_32x4d``, ``seresnet50``, ...), whose ``layer4``
-blocks get 3x3 rates ``base_rate * multi_grid[i]`` as in
-:class:`~deeplab_lit.models.backbones.ResNetBackbone`. Other families have no such stage: the paper's
-grid (DeepLab v3's default) builds them without multi-grid, any other grid is refused.
-
-timm is imported only when a timm backbone is checked or built.
+Not every timm model can be dilated or trained at batch size 1: :func:`check_timm_backbone` refuses
+those before anything is built, on the ``meta`` device, with one message naming the reason. timm is
+imported only when a timm backbone is checked or built.
 """
 
 from __future__ import annotations
@@ -208,7 +189,19 @@ def _levels(model_name: str, family: str, model: nn.Module) -> TimmLevels:
 def check_timm_backbone(
     name: str, output_stride: int, multi_grid: Sequence[int] | None = None, style: str = "torchvision"
 ) -> TimmLevels:
-    """Check the options of timm backbone ``name`` without building it (see the module docstring).
+    """Check the options of timm backbone ``name`` without building it.
+
+    The check runs once per (model, output stride) on the ``meta`` device, where no memory is allocated
+    and no arithmetic is done: the model is built there and run once in training mode on a
+    ``(1, 3, 64, 64)`` meta tensor. That refuses, with one ValueError naming the model's timm family and
+    the reason, the families DeepLab cannot use (measured with timm 1.0.31):
+
+    - no ``output_stride`` option (no dilated variant): ``swin_*``, ``vit_*``, ``efficientvit_*``, ...;
+    - a BatchNorm that sees one value per channel at batch size 1 in training (BatchNorm after global
+      pooling: ``resnest*``'s split attention, ``rexnet_*``'s squeeze-excitation): BatchNorm's "Expected
+      more than 1 value per channel when training" check looks only at shapes, so it runs on meta tensors
+      too;
+    - a model whose features do not reach the requested stride, or that has no stride-4 level.
 
     Args:
         name: ``"timm:<model name>"``.
@@ -246,6 +239,16 @@ class TimmBackbone(Backbone):
     subclasses ``nn.BatchNorm2d``). Its state-dict keys are timm's ``features_only`` keys (``stages_0``
     for ``stages.0``); :func:`~deeplab_lit.weights.imagenet.load_imagenet_weights` loads ImageNet weights
     through timm's own pretrained mechanism, which maps them.
+
+    Feature sizes are timm's: ``ceil(H / s)`` for padded strided convolutions (EfficientNet, ResNet-D),
+    ``floor(H / 4)`` after ConvNeXt's 4x4 patchify stem. Every consumer resizes to the tensor it is matched
+    to, so any input size works.
+
+    Multi-grid (DeepLab v3 Sec. 3.2) is defined on ResNet's last stage; it applies to timm's ResNet family
+    (``timm.models.resnet``: ``resnet50d``, ``resnext50_32x4d``, ``seresnet50``, ...), whose ``layer4``
+    blocks get 3x3 rates ``base_rate * multi_grid[i]`` as in
+    :class:`~deeplab_lit.models.backbones.ResNetBackbone`. Other families have no such stage: the paper's
+    grid (DeepLab v3's default) builds them without multi-grid, any other grid is refused.
 
     Args:
         name: ``"timm:<model name>"``, e.g. ``"timm:convnext_tiny"``.

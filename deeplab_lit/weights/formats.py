@@ -8,42 +8,10 @@ Formats (a ``module.`` prefix, left by ``DataParallel``, is dropped first):
 - ``torchvision``: ``torchvision.models.segmentation.deeplabv3_resnet50/101`` and
   ``deeplabv3_mobilenet_v3_large`` (COCO with VOC labels).
 - ``kazuto1011``: kazuto1011/deeplab-pytorch's DeepLab v2 ResNet-101 MSC (VOC ``train_aug``) and its
-  COCO-initialised DeepLab v1 ResNet-101 (Caffe-style ResNet, BGR 0-255 input, mean subtraction). The v2
-  layout is that of the project's ``libs/models``; the v1 file is assumed to hold the same body with a 1x1
-  ``fc`` classifier (``DeepLabV1``), or no classifier.
+  COCO-initialised DeepLab v1 ResNet-101 (Caffe-style ResNet, BGR 0-255 input, mean subtraction).
 
 Each format also implies options its tensors do not hold (``Checkpoint.options``); loading and checking
-them is :mod:`deeplab_lit.weights.load`' job.
-
-Key maps (checkpoint -> ``Segmenter``; an ``MultiScaleSegmenter`` adds ``segmenter.`` in front):
-
-torchvision (``torchvision/models/segmentation/deeplabv3.py``: ``DeepLabV3(backbone, classifier,
-aux_classifier)``, ResNet with ``replace_stride_with_dilation=[False, True, True]``, ASPP rates 12/24/36)::
-
-    backbone.<resnet key>            backbone.<resnet key>      (conv1, bn1, layer1..layer4)
-    classifier.0.convs.* / .project  head.0.convs.* / .project  (ASPP)
-    classifier.{1,2,4}               head.{1,2,4}               (3x3 conv, BN, 1x1 classifier)
-    aux_classifier.{0,1,4}           aux_classifier.{0,1,4}     (FCN head on layer3)
-
-torchvision's MobileNetV3-Large (``_deeplabv3_mobilenetv3``: the ``features`` of
-``mobilenet_v3_large(dilated=True)``, output stride 16, ASPP rates 12/24/36, FCN aux head on ``features.4``)
-keeps the head keys above; its backbone keys are the feature indices::
-
-    backbone.<i>.*                   backbone.features.<i>.*    (i = 0..16)
-
-kazuto1011/deeplab-pytorch (``libs/models/resnet.py``, ``deeplabv2.py``, ``deeplabv1.py``, ``msc.py``;
-``_ConvBnReLU`` = ``conv`` + ``bn``; layer1 is the stem, layer2..5 are ResNet stages 1..4)::
-
-    base.                            (MSC wrapper)  -> MSC scales (1.0, 0.75, 0.5)
-    layer1.conv1.conv / .bn          backbone.conv1 / backbone.bn1
-    layer{L}.block{B}.reduce.*       backbone.layer{L-1}.{B-1}.conv1 / bn1      (1x1, carries the stride)
-    layer{L}.block{B}.conv3x3.*      backbone.layer{L-1}.{B-1}.conv2 / bn2      (3x3, dilated)
-    layer{L}.block{B}.increase.*     backbone.layer{L-1}.{B-1}.conv3 / bn3
-    layer{L}.block{B}.shortcut.*     backbone.layer{L-1}.{B-1}.downsample.0 / .1
-    aspp.c{i}                        head.convs.{i}      (v2: 3x3 atrous conv with bias, rates 6/12/18/24)
-    fc                               head                (v1: 1x1 classifier)
-
-deeplab_lit: ``model.`` (the LightningModule's attribute) is dropped; ``segmenter.`` marks MSC.
+them is :mod:`deeplab_lit.weights.load`' job. The key maps are with the converters (``_from_<format>``).
 """
 
 from __future__ import annotations
@@ -373,6 +341,23 @@ def _torchvision_mobilenet(state: Mapping[str, Tensor], source: str) -> bool:
 
 
 def _from_torchvision(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    """Convert a torchvision DeepLabV3 state dict, None if ``state`` is not one.
+
+    torchvision (``torchvision/models/segmentation/deeplabv3.py``: ``DeepLabV3(backbone, classifier,
+    aux_classifier)``, ResNet with ``replace_stride_with_dilation=[False, True, True]``, ASPP rates
+    12/24/36), checkpoint -> ``Segmenter``::
+
+        backbone.<resnet key>            backbone.<resnet key>      (conv1, bn1, layer1..layer4)
+        classifier.0.convs.* / .project  head.0.convs.* / .project  (ASPP)
+        classifier.{1,2,4}               head.{1,2,4}               (3x3 conv, BN, 1x1 classifier)
+        aux_classifier.{0,1,4}           aux_classifier.{0,1,4}     (FCN head on layer3)
+
+    torchvision's MobileNetV3-Large (``_deeplabv3_mobilenetv3``: the ``features`` of
+    ``mobilenet_v3_large(dilated=True)``, output stride 16, ASPP rates 12/24/36, FCN aux head on
+    ``features.4``) keeps the head keys above; its backbone keys are the feature indices::
+
+        backbone.<i>.*                   backbone.features.<i>.*    (i = 0..16)
+    """
     if not any(k.startswith("classifier.") for k in state) or not any(
         k.startswith("backbone.") for k in state
     ):
@@ -421,6 +406,22 @@ def _kazuto_key(key: str) -> str | None:
 
 
 def _from_kazuto(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    """Convert a kazuto1011/deeplab-pytorch state dict, None if ``state`` is not one.
+
+    The v2 layout is that of the project's ``libs/models`` (``resnet.py``, ``deeplabv2.py``, ``msc.py``);
+    the v1 file (``deeplabv1.py``) is assumed to hold the same body with a 1x1 ``fc`` classifier
+    (``DeepLabV1``), or no classifier. ``_ConvBnReLU`` = ``conv`` + ``bn``; layer1 is the stem, layer2..5
+    are ResNet stages 1..4. Checkpoint -> ``Segmenter`` (an ``MultiScaleSegmenter`` adds ``segmenter.``)::
+
+        base.                            (MSC wrapper)  -> MSC scales (1.0, 0.75, 0.5)
+        layer1.conv1.conv / .bn          backbone.conv1 / backbone.bn1
+        layer{L}.block{B}.reduce.*       backbone.layer{L-1}.{B-1}.conv1 / bn1      (1x1, carries the stride)
+        layer{L}.block{B}.conv3x3.*      backbone.layer{L-1}.{B-1}.conv2 / bn2      (3x3, dilated)
+        layer{L}.block{B}.increase.*     backbone.layer{L-1}.{B-1}.conv3 / bn3
+        layer{L}.block{B}.shortcut.*     backbone.layer{L-1}.{B-1}.downsample.0 / .1
+        aspp.c{i}                        head.convs.{i}      (v2: 3x3 atrous conv with bias, rates 6/12/18/24)
+        fc                               head                (v1: 1x1 classifier)
+    """
     msc = all(k.startswith("base.") for k in state)
     if msc:
         state = {k[len("base.") :]: v for k, v in state.items()}
@@ -478,6 +479,10 @@ def _as_normalization(value: Any) -> Normalization | None:
 
 
 def _from_deeplab_lit(state: dict[str, Tensor], extra: dict[str, Any], source: str) -> Checkpoint | None:
+    """Read this project's checkpoint or state dict, None if ``state`` is not one.
+
+    ``model.`` (the LightningModule's attribute) is dropped; ``segmenter.`` marks MSC.
+    """
     crf_state = {k[len(_CRF_RNN) :]: v for k, v in state.items() if k.startswith(_CRF_RNN)}
     state = {k: v for k, v in state.items() if not k.startswith((_CRF_RNN, _CRITERION))}
     if all(k.startswith("model.") for k in state):

@@ -1,26 +1,10 @@
 """ImageNet initialisation of backbones, through torchvision's weights API (and timm's for Xception-65).
 
-``source`` chooses the weights:
-
-- ``True``: the default ImageNet weights (its backbone family's ``imagenet.default``). For torchvision
-  backbones this is ``IMAGENET1K_V1``, the classic weights torchvision's own DeepLabV3/FCN models were trained
-  from; pass ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101,
-  MobileNetV2/V3). For vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect 0-255
-  inputs with the mean subtracted, and hold no usable fc layers). For xception65 the default is timm's
-  ``ra3_in1k``; ``"tf_in1k"`` is the TensorFlow port. timm's Xception weights expect inputs scaled with mean =
-  std = 0.5.
-- for a timm encoder (``"timm:<model>"``, :mod:`~deeplab_lit.models.timm_backbones`): True is timm's
-  default weights of that model (``timm.models.get_pretrained_cfg("<model>").tag``), a string a tag of
-  ``timm.list_pretrained("<model>.*")`` (``"fb_in22k"``) or a local file in timm's format (timm's
-  ``model.safetensors``) or the backbone's; timm loads them (:func:`_timm_encoder_state_dict`).
-- a string: a weights name of that backbone (as above) or the path of a local state-dict file
-  (``.pth``/``.pt`` via ``torch.load``, or ``.safetensors``) in torchvision's/timm's key format (classifier
-  keys may be present; they are dropped) or in the backbone's own format (``backbone.state_dict()``).
-
 :func:`build_network` builds a DeepLab network and, as ``pretrained_backbone`` says, initialises it
 (:func:`init_from_imagenet`: its backbone and, for VGG-16, the fc6/fc7 of every LargeFOV head from VGG's
 fc layers, DeepLab v1 Sec. 3.1, reading the weights once): the only path by which ImageNet weights reach
-a network, for the modules and the published models alike.
+a network, for the modules and the published models alike. What ``pretrained_backbone`` may name (True,
+a weights name or a local file, for timm encoders too): :func:`load_imagenet_weights`.
 
 Downloads are cached where torch caches weights (``torch.hub.get_dir()``; timm's under the Hugging Face
 cache). Offline with nothing cached, a RuntimeError says so and how to pass a local file instead (for
@@ -230,7 +214,8 @@ def imagenet_state_dict(name: str, source: bool | str | os.PathLike[str]) -> tup
 
     Args:
         name: Backbone name (``"resnet50"``, ``"vgg16"``, ... ``"xception65"``).
-        source: True (default weights), a weights name, or a local file path (see the module docstring).
+        source: True (default weights), a weights name, or a local file path (see
+            :func:`load_imagenet_weights`).
 
     Returns:
         The state dict in the library's key format (torchvision or timm) and a description of its origin.
@@ -261,6 +246,24 @@ def load_imagenet_weights(
 
     The classifier keys of the ImageNet checkpoint (``fc.*``, ``classifier.*``, ...) are dropped and the
     rest must match the backbone's state dict exactly (``strict=True``).
+
+    ``source`` chooses the weights:
+
+    - ``True``: the default ImageNet weights (its backbone family's ``imagenet.default``). For torchvision
+      backbones this is ``IMAGENET1K_V1``, the classic weights torchvision's own DeepLabV3/FCN models were
+      trained from; pass ``"IMAGENET1K_V2"`` for the newer recipe where torchvision has one (ResNet-50/101,
+      MobileNetV2/V3). For vgg16, ``"IMAGENET1K_FEATURES"`` are the original Caffe VGG weights (expect
+      0-255 inputs with the mean subtracted, and hold no usable fc layers). For xception65 the default is
+      timm's ``ra3_in1k``; ``"tf_in1k"`` is the TensorFlow port. timm's Xception weights expect inputs
+      scaled with mean = std = 0.5.
+    - for a timm encoder (``"timm:<model>"``, :mod:`~deeplab_lit.models.timm_backbones`): True is timm's
+      default weights of that model (``timm.models.get_pretrained_cfg("<model>").tag``), a string a tag of
+      ``timm.list_pretrained("<model>.*")`` (``"fb_in22k"``) or a local file in timm's format (timm's
+      ``model.safetensors``) or the backbone's; timm loads them (:func:`_timm_encoder_state_dict`).
+    - a string: a weights name of that backbone (as above) or the path of a local state-dict file
+      (``.pth``/``.pt`` via ``torch.load``, or ``.safetensors``) in torchvision's/timm's key format
+      (classifier keys may be present; they are dropped) or in the backbone's own format
+      (``backbone.state_dict()``).
 
     Args:
         backbone: The backbone to initialise in place.

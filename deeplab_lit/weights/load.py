@@ -1,17 +1,16 @@
 """Load published and own DeepLab checkpoints into our models, checking everything they imply.
 
-:func:`load_weights` takes a registered name (:mod:`deeplab_lit.weights.registry`), a path or a URL, read by
-:func:`~deeplab_lit.weights.formats.read_checkpoint` (this project's, torchvision's
-``deeplabv3_resnet50/101`` and ``deeplabv3_mobilenet_v3_large``, kazuto1011/deeplab-pytorch's DeepLab v1/v2
-ResNet checkpoints, recognised from their keys; the key maps are documented there), and loads it into a
-model built by :mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``).
+:func:`load_weights` takes a registered name (:mod:`deeplab_lit.weights.registry`), a path or a URL, read
+by :func:`~deeplab_lit.weights.formats.read_checkpoint` (this project's, torchvision's and
+kazuto1011/deeplab-pytorch's checkpoints, recognised from their keys), and loads it into a model built by
+:mod:`deeplab_lit.models.deeplab` (``Segmenter`` or ``MultiScaleSegmenter``).
 
 A checkpoint also implies options that are not in its tensors (output stride, ASPP rates, ResNet style,
 MSC, auxiliary head). The model's structure (strides, dilations, paddings, pooling of every layer) is
 compared with a model built with those options on the meta device, and a mismatch raises one ValueError
 that names the file, the options it needs and the model's. Every tensor is loaded with strict key and
 shape checks; another class count raises unless ``reinit_classifier=True``, which loads everything but the
-layers that output class scores. :func:`~deeplab_lit.weights.options.resolve_options` (re-exported here)
+layers that output class scores. :func:`~deeplab_lit.weights.options.resolve_options` (re-exported)
 reconciles the implied options with the ones given, before a network is built.
 """
 

@@ -66,7 +66,7 @@ def resolve_options(
     2. Architecture options (:data:`~deeplab_lit.weights.formats.OPTIONS`, and ``num_classes`` if
        ``checkpoint.options`` holds it): one left at its default (``defaults``) takes the checkpoint's
        value; one set to another value is a conflict. Options the module does not have (not in ``given``)
-       are left to :func:`load_weights`' check.
+       are left to :func:`~deeplab_lit.weights.load.load_weights`' check.
     3. Class count: a ``given["num_classes"]`` other than the checkpoint's is a conflict unless
        ``given["reinit_classifier"]`` is true.
 

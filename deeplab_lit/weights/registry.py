@@ -8,14 +8,10 @@ the published figures and where they are published, and how much of the file's i
 
 Names follow ``<DeepLab version>_<backbone>[_msc].<training data>``, e.g.
 ``deeplabv3_resnet101.coco_voc``. A published name never changes meaning; a later release of the same
-architecture on the same data would get a suffix (``.coco_voc_v2``).
-
-A name is accepted wherever a weights path or URL is (``weights: deeplabv3_resnet101.coco_voc`` in a
-config, :func:`~deeplab_lit.weights.load.load_weights`, ``torch.hub.load``); it wins only when it is a
-registered name, so paths and URLs behave as before. Its file is kept in torch's checkpoint folder under
-its published file name (``<torch.hub.get_dir()>/checkpoints/<file_name>``, where torchvision keeps the
-same files), downloaded once and checked against the checksum when one is known. Tests and users add
-entries with :func:`register_weights` (a local path or ``file://`` URL works as the address).
+architecture on the same data would get a suffix (``.coco_voc_v2``). A name is accepted wherever a
+weights path or URL is (``weights: deeplabv3_resnet101.coco_voc`` in a config,
+:func:`~deeplab_lit.weights.load.load_weights`, ``torch.hub.load``); it wins only when it is a registered
+name, so paths and URLs behave as before. Where its file is kept: :func:`weights_file`.
 """
 
 from __future__ import annotations
@@ -235,6 +231,10 @@ def describe_weights() -> str:
 
 def weights_file(entry: WeightsEntry) -> Path:
     """Return the entry's file on this machine, downloading it once, checked against its SHA-256.
+
+    The file is kept in torch's checkpoint folder under its published file name
+    (``<torch.hub.get_dir()>/checkpoints/<file_name>``, where torchvision keeps the same files). Tests and
+    users add entries with :func:`register_weights` (a local path or ``file://`` URL works as the address).
 
     Raises:
         RuntimeError: the download failed; the message names the URL and the exact path to put the file at.
