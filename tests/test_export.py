@@ -114,3 +114,38 @@ def test_export_of_a_model_with_a_trained_crf_says_the_file_holds_the_network_al
           f"--output={tmp_path / 'model.onnx'}"])  # fmt: skip
     assert_matches_pytorch(model, tmp_path / "model.onnx")  # the network's logits
     assert "without its trained CRF (crf_rnn)" in capsys.readouterr().out
+
+
+def with_calibrated_statistics(model: torch.nn.Module, mean: float = 300.0) -> torch.nn.Module:
+    """Give every BatchNorm of ``model`` a large running mean, cancelled by its bias, as trained ones have.
+
+    In exact arithmetic the network computes what it did; in float32 ``x - mean`` loses the low bits of a
+    large number, so PyTorch and ONNX Runtime (which folds BatchNorm into the convolution) both round by
+    far more than the 1e-4 an absolute tolerance allows: the case a fixed tolerance refused.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                scale = module.weight / torch.sqrt(module.running_var + module.eps)
+                module.running_mean.fill_(mean)
+                module.bias.add_(scale * mean)
+    return model.eval()
+
+
+def test_a_correct_export_of_a_calibrated_network_passes_and_a_wrong_one_is_refused(tmp_path):
+    from deeplab_lit.export import NOISE_FACTOR, float32_noise, verify_onnx
+
+    torch.manual_seed(0)
+    model = with_unit_logits(with_calibrated_statistics(deeplab_v3(num_classes=3, backbone="resnet18")))
+    images = torch.randn(2, 3, 97, 113)
+    expected, noise = float32_noise(model, images)
+    path = export_onnx(model, tmp_path / "calibrated.onnx", exporter="torchscript", verify=False)
+    difference = float(np.abs(run_onnx(path, images) - expected.numpy()).max())
+    fixed = 1e-4 + 1e-5 * float(expected.abs().max())
+    assert difference > fixed  # what the fixed tolerance refused
+    assert difference <= NOISE_FACTOR * noise  # as close as PyTorch's own float32 rounding allows
+    assert verify_onnx(model, path, images) == pytest.approx(difference)
+    with torch.no_grad():  # another network: a 1 % change of one layer moves the logits far beyond that
+        model.head[-1].weight.mul_(1.01)
+    with pytest.raises(RuntimeError, match="differs from PyTorch by .*own float32 error"):
+        verify_onnx(model, path, images)
