@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from deeplab_lit import DeepLabV1, DeepLabV3Plus
 from deeplab_lit.acceleration import _begin_cudagraph_step, fast_sgd_options
+from deeplab_lit.inference import InferenceConfig, segment
 from deeplab_lit.models.fusion import count_batchnorms
 from tests.models.test_fusion import FOLDING_REL, randomise_batchnorm
 from tests.tolerances import assert_close_to_scale
@@ -95,6 +96,40 @@ def test_predict_runs_the_folded_copy_and_keeps_the_checkpoint_unfolded():
     actual = torch.cat([out["logits"] for out in outputs])
     assert_close_to_scale(actual, expected, FOLDING_REL)
     assert outputs[1]["name"] == ["a2", "b2"]
+
+
+class MemoryFormatSpy(Callback):
+    def __init__(self):
+        self.formats: list[tuple[bool, bool]] = []  # (folded copy NHWC, the network itself NHWC)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        first = lambda model: next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight  # noqa: E731
+        self.formats.append(
+            (first(pl_module._folded["model"]).is_contiguous(memory_format=CL),
+             first(pl_module.model).is_contiguous(memory_format=CL))
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "inference",
+    [InferenceConfig(), InferenceConfig(scales=(0.75, 1.0), flip=True), InferenceConfig(window=(33, 41))],
+    ids=["plain", "tta", "sliding window"],
+)
+def test_predict_on_the_cpu_runs_a_channels_last_copy_with_the_eager_networks_labels(inference):
+    module = small_module(inference=inference)
+    randomise_batchnorm(module.model)
+    images = torch.randn(2, 3, 45, 61)  # odd sizes
+    spy = MemoryFormatSpy()
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = Trainer(accelerator="cpu", callbacks=[spy], **options)
+    (output,) = trainer.predict(module, dataloaders=DataLoader([{"image": images}], batch_size=None))
+    assert spy.formats == [(True, False)]  # the copy is NHWC, the network (and its checkpoint) as it was
+    assert not module._predict_channels_last  # and predict leaves no trace
+    module.eval()
+    with torch.no_grad():
+        expected = segment(module.model, images, inference)
+    assert_close_to_scale(output["logits"], expected, FOLDING_REL)
+    assert torch.equal(output["preds"], expected.argmax(1))
 
 
 def test_predict_without_folding_uses_the_network_itself():

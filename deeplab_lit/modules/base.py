@@ -88,8 +88,10 @@ class SegmentationModule(LightningModule):
             C compiler on CPUs. Off by default; ``benchmarks/speed.py --compile MODE`` measures it.
         fuse_bn_for_inference: In ``predict`` only, run a copy of the network with every BatchNorm folded
             into the preceding convolution (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`): same
-            outputs to 1e-5, fewer memory passes. Training, validation and test use the network as is,
-            and checkpoints keep the unfolded weights.
+            outputs to 1e-5, fewer memory passes; on the CPU that copy and its input are also
+            channels-last (NHWC), where oneDNN's convolutions are fastest (BENCHMARKS.md, "Predict on the
+            CPU"). Training, validation and test use the network as is, and checkpoints keep the
+            unfolded weights.
         crf_rnn: Put a trainable dense CRF after the network (CRF-as-RNN, Zheng et al. 2015;
             :class:`~deeplab_lit.crf.trainable.CRFasRNN`), e.g. ``{"iterations": 5}``: in training the
             loss is taken on its output, and validation/test log the network's scores (``val/mIoU``)
@@ -177,6 +179,7 @@ class SegmentationModule(LightningModule):
         )
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
         self._folded: dict[str, nn.Module] = {}
+        self._predict_channels_last = False  # the folded copy is NHWC: its input is made so too
 
     def _prepare_network(self) -> None:
         """Freeze the backbone's BatchNorm (``freeze_bn``), then channels-last and compile (accelerate)."""
@@ -403,21 +406,28 @@ class SegmentationModule(LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         """Logits and labels of a batch of images (after ``crf_rnn``), its names/paths passed through."""
-        logits = segment(self._folded.get("model", self.model), batch["image"], self.inference_config)
+        images = batch["image"]
+        if self._predict_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = segment(self._folded.get("model", self.model), images, self.inference_config)
         logits = self._refine(logits, batch["image"])
         extras = {k: v for k, v in batch.items() if k != "image"}
         return {"logits": logits, "preds": logits.argmax(dim=1), **extras}
 
     def on_predict_start(self) -> None:
-        """Fold BatchNorm into a copy of the network for predict (``fuse_bn_for_inference``)."""
+        """Fold BatchNorm into a copy of the network for predict (``fuse_bn_for_inference``), NHWC on CPUs."""
         if self.hparams.get("fuse_bn_for_inference"):
             self._folded["model"] = fuse_conv_bn(self.model)
+            if self.device.type == "cpu":  # a copy: the network itself keeps its memory format
+                self._folded["model"].to(memory_format=torch.channels_last)
+                self._predict_channels_last = True
             if self.hparams.get("compile"):
                 compile_in_place(self._folded["model"], compile_mode(self.hparams["compile"]))
 
     def on_predict_end(self) -> None:
         """Drop the folded copy."""
         self._folded.clear()
+        self._predict_channels_last = False
 
     def _metrics(self, stage: str) -> SegmentationMetrics:
         """Return the metrics of ``stage`` (``nn.ModuleDict`` types its values as plain modules)."""
