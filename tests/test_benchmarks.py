@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
+from benchmarks import predict_cpu
 from benchmarks.contenders import NUM_CLASSES, PAIRS, Model, Pair, ours
 from benchmarks.harness import Runner, interleaved_rates
 from benchmarks.report import BEGIN, END, targets_markdown, write_report
@@ -143,3 +144,15 @@ def test_a_named_report_block_keeps_the_main_block(tmp_path):
     begin, end = markers("backbones")
     assert f"{BEGIN}\nmain tables\n{END}" in text and f"{begin}\nbackbones again\n{end}" in text
     assert "backbones table" not in text
+
+
+def test_predict_cpu_benchmark_compares_every_contender_on_the_same_weights(capsys):
+    results = predict_cpu.main(["--size", "33x41", "--rounds", "1", "--no-onnx"])
+    assert list(results) == [
+        "torchvision eager", "ours, BatchNorm folded", "ours, predict path (folded + NHWC)"
+    ]  # fmt: skip
+    assert results["torchvision eager"]["speed_up"] == 1.0
+    for row in results.values():  # same weights: the labels agree to folding's rounding
+        assert row["images_per_s"] > 0 and row["labels_equal"] > 0.999
+    printed = capsys.readouterr().out
+    assert "torch capability" in printed and "| ours, predict path (folded + NHWC) |" in printed
