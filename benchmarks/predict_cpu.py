@@ -6,9 +6,10 @@
 One process, the same weights in every contender (torchvision's network, random but with real BatchNorm
 statistics), threads pinned, rounds interleaved so that load hits every contender alike. Contenders:
 torchvision eager; ours with BatchNorm folded (the predict path before channels-last); ours as
-``Trainer.predict`` runs it (``on_predict_start`` + ``predict_step``); ONNX Runtime on our export where
-the ``export`` extra is installed. Each row: median images/s, its range, the speed-up over torchvision
-and the share of labels equal to torchvision's. The CPU's instruction set is printed with the figures.
+``Trainer.predict`` runs it (``on_predict_start`` + ``predict_step``) under each ``predict_engine``
+(``--engines``). Each row: median images/s, its range, the speed-up over torchvision, the share of
+labels equal to torchvision's, and the warm-up (engine set-up and first image). The CPU's instruction
+set is printed with the figures.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,30 +75,13 @@ def torchvision_network(seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def our_module(reference: nn.Module) -> DeepLabV3:
+def our_module(reference: nn.Module, engine: str = "eager") -> DeepLabV3:
     """Our DeepLabV3 in torchvision's layout (output stride 8, rates 12/24/36) with its weights."""
     module = DeepLabV3(num_classes=21, backbone="resnet50", output_stride=8, atrous_rates=(12, 24, 36),
-                       multi_grid=None, pretrained_backbone=False)  # fmt: skip
+                       multi_grid=None, pretrained_backbone=False, predict_engine=engine)  # fmt: skip
     state = {key.replace("classifier.", "head."): value for key, value in reference.state_dict().items()}
     module.model.load_state_dict(state)
     return module.eval()
-
-
-def onnx_forward(module: DeepLabV3, images: Tensor) -> Callable[[], Tensor] | None:
-    """ONNX Runtime on our export (one thread per ``torch.get_num_threads()``), or None without the extra."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    from deeplab_lit.export import export_onnx
-
-    path = Path(tempfile.mkdtemp()) / "deeplabv3.onnx"
-    export_onnx(fuse_conv_bn(module.model), path, exporter="torchscript")
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"image": images.numpy()}
-    return lambda: torch.from_numpy(session.run(["logits"], feed)[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -106,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) threads")
     parser.add_argument("--size", default="375x500", help="HxW of the one image (default: VOC's 375x500)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
+    parser.add_argument("--engines", default="eager,onnxruntime,compile", help="predict engines to run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.split("x"))
@@ -120,35 +105,41 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"load average at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
 
     reference = torchvision_network()
-    module = our_module(reference)
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(1))
-    folded = fuse_conv_bn(module.model)
-    module.on_predict_start()
+    folded = fuse_conv_bn(our_module(reference).model)
     forwards: dict[str, Callable[[], Tensor]] = {
         "torchvision eager": lambda: reference(images)["out"],
         "ours, BatchNorm folded": lambda: segment(folded, images),
-        "ours, predict path (folded + NHWC)": lambda: module.predict_step({"image": images}, 0)["logits"],
     }
-    ort = None if args.no_onnx else onnx_forward(module, images)
-    if ort is not None:
-        forwards["ONNX Runtime on our export"] = ort
+    warmup: dict[str, float] = {}
+    modules = []
+    for engine in args.engines.split(","):
+        module = our_module(reference, engine)
+        start = time.perf_counter()  # what a predict run pays before its first image: export, compile
+        module.on_predict_start()
+        with torch.inference_mode():
+            module.predict_step({"image": images}, 0)
+        warmup[f"ours, predict_engine={engine}"] = time.perf_counter() - start
+        forwards[f"ours, predict_engine={engine}"] = partial(
+            lambda m: m.predict_step({"image": images}, 0)["logits"], module
+        )
+        modules.append(module)
     with torch.inference_mode():
         expected = forwards["torchvision eager"]().argmax(1)
-        equal = {
-            name: float((forward().argmax(1) == expected).float().mean())
-            for name, forward in forwards.items()
-        }
+        equal = {name: float((f().argmax(1) == expected).float().mean()) for name, f in forwards.items()}
     rates = interleaved_rates({name: Call(f) for name, f in forwards.items()}, 1, 1, args.rounds, "predict")
-    module.on_predict_end()
+    for module in modules:
+        module.on_predict_end()
     base = statistics.median(rates["torchvision eager"])
     results = {}
-    print("\n| contender | images/s (median, range) | speed-up over torchvision eager | labels equal |")
-    print("|---|---|---|---|")
+    print("\n| contender | images/s (median, range) | speed-up over torchvision | labels equal | warm-up |")
+    print("|---|---|---|---|---|")
     for name, values in rates.items():
         median = statistics.median(values)
         results[name] = {"images_per_s": median, "speed_up": median / base, "labels_equal": equal[name]}
+        first = f"{warmup[name]:.1f} s" if name in warmup else "-"
         print(f"| {name} | {median:.3f} ({min(values):.3f}-{max(values):.3f}) | {median / base:.2f}x | "
-              f"{100 * equal[name]:.3f} % |")  # fmt: skip
+              f"{100 * equal[name]:.3f} % | {first} |")  # fmt: skip
     load = os.getloadavg()
     log(f"load average at end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
     return results

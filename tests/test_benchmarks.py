@@ -147,12 +147,12 @@ def test_a_named_report_block_keeps_the_main_block(tmp_path):
 
 
 def test_predict_cpu_benchmark_compares_every_contender_on_the_same_weights(capsys):
-    results = predict_cpu.main(["--size", "33x41", "--rounds", "1", "--no-onnx"])
+    results = predict_cpu.main(["--size", "33x41", "--rounds", "1", "--engines", "eager"])
     assert list(results) == [
-        "torchvision eager", "ours, BatchNorm folded", "ours, predict path (folded + NHWC)"
+        "torchvision eager", "ours, BatchNorm folded", "ours, predict_engine=eager"
     ]  # fmt: skip
     assert results["torchvision eager"]["speed_up"] == 1.0
     for row in results.values():  # same weights: the labels agree to folding's rounding
         assert row["images_per_s"] > 0 and row["labels_equal"] > 0.999
     printed = capsys.readouterr().out
-    assert "torch capability" in printed and "| ours, predict path (folded + NHWC) |" in printed
+    assert "torch capability" in printed and "| ours, predict_engine=eager |" in printed

@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode, fast_sgd_options
 from deeplab_lit.classes import class_defaults
-from deeplab_lit.inference import InferenceConfig, segment
+from deeplab_lit.engines import check_engine, predict_network
+from deeplab_lit.inference import InferenceConfig, Model, segment
 from deeplab_lit.losses import ClassWeighted, build_loss
 from deeplab_lit.metrics import SegmentationMetrics
-from deeplab_lit.models.fusion import BATCHNORMS, fuse_conv_bn
+from deeplab_lit.models.fusion import BATCHNORMS
 from deeplab_lit.models.heads import separable_options
 from deeplab_lit.modules.schedule import apply_options, options_of
 from deeplab_lit.modules.trainable_crf import NETWORK_OUTPUT, build_trainable_crf
@@ -92,6 +93,10 @@ class SegmentationModule(LightningModule):
             channels-last (NHWC), where oneDNN's convolutions are fastest (BENCHMARKS.md, "Predict on the
             CPU"). Training, validation and test use the network as is, and checkpoints keep the
             unfolded weights.
+        predict_engine: What runs that folded copy in ``predict`` (:mod:`deeplab_lit.engines`):
+            ``"eager"`` (PyTorch, no warm-up), ``"compile"`` (``torch.compile`` of the whole network
+            with freezing; compiles per input size) or ``"onnxruntime"`` (exported once per run, CPU,
+            the ``export`` extra). Test-time augmentation and sliding windows work with each.
         crf_rnn: Put a trainable dense CRF after the network (CRF-as-RNN, Zheng et al. 2015;
             :class:`~deeplab_lit.crf.trainable.CRFasRNN`), e.g. ``{"iterations": 5}``: in training the
             loss is taken on its output, and validation/test log the network's scores (``val/mIoU``)
@@ -140,6 +145,7 @@ class SegmentationModule(LightningModule):
         channels_last: bool = False,
         compile: bool | str = False,
         fuse_bn_for_inference: bool = True,
+        predict_engine: str = "eager",
         crf_rnn: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
     ) -> None:
@@ -151,6 +157,7 @@ class SegmentationModule(LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
         compile_mode(compile)  # a mode name that torch.compile would reject fails here, before building
+        check_engine(predict_engine)  # and an engine that cannot run here
         self.save_hyperparameters()
         #: The one loss of training, validation and test (``loss``); its state (auto class weights) is saved.
         self.criterion = build_loss(loss, ignore_index, num_classes)
@@ -178,7 +185,7 @@ class SegmentationModule(LightningModule):
             {s + x: SegmentationMetrics(num_classes, ignore_index) for s in STAGES for x in suffixes}
         )
         # The folded copy predict uses; in a dict so that it is no registered submodule (no state-dict keys).
-        self._folded: dict[str, nn.Module] = {}
+        self._folded: dict[str, Model] = {}
         self._predict_channels_last = False  # the folded copy is NHWC: its input is made so too
 
     def _prepare_network(self) -> None:
@@ -415,14 +422,15 @@ class SegmentationModule(LightningModule):
         return {"logits": logits, "preds": logits.argmax(dim=1), **extras}
 
     def on_predict_start(self) -> None:
-        """Fold BatchNorm into a copy of the network for predict (``fuse_bn_for_inference``), NHWC on CPUs."""
-        if self.hparams.get("fuse_bn_for_inference"):
-            self._folded["model"] = fuse_conv_bn(self.model)
-            if self.device.type == "cpu":  # a copy: the network itself keeps its memory format
-                self._folded["model"].to(memory_format=torch.channels_last)
-                self._predict_channels_last = True
-            if self.hparams.get("compile"):
-                compile_in_place(self._folded["model"], compile_mode(self.hparams["compile"]))
+        """Build what predict runs: the folded copy under ``predict_engine`` (:mod:`deeplab_lit.engines`)."""
+        engine = self.hparams.get("predict_engine", "eager")  # checkpoints from before the option: eager
+        if engine == "eager" and not self.hparams.get("fuse_bn_for_inference"):
+            return
+        network, self._predict_channels_last = predict_network(self.model, engine, self.device)
+        if engine == "eager" and self.hparams.get("compile"):
+            assert isinstance(network, nn.Module)  # eager: the folded network itself
+            compile_in_place(network, compile_mode(self.hparams["compile"]))
+        self._folded["model"] = network
 
     def on_predict_end(self) -> None:
         """Drop the folded copy."""
