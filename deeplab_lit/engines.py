@@ -69,10 +69,10 @@ def predict_network(model: nn.Module, engine: str, device: torch.device) -> tupl
     itself is left as it was.
     """
     check_engine(engine)
+    if engine == "onnxruntime" and device.type != "cpu":  # refused before the network is copied
+        raise ValueError(f"predict_engine='onnxruntime' runs on the CPU; this predict runs on {device}")
     folded = fuse_conv_bn(model).eval()
     if engine == "onnxruntime":
-        if device.type != "cpu":
-            raise ValueError(f"predict_engine='onnxruntime' runs on the CPU; this predict runs on {device}")
         return OnnxRuntimeNetwork(folded), False
     channels_last = device.type == "cpu"
     if channels_last:
