@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from deeplab_lit.export import export_onnx
 from deeplab_lit.inference import Model
 from deeplab_lit.models.fusion import fuse_conv_bn
+from deeplab_lit.precision import Bf16Network, Int8Network, check_precision, check_precision_on
 
 ENGINES: tuple[str, ...] = ("eager", "compile", "onnxruntime")
 
@@ -62,21 +64,36 @@ class OnnxRuntimeNetwork:
         return torch.from_numpy(logits)
 
 
-def predict_network(model: nn.Module, engine: str, device: torch.device) -> tuple[Model, bool]:
-    """The callable ``predict`` runs for ``model`` under ``engine``, and whether its input goes NHWC.
+def predict_network(
+    model: nn.Module,
+    engine: str,
+    device: torch.device,
+    precision: str = "fp32",
+    calibration: Callable[[], Iterable[Tensor]] | None = None,
+) -> tuple[Model, bool]:
+    """What ``predict`` runs for ``model`` under ``engine`` and ``precision``; whether its input goes NHWC.
 
     The network is folded first (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`, a copy); ``model``
-    itself is left as it was.
+    itself is left as it was. ``calibration`` gives int8's calibration images (:mod:`deeplab_lit.precision`);
+    it is called only for ``int8``. Every refusal comes before the network is copied.
     """
     check_engine(engine)
-    if engine == "onnxruntime" and device.type != "cpu":  # refused before the network is copied
+    check_precision(precision, engine)
+    check_precision_on(precision, device)
+    if engine == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"predict_engine='onnxruntime' runs on the CPU; this predict runs on {device}")
+    if precision == "int8" and calibration is None:
+        raise ValueError("predict_precision='int8' needs calibration images; none were given")
     folded = fuse_conv_bn(model).eval()
     if engine == "onnxruntime":
         return OnnxRuntimeNetwork(folded), False
+    if precision == "int8":
+        assert calibration is not None
+        return Int8Network(folded, calibration()), False  # the lowered graph picks its own layouts
     channels_last = device.type == "cpu"
     if channels_last:
         folded.to(memory_format=torch.channels_last)
-    if engine == "compile":
-        return torch.compile(folded, options={"freezing": True}), channels_last
-    return folded, channels_last
+    network: Model = torch.compile(folded, options={"freezing": True}) if engine == "compile" else folded
+    if precision == "bf16":
+        network = Bf16Network(network, device.type)
+    return network, channels_last

@@ -9,6 +9,7 @@ link ``data.num_classes`` to the model), exposes ``ignore_index`` (255), its ``n
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from deeplab_lit.data.ade20k import ADE20K_CLASSES, ADE20KDataset
@@ -76,6 +78,9 @@ class SegmentationDataModule(LightningDataModule):
             metrics see the same normalised batches either way; a loader iterated outside a ``Trainer``
             then yields uint8 images.
         predict_path: Image file, folder or glob that ``predict`` runs over.
+        calibration_path: Image file, folder or glob of the images ``predict_precision: int8`` calibrates
+            on (:meth:`calibration_images`): a few training images (16-32), never the ones predicted,
+            so that a picture's labels do not depend on which others are in the folder.
         normalization: Input normalisation (ImageNet statistics by default; ``CAFFE_BGR`` for Caffe weights).
         preflight: In ``setup``, read every image/mask pair of the splits the stage uses (fit: train and
             val; validate: val; test: test) before the first step, and stop with one error listing every
@@ -101,6 +106,7 @@ class SegmentationDataModule(LightningDataModule):
         persistent_workers: bool = True,
         normalize_on_device: bool = False,
         predict_path: str | None = None,
+        calibration_path: str | None = None,
         normalization: Normalization = IMAGENET,
         preflight: bool = True,
     ):
@@ -122,6 +128,7 @@ class SegmentationDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.normalize_on_device = normalize_on_device
         self.predict_path = predict_path
+        self.calibration_path = calibration_path
         self.normalization = normalization
         self.preflight = preflight
         #: The training split's class statistics, counted by the preflight (for ``class_weights: auto``).
@@ -131,6 +138,7 @@ class SegmentationDataModule(LightningDataModule):
         self.val_dataset: Split | None = None
         self.test_dataset: Split | None = None
         self.predict_dataset: ImageFileDataset | None = None
+        self.calibration_dataset: ImageFileDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -179,6 +187,8 @@ class SegmentationDataModule(LightningDataModule):
                     "predict needs images: set the datamodule's predict_path to an image file, folder or glob"
                 )
             self.predict_dataset = ImageFileDataset(self.predict_path, self.eval_transform())
+            if self.calibration_path is not None:  # listed now: a wrong path fails before any image
+                self.calibration_dataset = ImageFileDataset(self.calibration_path, self.eval_transform())
 
     def run_preflight(self, splits: dict[str, Split]) -> None:
         """Read every pair of ``splits`` (role -> dataset) as training will, check ``val_batch_size``.
@@ -255,6 +265,26 @@ class SegmentationDataModule(LightningDataModule):
                 )
                 batch_size = 1
         return self._loader(dataset, "predict", batch_size)
+
+    def calibration_images(self) -> Iterator[Tensor]:
+        """The ``calibration_path`` images, normalised, ``(1, 3, H, W)`` each (int8's calibration).
+
+        Raises:
+            ValueError: No ``calibration_path``, or one of its files cannot be read (named).
+        """
+        if self.calibration_path is None:
+            raise ValueError(
+                "predict_precision='int8' calibrates on a few training images: set the datamodule's "
+                "calibration_path to an image file, folder or glob of them (e.g. 16-32)"
+            )
+        if self.calibration_dataset is None:
+            self.calibration_dataset = ImageFileDataset(self.calibration_path, self.eval_transform())
+        for index in range(len(self.calibration_dataset)):
+            item = self.calibration_dataset[index]
+            if item["image"] is None:
+                raise ValueError(f"Calibration image {item['path']} cannot be read: {item['error']}")
+            image = item["image"]
+            yield (self.normalization.normalize(image) if image.dtype == torch.uint8 else image)[None]
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """With ``normalize_on_device``, normalise the uint8 images now that they are on the device."""

@@ -12,7 +12,7 @@ ignores label 255, SGD with momentum 0.9 and weight decay, the learning rate mul
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from deeplab_lit.acceleration import accelerate, compile_in_place, compile_mode, fast_sgd_options
+from deeplab_lit.acceleration import accelerate, compile_mode, fast_sgd_options
 from deeplab_lit.classes import class_defaults
 from deeplab_lit.engines import check_engine, predict_network
 from deeplab_lit.inference import InferenceConfig, Model, segment
@@ -31,6 +31,7 @@ from deeplab_lit.models.heads import separable_options
 from deeplab_lit.modules.schedule import apply_options, options_of
 from deeplab_lit.modules.trainable_crf import NETWORK_OUTPUT, build_trainable_crf
 from deeplab_lit.normalization import Normalization
+from deeplab_lit.precision import check_precision
 from deeplab_lit.weights.imagenet import build_network
 from deeplab_lit.weights.load import Checkpoint, load_weights, read_checkpoint, resolve_options
 
@@ -87,6 +88,8 @@ class SegmentationModule(LightningModule):
             that dominates small GPU batches) or ``max-autotune``. The first steps are slow while it
             compiles, and evaluation on images of varying sizes recompiles (then goes dynamic); needs a
             C compiler on CPUs. Off by default; ``benchmarks/speed.py --compile MODE`` measures it.
+            ``predict`` runs what ``predict_engine`` says instead (``compile`` there: the whole folded
+            network, with freezing).
         fuse_bn_for_inference: In ``predict`` only, run a copy of the network with every BatchNorm folded
             into the preceding convolution (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`): same
             outputs to 1e-5, fewer memory passes; on the CPU that copy and its input are also
@@ -97,6 +100,11 @@ class SegmentationModule(LightningModule):
             ``"eager"`` (PyTorch, no warm-up), ``"compile"`` (``torch.compile`` of the whole network
             with freezing; compiles per input size) or ``"onnxruntime"`` (exported once per run, CPU,
             the ``export`` extra). Test-time augmentation and sliding windows work with each.
+        predict_precision: The arithmetic of that copy in ``predict`` (:mod:`deeplab_lit.precision`):
+            ``"fp32"`` (default), ``"bf16"`` (autocast; GPUs with bf16, CPUs with AVX-512 BF16 or AMX,
+            refused elsewhere) or ``"int8"`` (PT2E static quantization for x86 CPUs, calibrated on the
+            data module's ``calibration_path`` images; the ``int8`` extra; with ``predict_engine: eager``).
+            Both change a few labels: BENCHMARKS.md gives their mIoU change on trained weights.
         crf_rnn: Put a trainable dense CRF after the network (CRF-as-RNN, Zheng et al. 2015;
             :class:`~deeplab_lit.crf.trainable.CRFasRNN`), e.g. ``{"iterations": 5}``: in training the
             loss is taken on its output, and validation/test log the network's scores (``val/mIoU``)
@@ -146,6 +154,7 @@ class SegmentationModule(LightningModule):
         compile: bool | str = False,
         fuse_bn_for_inference: bool = True,
         predict_engine: str = "eager",
+        predict_precision: str = "fp32",
         crf_rnn: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
     ) -> None:
@@ -158,6 +167,7 @@ class SegmentationModule(LightningModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
         compile_mode(compile)  # a mode name that torch.compile would reject fails here, before building
         check_engine(predict_engine)  # and an engine that cannot run here
+        check_precision(predict_precision, predict_engine)  # and a precision it cannot run
         self.save_hyperparameters()
         #: The one loss of training, validation and test (``loss``); its state (auto class weights) is saved.
         self.criterion = build_loss(loss, ignore_index, num_classes)
@@ -422,15 +432,30 @@ class SegmentationModule(LightningModule):
         return {"logits": logits, "preds": logits.argmax(dim=1), **extras}
 
     def on_predict_start(self) -> None:
-        """Build what predict runs: the folded copy under ``predict_engine`` (:mod:`deeplab_lit.engines`)."""
-        engine = self.hparams.get("predict_engine", "eager")  # checkpoints from before the option: eager
-        if engine == "eager" and not self.hparams.get("fuse_bn_for_inference"):
+        """Build what predict runs: the folded copy under ``predict_engine`` and ``predict_precision``.
+
+        See :mod:`deeplab_lit.engines` and :mod:`deeplab_lit.precision`; int8 calibrates here, on the data
+        module's ``calibration_path`` images.
+        """
+        engine = self.hparams.get("predict_engine", "eager")  # checkpoints from before the options: eager,
+        precision = self.hparams.get("predict_precision", "fp32")  # fp32
+        if (engine, precision) == ("eager", "fp32") and not self.hparams.get("fuse_bn_for_inference"):
             return
-        network, self._predict_channels_last = predict_network(self.model, engine, self.device)
-        if engine == "eager" and self.hparams.get("compile"):
-            assert isinstance(network, nn.Module)  # eager: the folded network itself
-            compile_in_place(network, compile_mode(self.hparams["compile"]))
+        network, self._predict_channels_last = predict_network(
+            self.model, engine, self.device, precision, self._calibration_images
+        )
         self._folded["model"] = network
+
+    def _calibration_images(self) -> Iterable[Tensor]:
+        """int8's calibration images: the data module's (``calibration_path``), normalised, one at a time."""
+        datamodule = getattr(self.trainer, "datamodule", None)  # Trainer.datamodule: untyped property
+        images = getattr(datamodule, "calibration_images", None)
+        if images is None:
+            raise ValueError(
+                "predict_precision='int8' calibrates on the data module's calibration_path images; this "
+                "predict has no deeplab-lit data module (Trainer.predict(datamodule=...) gives it one)"
+            )
+        return cast(Iterable[Tensor], images())
 
     def on_predict_end(self) -> None:
         """Drop the folded copy."""
