@@ -7,9 +7,11 @@ One process, the same weights in every contender (torchvision's network, random 
 statistics), threads pinned, rounds interleaved so that load hits every contender alike. Contenders:
 torchvision eager; ours with BatchNorm folded (the predict path before channels-last); ours as
 ``Trainer.predict`` runs it (``on_predict_start`` + ``predict_step``) under each ``predict_engine``
-(``--engines``). Each row: median images/s, its range, the speed-up over torchvision, the share of
-labels equal to torchvision's, and the warm-up (engine set-up and first image). The CPU's instruction
-set is printed with the figures.
+(``--engines``), and the folded network under each ``predict_precision`` besides fp32 (``--precisions``;
+one the CPU cannot run is named, with the reason, and skipped). Each row: median images/s, its range, the
+speed-up over torchvision, the share of labels equal to torchvision's (for int8 and bf16 on random weights
+this is no accuracy figure: ``benchmarks/predict_precision.py`` measures mIoU on trained ones), and the
+warm-up (engine set-up, calibration, first image). The CPU's instruction set is printed with the figures.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the
 from benchmarks.harness import Runner, interleaved_rates, log
 from benchmarks.report import cpu_name
 from deeplab_lit import DeepLabV3
+from deeplab_lit.engines import predict_network
 from deeplab_lit.inference import segment
 from deeplab_lit.models.fusion import fuse_conv_bn
+from deeplab_lit.precision import check_precision, check_precision_on, cpu_flags
 
 
 class Call(Runner):
@@ -48,16 +52,10 @@ class Call(Runner):
             self.forward()
 
 
-def cpu_flags() -> str:
-    """The vector-instruction flags /proc/cpuinfo lists (AVX2, AVX-512 and its VNNI/BF16, AMX)."""
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return "unknown"
+def shown_flags() -> str:
+    """The vector-instruction flags of the CPU that matter here (AVX2, AVX-512 and its VNNI/BF16, AMX)."""
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return " ".join(flag for flag in wanted if f" {flag}" in flags) or "none of AVX2/AVX-512/AMX"
+    return " ".join(flag for flag in wanted if flag in cpu_flags()) or "none of AVX2/AVX-512/AMX"
 
 
 def torchvision_network(seed: int = 0) -> nn.Module:
@@ -92,12 +90,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--size", default="375x500", help="HxW of the one image (default: VOC's 375x500)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engines", default="eager,onnxruntime,compile", help="predict engines to run")
+    parser.add_argument(
+        "--precisions", default="int8,bf16", help="predict precisions besides fp32 (eager engine)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.split("x"))
     load = os.getloadavg()
     print(
-        f"CPU {cpu_name()}: torch capability {torch.backends.cpu.get_cpu_capability()}, flags {cpu_flags()}"
+        f"CPU {cpu_name()}: torch capability {torch.backends.cpu.get_cpu_capability()}, flags {shown_flags()}"
     )
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), 1 image {height}x{width}, {args.rounds} rounds"
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"load average at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
 
     reference = torchvision_network()
-    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, height, width, generator=generator)
+    calibration = [torch.randn(1, 3, height, width, generator=generator) for _ in range(4)]
     folded = fuse_conv_bn(our_module(reference).model)
     forwards: dict[str, Callable[[], Tensor]] = {
         "torchvision eager": lambda: reference(images)["out"],
@@ -124,6 +127,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             lambda m: m.predict_step({"image": images}, 0)["logits"], module
         )
         modules.append(module)
+    for precision in filter(None, args.precisions.split(",")):
+        name = f"ours, predict_precision={precision}"
+        try:
+            check_precision(precision, "eager")
+            check_precision_on(precision, torch.device("cpu"))
+        except (ValueError, ImportError) as refused:
+            print(f"{name}: not run, refused here: {refused}")
+            continue
+        start = time.perf_counter()  # int8: calibration (4 random images) and the lowering at this size
+        network, nhwc = predict_network(
+            our_module(reference).model, "eager", torch.device("cpu"), precision, lambda: calibration
+        )
+        given = images.contiguous(memory_format=torch.channels_last) if nhwc else images
+        with torch.inference_mode():
+            segment(network, given)
+        warmup[name] = time.perf_counter() - start
+        forwards[name] = partial(segment, network, given)
     with torch.inference_mode():
         expected = forwards["torchvision eager"]().argmax(1)
         equal = {name: float((f().argmax(1) == expected).float().mean()) for name, f in forwards.items()}

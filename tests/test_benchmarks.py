@@ -147,12 +147,47 @@ def test_a_named_report_block_keeps_the_main_block(tmp_path):
 
 
 def test_predict_cpu_benchmark_compares_every_contender_on_the_same_weights(capsys):
-    results = predict_cpu.main(["--size", "33x41", "--rounds", "1", "--engines", "eager"])
-    assert list(results) == [
+    results = predict_cpu.main(
+        ["--size", "33x41", "--rounds", "1", "--engines", "eager", "--precisions", "bf16"]
+    )
+    bf16 = "ours, predict_precision=bf16"
+    assert [name for name in results if name != bf16] == [
         "torchvision eager", "ours, BatchNorm folded", "ours, predict_engine=eager"
     ]  # fmt: skip
+    printed = capsys.readouterr().out
+    assert (bf16 in results) != (f"{bf16}: not run, refused here" in printed)  # run, or said why not
+    results.pop(bf16, None)
     assert results["torchvision eager"]["speed_up"] == 1.0
     for row in results.values():  # same weights: the labels agree to folding's rounding
         assert row["images_per_s"] > 0 and row["labels_equal"] > 0.999
-    printed = capsys.readouterr().out
     assert "torch capability" in printed and "| ours, predict_engine=eager |" in printed
+
+
+def test_predict_precision_benchmark_reads_a_fit_runs_checkpoint_and_compares_with_fp32(tmp_path, capsys):
+    from benchmarks import predict_precision
+    from deeplab_lit.cli import main
+
+    quickstart = Path(__file__).parents[1] / "experiments" / "quickstart.yaml"
+    main(["fit", "--config", str(quickstart), f"--data.init_args.root={tmp_path / 'data'}",
+          "--data.init_args.num_train=16", "--data.init_args.num_val=3", "--data.init_args.num_workers=0",
+          "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.callbacks=[]",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"])  # fmt: skip
+    checkpoint = next(tmp_path.glob("**/last.ckpt"))
+    results = predict_precision.main(
+        [
+            "--ckpt_path",
+            str(checkpoint),
+            "--precisions",
+            "bf16",
+            "--emulated",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
+    assert list(results) == ["fp32", "bf16"]
+    assert results["fp32"]["change_points"] == 0 and results["fp32"]["labels_equal"] == 1
+    assert 0 <= results["bf16"]["mIoU"] <= 1 and results["bf16"]["labels_equal"] > 0.9
+    printed = capsys.readouterr().out
+    assert "torch capability" in printed and "3 validation images" in printed
