@@ -75,7 +75,7 @@ def predict_network(
 
     The network is folded first (:func:`~deeplab_lit.models.fusion.fuse_conv_bn`, a copy); ``model``
     itself is left as it was. ``calibration`` gives int8's calibration images (:mod:`deeplab_lit.precision`);
-    it is called only for ``int8``. Every refusal comes before the network is copied.
+    it is called only for ``int8``, before the copy. Every refusal comes before any image is predicted.
     """
     check_engine(engine)
     check_precision(precision, engine)
@@ -84,12 +84,12 @@ def predict_network(
         raise ValueError(f"predict_engine='onnxruntime' runs on the CPU; this predict runs on {device}")
     if precision == "int8" and calibration is None:
         raise ValueError("predict_precision='int8' needs calibration images; none were given")
+    images = calibration() if precision == "int8" and calibration is not None else None
     folded = fuse_conv_bn(model).eval()
     if engine == "onnxruntime":
         return OnnxRuntimeNetwork(folded), False
-    if precision == "int8":
-        assert calibration is not None
-        return Int8Network(folded, calibration()), False  # the lowered graph picks its own layouts
+    if images is not None:
+        return Int8Network(folded, images), False  # the lowered graph picks its own layouts
     channels_last = device.type == "cpu"
     if channels_last:
         folded.to(memory_format=torch.channels_last)

@@ -270,7 +270,8 @@ class SegmentationDataModule(LightningDataModule):
         """The ``calibration_path`` images, normalised, ``(1, 3, H, W)`` each (int8's calibration).
 
         Raises:
-            ValueError: No ``calibration_path``, or one of its files cannot be read (named).
+            ValueError: No ``calibration_path`` (here), or one of its files cannot be read (named, when
+                the iterator reaches it).
         """
         if self.calibration_path is None:
             raise ValueError(
@@ -279,8 +280,11 @@ class SegmentationDataModule(LightningDataModule):
             )
         if self.calibration_dataset is None:
             self.calibration_dataset = ImageFileDataset(self.calibration_path, self.eval_transform())
-        for index in range(len(self.calibration_dataset)):
-            item = self.calibration_dataset[index]
+        return self._read_calibration(self.calibration_dataset)
+
+    def _read_calibration(self, dataset: ImageFileDataset) -> Iterator[Tensor]:
+        for index in range(len(dataset)):
+            item = dataset[index]
             if item["image"] is None:
                 raise ValueError(f"Calibration image {item['path']} cannot be read: {item['error']}")
             image = item["image"]
