@@ -3,24 +3,22 @@
     python -m benchmarks.crf_rnn_speed                         # 321 and 513 px, batch 1 and 8, 21 classes
     python -m benchmarks.crf_rnn_speed --sizes 65 --batches 1 2 --repeats 1   # seconds: checks that it runs
 
-For each image size and batch: the offline ``dense_crf`` (torch backend, same iterations) forward, the
-layer's forward (no gradient) and forward + backward (gradients of the logits, the kernel weights and the
-compatibility), in seconds per call, the best of ``--repeats``; and the peak memory of forward + backward.
-Memory on CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call. On a CPU, in
-a fresh process per row, the growth of the peak resident set (VmHWM, reset after the inputs are built and
-one tiny call has loaded the libraries: ``/proc/self/clear_refs``) over the resident set at that point.
-The issue's targets are printed beside:
-forward + backward at most 3x the forward, and peak memory at most ``(iterations + 2)`` x the logits plus
-one lattice (the bilateral lattice's matrices, measured on the same images). The tensors autograd keeps
-between forward and backward are also counted exactly (``saved_tensors_hooks``): the part of the memory
-that grows with the iterations; the rest of the peak is the lattice's construction, transient. Inputs are
-the synthetic photo-like scenes of ``deeplab_lit.crf.synthetic`` with their blurred classifier's
-log-probabilities.
+Per size and batch (synthetic scenes of ``deeplab_lit.crf.synthetic``): seconds per call, best of
+``--repeats``, of the offline ``dense_crf`` forward (torch backend), the layer's forward and its forward +
+backward; what autograd keeps between the passes (``saved_tensors_hooks``, each storage once, not the
+input logits' own); the peak memory of one forward + backward. On CUDA the allocator's peak; on a CPU, in
+a fresh process per figure, the peak-RSS growth (VmHWM reset by ``/proc/self/clear_refs`` after a tiny
+call loaded the libraries), once with glibc's mmap threshold fixed so that freed blocks go back at once
+(the layer's memory) and once with the default malloc (what a process sees, freed blocks kept in its
+heaps included). Beside them the issue's targets: forward + backward at most 3x the forward, peak memory
+at most ``(iterations + 2)`` x the logits plus one lattice (the bilateral lattice's matrices).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +35,8 @@ from deeplab_lit.crf.mean_field import pixel_features
 from deeplab_lit.crf.synthetic import synthetic_scene
 
 MIB = 2**20
+#: ``mallopt`` parameter number of glibc's mmap threshold (setting it also stops its adaptive growth).
+_M_MMAP_THRESHOLD = -3
 
 
 def _inputs(batch: int, size: int, classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,26 +67,51 @@ def _lattice_mib(images: torch.Tensor, preset: str) -> float:
 
 
 def _forward_backward(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> None:
-    x = logits.detach().requires_grad_(True)
-    layer(x, images).square().mean().backward()
+    _loss(layer, logits.detach().requires_grad_(True), images).backward()
     layer.zero_grad(set_to_none=True)
 
 
+def _loss(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return layer(logits, images).square().mean()
+
+
 def saved_mib(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> float:
-    """MiB that autograd keeps between the forward and the backward pass of the layer (exact)."""
-    sizes: list[int] = []
+    """MiB that autograd keeps between the forward and the backward pass of the layer (exact).
+
+    Each storage counted once, and none of the input logits' own (the caller holds them anyway).
+    """
+    x = logits.detach().requires_grad_(True)
+    sizes = {x.untyped_storage().data_ptr(): 0}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        sizes.append(tensor.numel() * tensor.element_size())
+        storage = tensor.untyped_storage()
+        sizes.setdefault(storage.data_ptr(), storage.nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _forward_backward(layer, logits, images)
-    return sum(sizes) / MIB
+        loss = _loss(layer, x, images)
+    loss.backward()
+    layer.zero_grad(set_to_none=True)
+    return sum(sizes.values()) / MIB
 
 
-def _cpu_peak_mib(batch: int, size: int, classes: int, iterations: int, threads: int) -> float:
+def _return_freed_memory() -> None:
+    """Make glibc serve every block of 128 KiB or more by mmap, unmapped at its free (fixed threshold).
+
+    By default the threshold grows to the largest block freed so far (up to 32 MiB), after which such
+    blocks come from the heap and stay resident when freed: the peak RSS then counts freed memory too.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
+
+
+def _cpu_peak_mib(
+    batch: int, size: int, classes: int, iterations: int, threads: int, default_malloc: bool
+) -> float:
     """In a fresh process: peak RSS growth of one forward + backward over the RSS after building inputs."""
+    if not default_malloc:
+        _return_freed_memory()
     torch.set_num_threads(threads)
     logits, images = _inputs(batch, size, classes, "cpu")
     layer = CRFasRNN(classes, iterations=iterations)
@@ -99,8 +124,14 @@ def _cpu_peak_mib(batch: int, size: int, classes: int, iterations: int, threads:
     return proc_status_mib("VmHWM") - before
 
 
-def peak_mib(batch: int, size: int, classes: int, iterations: int, device: str) -> float | None:
-    """Peak memory of one forward + backward above what was there before, in MiB (None if unmeasurable)."""
+def peak_mib(
+    batch: int, size: int, classes: int, iterations: int, device: str, default_malloc: bool = False
+) -> float | None:
+    """Peak memory of one forward + backward above what was there before, in MiB (None if unmeasurable).
+
+    On a CPU with ``default_malloc`` the figure includes what glibc keeps of the freed memory (see
+    :func:`_return_freed_memory`); on CUDA it is the caching allocator's allocated peak either way.
+    """
     if device == "cuda":
         logits, images = _inputs(batch, size, classes, device)
         layer = CRFasRNN(classes, iterations=iterations).cuda()
@@ -110,10 +141,10 @@ def peak_mib(batch: int, size: int, classes: int, iterations: int, device: str) 
         _forward_backward(layer, logits, images)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / MIB
-    if not os.path.exists("/proc/self/clear_refs"):
+    if not os.path.exists("/proc/self/clear_refs") or ctypes.util.find_library("c") is None:
         return None
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        args = (batch, size, classes, iterations, torch.get_num_threads())
+        args = (batch, size, classes, iterations, torch.get_num_threads(), default_malloc)
         return pool.submit(_cpu_peak_mib, *args).result()
 
 
@@ -132,12 +163,12 @@ def row(size: int, batch: int, classes: int, iterations: int, repeats: int, devi
     logits_mib = logits.numel() * 4 / MIB
     lattice = _lattice_mib(images, "deeplab_v2")
     saved = saved_mib(layer, logits, images)
-    peak = peak_mib(batch, size, classes, iterations, device)
+    peaks = [peak_mib(batch, size, classes, iterations, device, default) for default in (False, True)]
     target = (iterations + 2) * logits_mib + lattice
-    shown = "-" if peak is None else f"{peak:.0f}"
+    peak, default_peak = ("-" if p is None else f"{p:.0f}" for p in peaks)
     return (
         f"| {size} | {batch} | {offline:.3f} | {forward:.3f} | {both:.3f} | {both / forward:.2f} | "
-        f"{logits_mib:.1f} | {saved:.1f} | {lattice:.1f} | {shown} | {target:.1f} |"
+        f"{logits_mib:.1f} | {saved:.1f} | {lattice:.1f} | {peak} | {default_peak} | {target:.1f} |"
     )
 
 
@@ -163,7 +194,7 @@ def main() -> None:
     )
     header = (
         "| size | batch | offline fwd s | layer fwd s | fwd+bwd s | fwd+bwd / fwd (<= 3) | logits MiB | "
-        "saved for backward MiB | lattice MiB | peak MiB | target MiB |"
+        "saved for backward MiB | lattice MiB | peak MiB | peak MiB, default malloc | target MiB |"
     )
     print(header)
     print("|" + "---:|" * (header.count("|") - 1))
