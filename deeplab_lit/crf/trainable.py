@@ -174,9 +174,11 @@ class CRFasRNN(nn.Module):
             ]
         # Features as the offline backend computes them (float32), so that both build the same lattices.
         bilateral = pixel_features(images, bi_xy, bi_rgb)
+        learn = self.log_bandwidths.requires_grad  # the features serve only the bandwidths' gradient
+        lattice = _lattice_filter(bilateral, dtype)
         return [
             _spatial_kernel(h, w, pos_xy, images.device, dtype),
-            NormalisedKernel(_lattice_filter(bilateral, dtype), bilateral.to(dtype), BILATERAL_GROUPS),
+            NormalisedKernel(lattice, bilateral.to(dtype), BILATERAL_GROUPS, keep_features=learn),
         ]
 
     def _check(self, logits: Tensor, images: Tensor) -> None:
@@ -223,16 +225,25 @@ class NormalisedKernel:
             batch (the spatial kernel, the same for all images).
         features: ``(B or 1, P, d)`` the features the filter was built on (divided by the bandwidths).
         groups: ``(bandwidth index, feature dimensions)`` of each bandwidth that scales some features.
+        keep_features: Keep ``features`` for :meth:`log_bandwidth_grads`; without it they are dropped once
+            the normalisation is computed (a ``P x d`` tensor less per kernel while the batch is refined).
     """
 
-    def __init__(self, raw: RawFilter, features: Tensor, groups: Sequence[tuple[int, Sequence[int]]]) -> None:
-        self.raw, self.features, self.groups = raw, features, groups
+    def __init__(
+        self,
+        raw: RawFilter,
+        features: Tensor,
+        groups: Sequence[tuple[int, Sequence[int]]],
+        keep_features: bool = True,
+    ) -> None:
+        self.raw, self.groups = raw, groups
+        self.features = features if keep_features else None
         ones = features.new_ones(features.shape[0], features.shape[1], 1)
         self.norm = (raw(ones, False) + 1e-20).rsqrt()  # (B or 1, P, 1)
 
     def __call__(self, values: Tensor, transpose: bool = False) -> Tensor:
         """``D^-1/2 K D^-1/2 values`` (or the transpose: ``K^T`` in the middle) for ``(B, P, C)`` values."""
-        return self.norm * self.raw(self.norm * values, transpose)
+        return self.raw(self.norm * values, transpose).mul_(self.norm)  # in place: one temporary fewer
 
     def log_bandwidth_grads(self, q: Tensor, grad: Tensor) -> dict[int, Tensor]:
         """``<grad, d(D^-1/2 K D^-1/2 q) / d log(bandwidth)>`` for each bandwidth of :attr:`groups`.
@@ -257,6 +268,8 @@ class NormalisedKernel:
     def _bilinear(self, x: Tensor, y: Tensor) -> dict[int, Tensor]:
         # Centred per point set: |f_i - f_j|^2 is unchanged, and its expansion below no longer cancels
         # large terms (features up to the image size over the bandwidth) in float32.
+        if self.features is None:
+            raise RuntimeError("this kernel was built without keep_features: no bandwidth gradient")
         f = self.features - self.features.mean(-2, keepdim=True)
         dims = sorted({d for _, group in self.groups for d in group})
         squares = [(f[..., list(group)] ** 2).sum(-1, keepdim=True) for _, group in self.groups]

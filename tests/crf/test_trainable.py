@@ -229,3 +229,16 @@ def test_non_finite_logits_are_refused(bad):
     logits[1, 2, 3, 4] = bad
     with pytest.raises(ValueError, match="1 non-finite .* logits of 180"):
         CRFasRNN(3)(logits, images)
+
+
+def test_without_learned_bandwidths_the_bilateral_kernel_drops_its_features():
+    logits, images = _inputs(batch=1, classes=3, height=6, width=7, dtype=torch.float32)
+    fixed, learned = CRFasRNN(3), CRFasRNN(3, learn_bandwidths=True)
+    stds = fixed.bandwidths.values()
+    _, bilateral = fixed._kernels(images, list(stds), torch.float32)
+    assert bilateral.features is None  # P x 5 floats per image less while the batch is refined
+    q = torch.full((1, 42, 3), 1 / 3)
+    with pytest.raises(RuntimeError, match="keep_features"):
+        bilateral.log_bandwidth_grads(q, q)
+    _, kept = learned._kernels(images, list(stds), torch.float32)
+    assert set(kept.log_bandwidth_grads(q, q)) == {1, 2}
