@@ -5,13 +5,13 @@
 
 Per size and batch (synthetic scenes of ``deeplab_lit.crf.synthetic``): seconds per call, best of
 ``--repeats``, of the offline ``dense_crf`` forward (torch backend), the layer's forward and its forward +
-backward; what autograd keeps between the passes (``saved_tensors_hooks``, each storage once, not the
-input logits' own); the peak memory of one forward + backward. On CUDA the allocator's peak; on a CPU, in
-a fresh process per figure, the peak-RSS growth (VmHWM reset by ``/proc/self/clear_refs`` after a tiny
-call loaded the libraries), once with glibc's mmap threshold fixed so that freed blocks go back at once
-(the layer's memory) and once with the default malloc (what a process sees, freed blocks kept in its
-heaps included). Beside them the issue's targets: forward + backward at most 3x the forward, peak memory
-at most ``(iterations + 2)`` x the logits plus one lattice (the bilateral lattice's matrices).
+backward (from an output gradient made beforehand: no loss's own backward); what autograd keeps between
+the passes (``saved_tensors_hooks``, each storage once, not the input logits'); the peak memory of one
+forward + backward. On CUDA the allocator's peak; on a CPU, in a fresh process per figure, the peak-RSS
+growth (VmHWM reset by ``/proc/self/clear_refs`` after a tiny call loaded the libraries), once with
+glibc's mmap threshold fixed so that freed blocks go back at once (the layer's memory) and once with the
+default malloc (what a process sees, freed blocks kept in its heaps included). Beside them the targets:
+forward + backward at most 3x the forward, peak at most ``(iterations + 2)`` x the logits + one lattice.
 """
 
 from __future__ import annotations
@@ -39,9 +39,13 @@ MIB = 2**20
 _M_MMAP_THRESHOLD = -3
 
 
-def _inputs(batch: int, size: int, classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(
+    batch: int, size: int, classes: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, images and a gradient for the layer's output (made beforehand, like the inputs)."""
     _, images, probs = synthetic_scene(batch, classes, size, size, seed=0)
-    return probs.clamp(min=1e-5).log().to(device), images.to(device)
+    grad = torch.randn(probs.shape, generator=torch.Generator().manual_seed(1))
+    return probs.clamp(min=1e-5).log().to(device), images.to(device), grad.to(device)
 
 
 def _best(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
@@ -66,16 +70,15 @@ def _lattice_mib(images: torch.Tensor, preset: str) -> float:
     return sum(t.numel() * t.element_size() for t in parts) / MIB
 
 
-def _forward_backward(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> None:
-    _loss(layer, logits.detach().requires_grad_(True), images).backward()
+def _forward_backward(
+    layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor, grad: torch.Tensor
+) -> None:
+    """The layer's forward and its backward from ``grad``: no loss, whose own backward is not the layer's."""
+    layer(logits.detach().requires_grad_(True), images).backward(grad)
     layer.zero_grad(set_to_none=True)
 
 
-def _loss(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return layer(logits, images).square().mean()
-
-
-def saved_mib(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> float:
+def saved_mib(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor, grad: torch.Tensor) -> float:
     """MiB that autograd keeps between the forward and the backward pass of the layer (exact).
 
     Each storage counted once, and none of the input logits' own (the caller holds them anyway).
@@ -89,8 +92,8 @@ def saved_mib(layer: CRFasRNN, logits: torch.Tensor, images: torch.Tensor) -> fl
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = _loss(layer, x, images)
-    loss.backward()
+        refined = layer(x, images)
+    refined.backward(grad)
     layer.zero_grad(set_to_none=True)
     return sum(sizes.values()) / MIB
 
@@ -113,14 +116,14 @@ def _cpu_peak_mib(
     if not default_malloc:
         _return_freed_memory()
     torch.set_num_threads(threads)
-    logits, images = _inputs(batch, size, classes, "cpu")
+    inputs = _inputs(batch, size, classes, "cpu")
     layer = CRFasRNN(classes, iterations=iterations)
     # Load the libraries and thread pools first, on a tiny image: their memory is no part of the layer's peak.
     _forward_backward(layer, *_inputs(1, 9, classes, "cpu"))
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")  # reset VmHWM to the current RSS
     before = proc_status_mib("VmRSS")
-    _forward_backward(layer, logits, images)
+    _forward_backward(layer, *inputs)
     return proc_status_mib("VmHWM") - before
 
 
@@ -133,12 +136,12 @@ def peak_mib(
     :func:`_return_freed_memory`); on CUDA it is the caching allocator's allocated peak either way.
     """
     if device == "cuda":
-        logits, images = _inputs(batch, size, classes, device)
+        inputs = _inputs(batch, size, classes, device)
         layer = CRFasRNN(classes, iterations=iterations).cuda()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _forward_backward(layer, logits, images)
+        _forward_backward(layer, *inputs)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / MIB
     if not os.path.exists("/proc/self/clear_refs") or ctypes.util.find_library("c") is None:
@@ -151,7 +154,7 @@ def peak_mib(
 def row(size: int, batch: int, classes: int, iterations: int, repeats: int, device: str) -> str:
     """One table row: times, memory and the targets' figures for ``batch`` images of ``size`` x ``size``."""
     cuda = device == "cuda"
-    logits, images = _inputs(batch, size, classes, device)
+    logits, images, grad = _inputs(batch, size, classes, device)
     layer = CRFasRNN(classes, iterations=iterations).to(device)
     probs = logits.softmax(1)
     params = replace(CRFParams.from_preset("deeplab_v2"), iterations=iterations)
@@ -159,10 +162,10 @@ def row(size: int, batch: int, classes: int, iterations: int, repeats: int, devi
     offline = _best(lambda: dense_crf(probs, images, params, backend="torch"), repeats, cuda)
     with torch.no_grad():
         forward = _best(lambda: layer(logits, images), repeats, cuda)
-    both = _best(lambda: _forward_backward(layer, logits, images), repeats, cuda)
+    both = _best(lambda: _forward_backward(layer, logits, images, grad), repeats, cuda)
     logits_mib = logits.numel() * 4 / MIB
     lattice = _lattice_mib(images, "deeplab_v2")
-    saved = saved_mib(layer, logits, images)
+    saved = saved_mib(layer, logits, images, grad)
     peaks = [peak_mib(batch, size, classes, iterations, device, default) for default in (False, True)]
     target = (iterations + 2) * logits_mib + lattice
     peak, default_peak = ("-" if p is None else f"{p:.0f}" for p in peaks)
