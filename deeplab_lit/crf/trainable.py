@@ -141,7 +141,6 @@ class CRFasRNN(nn.Module):
         n, c, h, w = logits.shape
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         with torch.autocast(logits.device.type, enabled=False):
-            unary = logits.to(dtype).permute(0, 2, 3, 1).reshape(n, h * w, c)
             if n == 0:
                 return logits.to(dtype)
             log_bandwidths = self.log_bandwidths.to(dtype)
@@ -153,12 +152,13 @@ class CRFasRNN(nn.Module):
             # The marginals are kept for a backward only where one can come: not under no_grad (the
             # Function's forward runs with grad mode off, so this is decided here).
             grad_mode = torch.is_grad_enabled()
-            parts = []
-            for part in chunks:
-                kernels = self._kernels(images[part], stds, dtype)
-                args = (weights, compatibility, log_bandwidths, kernels, iterations, grad_mode)
-                parts.append(_MeanField.apply(unary[part], *args))
-        return torch.cat(parts).reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+            def build(part: slice) -> list[NormalisedKernel]:
+                return self._kernels(images[part], stds, dtype)
+
+            args = (weights, compatibility, log_bandwidths, build, chunks, iterations, grad_mode)
+            refined: Tensor = _MeanField.apply(logits.to(dtype), *args)
+        return refined
 
     def _kernels(self, images: Tensor, stds: Sequence[float], dtype: torch.dtype) -> list[NormalisedKernel]:
         """The spatial and the bilateral kernel of this batch, their features divided by ``stds``."""
@@ -174,9 +174,11 @@ class CRFasRNN(nn.Module):
             ]
         # Features as the offline backend computes them (float32), so that both build the same lattices.
         bilateral = pixel_features(images, bi_xy, bi_rgb)
+        learn = self.log_bandwidths.requires_grad  # the features serve only the bandwidths' gradient
+        lattice = _lattice_filter(bilateral, dtype)
         return [
             _spatial_kernel(h, w, pos_xy, images.device, dtype),
-            NormalisedKernel(_lattice_filter(bilateral, dtype), bilateral.to(dtype), BILATERAL_GROUPS),
+            NormalisedKernel(lattice, bilateral.to(dtype), BILATERAL_GROUPS, keep_features=learn),
         ]
 
     def _check(self, logits: Tensor, images: Tensor) -> None:
@@ -189,7 +191,8 @@ class CRFasRNN(nn.Module):
             raise ValueError(
                 f"CRFasRNN was built for {self.num_classes} classes, the logits have {logits.shape[1]}"
             )
-        non_finite = int((~torch.isfinite(logits)).sum())
+        with torch.no_grad():  # a check: no graph (isfinite's abs would keep the logits for a backward)
+            non_finite = int((~torch.isfinite(logits)).sum())
         if non_finite:
             # one NaN pixel would spread through the kernels' messages to its neighbourhood, every iteration
             raise ValueError(
@@ -222,16 +225,25 @@ class NormalisedKernel:
             batch (the spatial kernel, the same for all images).
         features: ``(B or 1, P, d)`` the features the filter was built on (divided by the bandwidths).
         groups: ``(bandwidth index, feature dimensions)`` of each bandwidth that scales some features.
+        keep_features: Keep ``features`` for :meth:`log_bandwidth_grads`; without it they are dropped once
+            the normalisation is computed (a ``P x d`` tensor less per kernel while the batch is refined).
     """
 
-    def __init__(self, raw: RawFilter, features: Tensor, groups: Sequence[tuple[int, Sequence[int]]]) -> None:
-        self.raw, self.features, self.groups = raw, features, groups
+    def __init__(
+        self,
+        raw: RawFilter,
+        features: Tensor,
+        groups: Sequence[tuple[int, Sequence[int]]],
+        keep_features: bool = True,
+    ) -> None:
+        self.raw, self.groups = raw, groups
+        self.features = features if keep_features else None
         ones = features.new_ones(features.shape[0], features.shape[1], 1)
         self.norm = (raw(ones, False) + 1e-20).rsqrt()  # (B or 1, P, 1)
 
     def __call__(self, values: Tensor, transpose: bool = False) -> Tensor:
         """``D^-1/2 K D^-1/2 values`` (or the transpose: ``K^T`` in the middle) for ``(B, P, C)`` values."""
-        return self.norm * self.raw(self.norm * values, transpose)
+        return self.raw(self.norm * values, transpose).mul_(self.norm)  # in place: one temporary fewer
 
     def log_bandwidth_grads(self, q: Tensor, grad: Tensor) -> dict[int, Tensor]:
         """``<grad, d(D^-1/2 K D^-1/2 q) / d log(bandwidth)>`` for each bandwidth of :attr:`groups`.
@@ -256,6 +268,8 @@ class NormalisedKernel:
     def _bilinear(self, x: Tensor, y: Tensor) -> dict[int, Tensor]:
         # Centred per point set: |f_i - f_j|^2 is unchanged, and its expansion below no longer cancels
         # large terms (features up to the image size over the bandwidth) in float32.
+        if self.features is None:
+            raise RuntimeError("this kernel was built without keep_features: no bandwidth gradient")
         f = self.features - self.features.mean(-2, keepdim=True)
         dims = sorted({d for _, group in self.groups for d in group})
         squares = [(f[..., list(group)] ** 2).sum(-1, keepdim=True) for _, group in self.groups]
@@ -276,83 +290,176 @@ class NormalisedKernel:
 class _MeanField(torch.autograd.Function):
     """``T`` mean-field iterations with a backward that stores only the marginals.
 
-    One custom ``autograd.Function`` over all iterations. It keeps only the marginals ``Q_0 .. Q_T-1``
-    (``T`` tensors the size of the logits; none under ``no_grad``) and no lattice buffers: the filter's
-    transpose is the same lattice with its blurs in reverse order (:meth:`PermutohedralLattice.transposed`),
-    so the gradient of ``K Q`` is one more filtering of the incoming gradient. Per iteration the backward
-    filters twice per kernel (the transposed filter, and the forward one again when the compatibility
-    learns): forward plus backward costs about three forward passes, and the memory is ``T + 2`` logits
-    plus the lattices.
+    One custom ``autograd.Function`` over all iterations. It keeps the marginals ``Q_1 .. Q_T-1`` (``T - 1``
+    tensors the size of the logits; none under ``no_grad``; ``Q_0 = softmax(L)`` is recomputed from the
+    logits, which the caller holds anyway) and no lattice buffers: the filter's transpose is the same
+    lattice with its blurs in reverse order (:meth:`PermutohedralLattice.transposed`), so the gradient of
+    ``K Q`` is one more filtering of the incoming gradient. Per iteration the backward filters twice per
+    kernel (the transposed filter, and the forward one again when the compatibility learns): forward plus
+    backward costs about three forward passes. The batch goes in ``chunks`` (one image each on the CPU),
+    each chunk's kernels built just before its iterations, its pixels-by-classes copies made per chunk and
+    its results written straight into the ``(N, C, H, W)`` output (and gradient): no batch-sized copy.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
-        unary: Tensor,
+        logits: Tensor,
         weights: Tensor,
         compatibility: Tensor,
         log_bandwidths: Tensor,
-        kernels: list[NormalisedKernel],
+        build: Callable[[slice], list[NormalisedKernel]],
+        chunks: list[slice],
         iterations: int,
         grad_mode: bool,
     ) -> Tensor:
-        q = torch.softmax(unary, -1)
-        marginals = []
         keep = grad_mode and any(ctx.needs_input_grad)  # nothing to keep for a backward that cannot come
-        refined = unary
-        for _ in range(iterations):
+        refined = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        marginals: list[Tensor] = []
+        ctx.kernels = []
+        for part in chunks:
+            kernels = build(part)
+            args = (kernels, weights, compatibility, iterations, _pixels(refined[part]), keep)
+            marginals += _iterate(_pixels(logits[part]), *args)
             if keep:
-                marginals.append(q)
-            refined = unary - _message(kernels, weights, q) @ compatibility.T
-            q = torch.softmax(refined, -1)
-        ctx.save_for_backward(weights, compatibility, *marginals)
-        ctx.kernels = kernels
+                ctx.kernels.append(kernels)
+        ctx.save_for_backward(logits, weights, compatibility, *marginals)
+        ctx.chunks, ctx.iterations = chunks, iterations
         return refined
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_refined: Tensor) -> tuple[Tensor | None, ...]:
-        weights, compatibility, *marginals = ctx.saved_tensors
-        kernels: list[NormalisedKernel] = ctx.kernels
-        _, need_weights, need_compatibility, need_bandwidths = ctx.needs_input_grad[:4]
-        grad_unary = grad_refined.clone()
-        grad_weights = torch.zeros_like(weights)
-        grad_compatibility = torch.zeros_like(compatibility)
-        grad_bandwidths = weights.new_zeros(len(BANDWIDTHS))
-        grad_z = grad_refined  # gradient of Z_t+1 = unary - m_t mu^T
-        for q in reversed(marginals):
-            grad_message = -(grad_z @ compatibility)  # of m_t
-            if need_compatibility:
-                message = _message(kernels, weights, q)
-                grad_compatibility -= grad_z.flatten(0, 1).T @ message.flatten(0, 1)
-            grad_q = torch.zeros_like(q)
-            for k, kernel in enumerate(kernels):
-                back = kernel(grad_message, transpose=True)
-                grad_q += weights[k] * back
-                if need_weights:
-                    grad_weights[k] += (back * q).sum()
-                if need_bandwidths:
-                    for index, value in kernel.log_bandwidth_grads(q, grad_message).items():
-                        grad_bandwidths[index] += weights[k] * value
-            # through Q_t = softmax(Z_t) (or softmax(unary) for t = 0); Z_t depends on the unary directly
-            grad_z = q * (grad_q - (grad_q * q).sum(-1, keepdim=True))
-            grad_unary += grad_z
-        return (
-            grad_unary,
-            grad_weights if need_weights else None,
-            grad_compatibility if need_compatibility else None,
-            grad_bandwidths if need_bandwidths else None,
-            None,
-            None,
-            None,
+        logits, weights, compatibility, *marginals = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:4]
+        grads = (
+            torch.zeros_like(weights),
+            torch.zeros_like(compatibility),
+            weights.new_zeros(len(BANDWIDTHS)),
         )
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        kept = ctx.iterations - 1
+        for i, (part, kernels) in enumerate(zip(ctx.chunks, ctx.kernels)):
+            qs = marginals[i * kept : (i + 1) * kept]
+            args = (_pixels(logits[part]), qs, kernels, weights, compatibility, needs, grads)
+            _iterate_backward(_pixels(grad_refined[part]), *args, _pixels(grad_logits[part]))
+        parameters = (grad if need else None for grad, need in zip(grads, needs))
+        return (grad_logits, *parameters, None, None, None, None)
+
+
+def _pixels(maps: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, H*W, C)``, a view where the layout allows (a writable window into it)."""
+    return maps.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def _iterate(
+    unary: Tensor,
+    kernels: list[NormalisedKernel],
+    weights: Tensor,
+    compatibility: Tensor,
+    iterations: int,
+    out: Tensor,
+    keep: bool,
+) -> list[Tensor]:
+    """Run one chunk's mean-field iterations, ``Z_T`` into ``out``; return ``Q_1 .. Q_T-1`` if ``keep``.
+
+    ``unary`` ``(B, P, C)`` may be a strided view of the logits: only elementwise ops and the softmax read
+    it. ``Q_0`` is not kept (the backward recomputes it from the logits).
+    """
+    q = torch.softmax(unary, -1)
+    marginals = []
+    for t in range(iterations):
+        if keep and t > 0:
+            marginals.append(q)
+        last = t == iterations - 1
+        refined = _refine(unary, kernels, weights, compatibility, q, out if last else None)
+        if not last:  # Q_T is not needed
+            q = torch.softmax(refined, -1)
+    return marginals
+
+
+def _refine(
+    unary: Tensor,
+    kernels: Sequence[NormalisedKernel],
+    weights: Tensor,
+    compatibility: Tensor,
+    q: Tensor,
+    out: Tensor | None,
+) -> Tensor:
+    """``Z = unary - m mu^T`` for the marginals ``q``, in place after the product (into ``out`` if given).
+
+    ``-(m mu^T) + unary`` equals ``unary - m mu^T`` exactly (IEEE ``a - b`` is ``a + (-b)``).
+    """
+    product = torch.matmul(_message(kernels, weights, q), compatibility.T)  # not out=: another GEMM path
+    return product.neg_().add_(unary) if out is None else torch.sub(unary, product, out=out)
+
+
+def _iterate_backward(
+    grad_refined: Tensor,
+    unary: Tensor,
+    marginals: Sequence[Tensor],
+    kernels: Sequence[NormalisedKernel],
+    weights: Tensor,
+    compatibility: Tensor,
+    needs: Sequence[bool],
+    grads: tuple[Tensor, Tensor, Tensor],
+    grad_unary: Tensor,
+) -> None:
+    """Back through one chunk's iterations: the unary's gradient into ``grad_unary``.
+
+    The parameters' gradients are added to ``grads`` (weights, compatibility, bandwidths) where ``needs``
+    says so. ``marginals`` are ``Q_1 .. Q_T-1``; ``Q_0`` is recomputed from ``unary`` at its turn. Each
+    tensor goes as soon as it is used and the updates are in place: beside the saved tensors and the
+    incoming gradient, the working set is ``grad_unary``, two tensors of the chunk's size and one
+    filtering's (its input, output and lattice buffers).
+    """
+    grad_unary.copy_(grad_refined)
+    grad_z = grad_refined.contiguous()  # gradient of Z_t+1 = unary - m_t mu^T (a contiguous GEMM: exact)
+    for t in reversed(range(len(marginals) + 1)):
+        q = marginals[t - 1] if t else torch.softmax(unary, -1)
+        if needs[1]:  # the message first, while grad_message does not exist yet
+            grads[1].sub_(grad_z.flatten(0, 1).T @ _message(kernels, weights, q).flatten(0, 1))
+        grad_message = torch.matmul(grad_z, compatibility).neg_()  # of m_t
+        del grad_z
+        grad_z = _message_backward(kernels, weights, q, grad_message, needs, grads)  # of Q_t, for now
+        del grad_message
+        # through Q_t = softmax(Z_t) (or softmax(unary) for t = 0), in place: no name keeps the old one
+        grad_z.sub_((grad_z * q).sum(-1, keepdim=True)).mul_(q)
+        grad_unary += grad_z
+
+
+def _message_backward(
+    kernels: Sequence[NormalisedKernel],
+    weights: Tensor,
+    q: Tensor,
+    grad_message: Tensor,
+    needs: Sequence[bool],
+    grads: tuple[Tensor, Tensor, Tensor],
+) -> Tensor:
+    """The gradient of ``Q_t`` from that of its message ``m_t``; the weights' and bandwidths' added."""
+    grad_q = None
+    for k, kernel in enumerate(kernels):
+        back = kernel(grad_message, transpose=True)
+        if needs[0]:
+            grads[0][k] += (back * q).sum()
+        if needs[2]:
+            for index, value in kernel.log_bandwidth_grads(q, grad_message).items():
+                grads[2][index] += weights[k] * value
+        back.mul_(weights[k])
+        grad_q = back if grad_q is None else grad_q.add_(back)
+    if grad_q is None:
+        raise ValueError("the mean-field message needs at least one kernel")
+    return grad_q
 
 
 def _message(kernels: Sequence[NormalisedKernel], weights: Tensor, q: Tensor) -> Tensor:
-    """``sum_k w_k D_k^-1/2 K_k D_k^-1/2 q``: the filtered marginals of one iteration, ``(B, P, C)``."""
-    message = weights[0] * kernels[0](q)
+    """``sum_k w_k D_k^-1/2 K_k D_k^-1/2 q``: the filtered marginals of one iteration, ``(B, P, C)``.
+
+    Accumulated in place into the first kernel's output: no temporary beyond one filtering's.
+    """
+    message = kernels[0](q).mul_(weights[0])
     for k in range(1, len(kernels)):
-        message = message + weights[k] * kernels[k](q)
+        message += kernels[k](q).mul_(weights[k])
     return message
 
 

@@ -93,7 +93,8 @@ def test_backward_keeps_only_the_marginals_of_each_iteration():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(logits.requires_grad_(True), images).sum().backward()
     logits_bytes = logits.numel() * 4
-    assert sum(saved) <= (4 + 2) * logits_bytes + 1024  # (iterations + 2) x the logits, plus the parameters
+    # Q_1 .. Q_3 and the logits (the caller's own tensor: Q_0 is recomputed from it), plus the parameters
+    assert sum(saved) <= 4 * logits_bytes + 1024
     assert logits.grad is not None and layer.compatibility.grad is not None
 
 
@@ -171,9 +172,31 @@ def test_under_no_grad_nothing_is_kept_for_a_backward(monkeypatch):
     monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward", spy)
     with torch.no_grad():
         layer(logits, images)
-    assert saved == [2]  # the kernel weights and the compatibility, none of the 4 marginals
+    assert saved == [3]  # the logits, the kernel weights and the compatibility, none of the marginals
     layer(logits, images)
-    assert saved == [2, 2 + 4]  # with grad mode on, the marginals of every iteration
+    assert saved == [3, 3 + 3]  # with grad mode on, Q_1 .. Q_3 (Q_0 is recomputed from the logits)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_a_batch_refined_image_by_image_equals_each_image_alone(iterations):
+    # on the CPU the Function refines the batch in one-image chunks, each with its own kernels and kept
+    # marginals, written into one output: each image must get its own back, in forward and backward
+    logits, images = _inputs(batch=3, classes=4, height=11, width=13, dtype=torch.float32)
+    layer = _perturbed(CRFasRNN(4, iterations=iterations))
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+    batch = logits.clone().requires_grad_(True)
+    refined_batch = layer(batch, images)
+    (refined_batch * weights).sum().backward()
+    batch_grads = [p.grad.clone() for p in (layer.kernel_weights, layer.compatibility)]
+    layer.zero_grad()
+    for i in range(3):
+        alone = logits[i : i + 1].clone().requires_grad_(True)
+        refined = layer(alone, images[i : i + 1])
+        (refined * weights[i : i + 1]).sum().backward()
+        assert torch.equal(refined, refined_batch[i : i + 1])
+        assert torch.equal(alone.grad, batch.grad[i : i + 1])
+    for batch_grad, p in zip(batch_grads, (layer.kernel_weights, layer.compatibility)):
+        assert torch.allclose(batch_grad, p.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_learned_bandwidths_keep_one_spatial_kernel_per_image_size():
@@ -206,3 +229,16 @@ def test_non_finite_logits_are_refused(bad):
     logits[1, 2, 3, 4] = bad
     with pytest.raises(ValueError, match="1 non-finite .* logits of 180"):
         CRFasRNN(3)(logits, images)
+
+
+def test_without_learned_bandwidths_the_bilateral_kernel_drops_its_features():
+    logits, images = _inputs(batch=1, classes=3, height=6, width=7, dtype=torch.float32)
+    fixed, learned = CRFasRNN(3), CRFasRNN(3, learn_bandwidths=True)
+    stds = fixed.bandwidths.values()
+    _, bilateral = fixed._kernels(images, list(stds), torch.float32)
+    assert bilateral.features is None  # P x 5 floats per image less while the batch is refined
+    q = torch.full((1, 42, 3), 1 / 3)
+    with pytest.raises(RuntimeError, match="keep_features"):
+        bilateral.log_bandwidth_grads(q, q)
+    _, kept = learned._kernels(images, list(stds), torch.float32)
+    assert set(kept.log_bandwidth_grads(q, q)) == {1, 2}
