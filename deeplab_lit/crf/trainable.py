@@ -133,11 +133,13 @@ class CRFasRNN(nn.Module):
 
         Raises:
             TypeError: ``logits`` not floating point or ``images`` not uint8.
-            ValueError: Wrong shapes or class count, or non-finite logits.
+            ValueError: Wrong shapes or class count, non-finite logits, or ``iterations`` below 1.
         """
         self._check(logits, images)
         if iterations is None:
             iterations = self.iterations if self.training else (self.eval_iterations or self.iterations)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"CRFasRNN iterations must be a positive int, got {iterations!r}")
         n, c, h, w = logits.shape
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         with torch.autocast(logits.device.type, enabled=False):

@@ -122,6 +122,7 @@ def test_half_precision_logits_under_autocast_give_float32():
         (lambda crf, x, i: crf(x, i[..., :-1]), ValueError, "upsample the logits"),
         (lambda crf, x, i: crf(x.long(), i), TypeError, "float logits"),
         (lambda crf, x, i: crf(x, i[:1]), ValueError, "N = 2"),
+        (lambda crf, x, i: crf(x, i, iterations=0), ValueError, "iterations must be a positive int, got 0"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(call, error, match):
