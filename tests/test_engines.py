@@ -68,9 +68,11 @@ def test_an_engine_gives_the_eager_networks_labels(engine, inference):
 
 
 def test_the_compile_engine_gives_the_eager_networks_labels():
-    module = small_module(predict_engine="compile")  # plain inference at one size: one compilation
+    # Sliding windows and flips: every call at the window's size, so one compilation for all of them
+    windows = InferenceConfig(window=(33, 41), flip=True)
+    module = small_module(predict_engine="compile", inference=windows)
     images = torch.randn(1, 3, 45, 61)
-    assert_eager_labels(module, images, InferenceConfig(), predict(module, images))
+    assert_eager_labels(module, images, windows, predict(module, images))
 
 
 def test_an_unknown_or_unavailable_engine_is_refused_before_any_work(monkeypatch):
