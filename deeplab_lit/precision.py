@@ -5,7 +5,7 @@
   AMX. Elsewhere torch emulates it, several times slower than fp32 (BENCHMARKS.md), so it is refused.
 - ``int8``: torch's PT2E static quantization with the x86 (oneDNN) quantizer, calibrated on a few
   images, lowered to oneDNN's int8 kernels (:class:`Int8Network`; the ``int8`` extra, torchao). x86
-  CPUs with AVX2 or better; VNNI makes it faster still.
+  CPUs with AVX2 or better (VNNI and AMX have faster int8 instructions; not measured here).
 
 Both change the labels a little: BENCHMARKS.md, "Predict on the CPU", gives the mIoU change on trained
 weights and the speed. Every refusal is raised before any image is predicted.
