@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the
 from benchmarks.predict_cpu import shown_flags
 from benchmarks.report import cpu_name
 from deeplab_lit.classes import import_class
+from deeplab_lit.cli.restore import read_training_checkpoint
 from deeplab_lit.engines import predict_network
 from deeplab_lit.metrics import SegmentationMetrics
 from deeplab_lit.precision import Bf16Network
@@ -36,12 +37,11 @@ from deeplab_lit.precision import Bf16Network
 
 def load(ckpt_path: str) -> tuple[torch.nn.Module, int, list[dict[str, Tensor]], list[Tensor]]:
     """The checkpoint's network, class count, validation items and its data module's training split."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if "_class_path" not in checkpoint.get("datamodule_hyper_parameters", {}):
-        raise SystemExit(f"{ckpt_path}: not a checkpoint of a deeplab-lit fit run (no data module class)")
-    module_class = import_class(checkpoint["hyper_parameters"]["_class_path"])
-    module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
-    data_class = import_class(checkpoint["datamodule_hyper_parameters"]["_class_path"])
+    saved = read_training_checkpoint(ckpt_path)  # the classes it records, with the CLI's messages
+    if saved.model_class is None or saved.data_class is None:
+        raise SystemExit(f"{ckpt_path}: written through the Python API; its classes are not recorded")
+    module = import_class(saved.model_class).load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    data_class = import_class(saved.data_class)
     datamodule = data_class.load_from_checkpoint(ckpt_path, num_workers=0)
     datamodule.setup("validate")
     val = [datamodule.val_dataset[i] for i in range(len(datamodule.val_dataset))]
