@@ -57,15 +57,14 @@ def test_the_transposed_lattice_is_the_exact_adjoint_of_the_filter():
     gen = torch.Generator().manual_seed(0)
     features = torch.rand(2, 60, 5, generator=gen) * 4
     lattice = PermutohedralLattice(features).to(torch.float64)
-    x, y = (
-        torch.randn(2, 60, 3, generator=gen, dtype=torch.float64),
-        torch.randn(2, 60, 3, dtype=torch.float64),
-    )
+    x, y = (torch.randn(2, 60, 3, generator=gen, dtype=torch.float64) for _ in range(2))
     forward = (y * lattice.filter(x)).sum()
     # to the float32 rounding of the slice weights (alpha * the splat weights)
     assert torch.allclose(forward, (lattice.transposed().filter(y) * x).sum(), rtol=1e-6)
-    # the blurs do not commute on a sparse lattice: the filter itself is not symmetric, so the order matters
-    assert not torch.allclose(forward, (lattice.filter(y) * x).sum(), rtol=1e-2)
+    # the blurs do not commute on a sparse lattice: the filter itself is not symmetric, so the order matters.
+    # Its matrix (the filter of each unit vector) says so for every input, not one random pair (0.22 here).
+    matrix = lattice.filter(torch.eye(60, dtype=torch.float64).expand(2, 60, 60))
+    assert (matrix - matrix.transpose(-1, -2)).abs().max() > 0.05 * matrix.abs().max()
 
 
 @pytest.mark.parametrize("preset", ["deeplab_v2", "deeplab_v1_largefov"])
